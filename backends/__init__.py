@@ -1,0 +1,1 @@
+"""The engine: shared backbone, PET operators, task bank; importable without Triton."""

@@ -1,0 +1,31 @@
+"""The exceptions chorus raises. Each message says what failed, what was expected, what came, and how to fix it.
+
+`InvalidInput` maps to Triton's INVALID_ARG, `Overloaded` to UNAVAILABLE; everything else is INTERNAL.
+"""
+
+
+class ChorusError(Exception):
+    """Base class of every error chorus raises on purpose."""
+
+
+class InvalidInput(ChorusError, ValueError):
+    """A request, task file or argument is malformed (Triton: INVALID_ARG)."""
+
+
+class UnknownTask(InvalidInput, KeyError):
+    """A request names a task that is not served."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskFileError(InvalidInput):
+    """A PET / task file is missing, malformed, or does not fit the backbone."""
+
+
+class Overloaded(ChorusError):
+    """The server cannot meet the request's deadline right now (Triton: UNAVAILABLE)."""
+
+
+class ServerError(ChorusError):
+    """tritonserver could not be found, started, or reached."""

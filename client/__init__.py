@@ -1,0 +1,1 @@
+"""tritonclient-based client library and the `chorus` client commands."""

@@ -1,0 +1,1 @@
+"""Export of the backbone and students to ONNX (and TensorRT where present)."""
