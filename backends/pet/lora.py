@@ -1,0 +1,73 @@
+"""LoRA (Hu et al., 2021): `ΔW = (α/r)·B·A`, kept factored; rows gathered per task.
+
+Files hold, per adapted site, `{site}.lora_A` (r, in) and `{site}.lora_B` (out, r), as PEFT does. Tasks of rank
+below the bank's `max_rank` are zero-padded in their slot; rows of tasks without LoRA skip the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chorus.backends.pet.base import PetMethod
+from chorus.errors import TaskFileError
+
+
+class LoRA(PetMethod):
+    name = "lora"
+    tensor_names = ("lora_A", "lora_B")
+
+    def __init__(self, sites, capacity, device=None, dtype=torch.float32, max_rank: int = 16):
+        super().__init__(sites, capacity, device, dtype)
+        self.max_rank = max_rank
+        self.register_buffer("scaling", torch.zeros(capacity, device=device, dtype=dtype))
+
+    def site_tensors(self, site: str, options: dict) -> dict[str, tuple[int, ...]]:
+        out_f, in_f = self.site_shapes[site]
+        r = options.get("r", self.max_rank)
+        return {"lora_A": (r, in_f), "lora_B": (out_f, r)}
+
+    def _bank(self, site, options):
+        # the bank holds max_rank; a task of lower rank is zero-padded in its slot
+        return super()._bank(site, {**options, "r": self.max_rank})
+
+    def validate(self, task, options, tensors):
+        r = options.get("r")
+        if not isinstance(r, int) or not 1 <= r <= self.max_rank:
+            raise TaskFileError(f"task {task!r}: LoRA rank r={r!r} must be an integer in 1..{self.max_rank} "
+                                f"(this bank's max_rank)")
+        return super().validate(task, options, tensors)
+
+    def write(self, by_site, options):
+        r = options["r"]
+        padded = {site: {"lora_A": torch.nn.functional.pad(g["lora_A"], (0, 0, 0, self.max_rank - r)),
+                         "lora_B": torch.nn.functional.pad(g["lora_B"], (0, self.max_rank - r))}
+                  for site, g in by_site.items()}
+        return super().write(padded, options)
+
+    def slot_options(self, slot, options):
+        self.scaling[slot] = options.get("alpha", options["r"]) / options["r"]
+
+    def read_options(self, slot):
+        return {"scaling": float(self.scaling[slot])}
+
+    def _grow_extra(self, capacity):
+        new = torch.zeros(capacity, device=self.scaling.device, dtype=self.scaling.dtype)
+        new[: len(self.scaling)] = self.scaling
+        self.scaling = new
+
+    def make_op(self, site: str):
+        key = self._key(site)
+
+        def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            idx = rows.active["lora"]
+            if idx is not None and len(idx) == 0:
+                return y
+            slots = rows.slots["lora"] if idx is None else rows.slots["lora"][idx]
+            xs = x if idx is None else x[idx]  # (n, T, in)
+            bank = self.banks[key]
+            A, B = bank["lora_A"][slots], bank["lora_B"][slots]  # (n, r, in), (n, out, r)
+            delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # (n, T, out)
+            delta = delta * self.scaling[slots].view(-1, 1, 1)
+            return y + delta if idx is None else y.index_add(0, idx, delta)
+
+        return lora
