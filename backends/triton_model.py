@@ -1,0 +1,94 @@
+"""The Triton Python-backend glue of the entry model `chorus`: parse the config once, decode requests, call the engine.
+
+`model_repository/chorus/1/model.py` only imports `TritonPythonModel` from here. Config parameters:
+- `backbone`: a packaged model name (default all-MiniLM-L6-v2) or a Hugging Face BERT directory;
+- `tasks`: JSON object {task name: task directory}; relative paths are under the model's directory. This map is the
+  served task set: `chorus task add/remove` reload the model with a changed map (Triton's repository API);
+- `max_length` (tokens; longer texts are truncated and the response parameter `truncated_rows` lists them),
+  `dtype` (float32 | float16 | bfloat16), `task_capacity` (initial task-bank slots), `max_rank` (largest LoRA rank).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from chorus.backends.engine import DEFAULT_BACKBONE, Engine
+from chorus.backends.requests import decode_request
+from chorus.errors import InvalidInput
+
+log = logging.getLogger("chorus.triton")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _param(params: dict, key: str, default: str) -> str:
+    return params.get(key, {}).get("string_value", default) or default
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = config.get("parameters", {})
+        dtype = _param(params, "dtype", "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"parameter dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+        on_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
+        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
+        self.engine = Engine(_param(params, "backbone", DEFAULT_BACKBONE), device=device, dtype=DTYPES[dtype],
+                             capacity=int(_param(params, "task_capacity", "16")),
+                             max_length=int(_param(params, "max_length", "0")) or None,
+                             max_rank=int(_param(params, "max_rank", "16")))
+        try:
+            tasks = json.loads(_param(params, "tasks", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"parameter tasks is not a JSON object {{name: path}}: {e}") from None
+        model_dir = Path(args["model_repository"])
+        for name, path in tasks.items():
+            self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
+        log.info("chorus: %s on %s serves %d tasks: %s", self.engine.cfg, device, len(tasks), sorted(tasks))
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        decoded = []
+        for i, request in enumerate(requests):
+            try:
+                inputs = {n: pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
+                decoded.append((i, decode_request(self.engine, **{k.lower(): None if v is None else v.as_numpy()
+                                                                  for k, v in inputs.items()})))
+            except InvalidInput as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+        if not decoded:
+            return responses
+        try:  # one mixed batch over every good row of every request
+            out = self.engine.run([r for _, d in decoded for r in d.ids], [t for _, d in decoded for t in d.tasks])
+        except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
+            log.exception("chorus: batch failed")
+            for i, _ in decoded:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"batch failed: {e}"))
+            return responses
+        start = 0
+        for i, d in decoded:
+            rows = slice(start, start + len(d.ids))
+            start += len(d.ids)
+            responses[i] = self._response(out.logits[rows], out.labels[rows], out.label_names[rows], d.truncated)
+        return responses
+
+    @staticmethod
+    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]], truncated: list[int]):
+        width = max(len(n) for n in names)  # this request's largest label count
+        label_names = np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names], dtype=np.object_)
+        outputs = [
+            pb_utils.Tensor("LOGITS", np.ascontiguousarray(logits[:, :width], dtype=np.float32)),
+            pb_utils.Tensor("LABEL", np.array([[s.encode()] for s in labels], dtype=np.object_)),
+            pb_utils.Tensor("LABEL_NAMES", label_names),
+        ]
+        parameters = {"truncated_rows": ",".join(map(str, truncated))} if truncated else {}
+        return pb_utils.InferenceResponse(output_tensors=outputs, parameters=parameters)
+
+    def finalize(self) -> None:
+        self.engine = None
