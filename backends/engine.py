@@ -98,7 +98,7 @@ class Engine:
         self.max_length = min(max_length or _trained_max_length(path) or self.cfg.max_positions, self.cfg.max_positions)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_truncation()  # `tokenize` truncates, or `decode_request` refuses, over-long rows
 
     @property
     def bank(self) -> TaskBank:
@@ -110,10 +110,12 @@ class Engine:
     def add_task(self, spec: TaskSpec, replace: bool = False) -> None:
         self.bank.add(spec, replace=replace)
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids with [CLS]/[SEP], truncated to `max_length`; and which rows were truncated."""
-        encodings = self.tokenizer.encode_batch(texts)
-        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids with [CLS]/[SEP]; with `truncate`, rows longer than `max_length` keep their first tokens."""
+        rows = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        if truncate:
+            rows = [r if len(r) <= self.max_length else r[: self.max_length - 1] + r[-1:] for r in rows]
+        return rows
 
     def check_ids(self, ids: list[list[int]]) -> None:
         for i, row in enumerate(ids):
@@ -144,8 +146,7 @@ class Engine:
         return Classified(logits, labels, names)
 
     def classify(self, texts: list[str], tasks: list[str]) -> Classified:
-        ids, _ = self.tokenize(texts)
-        return self.run(ids, tasks)
+        return self.run(self.tokenize(texts), tasks)
 
 
 def _trained_max_length(path: Path) -> int | None:

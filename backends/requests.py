@@ -11,14 +11,14 @@ import numpy as np
 
 from chorus.errors import InvalidInput
 
-MAX_TEXT_CHARS = 100_000  # longer texts are refused before tokenizing; texts over the token limit are truncated
+MAX_TEXT_CHARS = 100_000  # longer texts are refused before tokenizing
 
 
 @dataclass
 class DecodedRequest:
     ids: list[list[int]]
     tasks: list[str]
-    truncated: list[int]  # rows whose text was cut to the engine's max_length
+    truncated: list[int]  # rows whose text was cut to the engine's max_length (only when the request allowed it)
 
 
 def _strings(name: str, array: np.ndarray) -> list[str]:
@@ -38,8 +38,12 @@ def _strings(name: str, array: np.ndarray) -> list[str]:
 
 
 def decode_request(engine, text: np.ndarray | None, input_ids: np.ndarray | None,
-                   task: np.ndarray | None) -> DecodedRequest:
-    """Validate one request's inputs against `engine` (tokenizer, vocabulary, served tasks) and tokenize its text."""
+                   task: np.ndarray | None, truncate: bool = False) -> DecodedRequest:
+    """Validate one request's inputs against `engine` (tokenizer, vocabulary, served tasks) and tokenize its text.
+
+    A text longer than the engine's `max_length` tokens is refused, unless `truncate` (the request parameter
+    `truncate=true`) asks to keep its first tokens.
+    """
     if task is None:
         raise InvalidInput("input TASK is missing: every row names the task that classifies it")
     if (text is None) == (input_ids is None):
@@ -57,8 +61,15 @@ def decode_request(engine, text: np.ndarray | None, input_ids: np.ndarray | None
                 raise InvalidInput(f"input TEXT row {i} is empty")
             if len(t) > MAX_TEXT_CHARS:
                 raise InvalidInput(f"input TEXT row {i} has {len(t)} characters, more than the {MAX_TEXT_CHARS} accepted")
-        ids, cut = engine.tokenize(texts)
-        truncated = [i for i, c in enumerate(cut) if c]
+        ids = engine.tokenize(texts, truncate=False)
+        for i, row in enumerate(ids):
+            if len(row) > engine.max_length:
+                if not truncate:
+                    raise InvalidInput(f"input TEXT row {i} is {len(row)} tokens long, more than the {engine.max_length} "
+                                       f"this model reads: shorten it, or set the request parameter truncate=true "
+                                       f"to classify its first {engine.max_length} tokens")
+                ids[i] = row[: engine.max_length - 1] + row[-1:]
+                truncated.append(i)
     else:
         if input_ids.dtype != np.int32:
             raise InvalidInput(f"input INPUT_IDS must be INT32, got {input_ids.dtype}")

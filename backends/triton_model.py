@@ -4,7 +4,8 @@
 - `backbone`: a packaged model name (default all-MiniLM-L6-v2) or a Hugging Face BERT directory;
 - `tasks`: JSON object {task name: task directory}; relative paths are under the model's directory. This map is the
   served task set: `chorus task add/remove` reload the model with a changed map (Triton's repository API);
-- `max_length` (tokens; longer texts are truncated and the response parameter `truncated_rows` lists them),
+- `max_length` (tokens; a longer text is refused with INVALID_ARG unless the request sets the parameter
+  `truncate=true`, which keeps its first tokens),
   `dtype` (float32 | float16 | bfloat16), `task_capacity` (initial task-bank slots), `max_rank` (largest LoRA rank).
 """
 
@@ -28,6 +29,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def _param(params: dict, key: str, default: str) -> str:
     return params.get(key, {}).get("string_value", default) or default
+
+
+def _truncate(request) -> bool:
+    """The request parameter `truncate` (true/false; a bool, or a string from clients that only send strings)."""
+    value = json.loads(request.parameters() or "{}").get("truncate", False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise InvalidInput(f"request parameter truncate={value!r}: expected true or false")
+        return value.lower() in ("true", "1")
+    return bool(value)
 
 
 class TritonPythonModel:
@@ -57,9 +68,9 @@ class TritonPythonModel:
         decoded = []
         for i, request in enumerate(requests):
             try:
-                inputs = {n: pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
-                decoded.append((i, decode_request(self.engine, **{k.lower(): None if v is None else v.as_numpy()
-                                                                  for k, v in inputs.items()})))
+                arrays = {n.lower(): pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
+                arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}
+                decoded.append((i, decode_request(self.engine, **arrays, truncate=_truncate(request))))
             except InvalidInput as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         if not decoded:
@@ -75,11 +86,11 @@ class TritonPythonModel:
         for i, d in decoded:
             rows = slice(start, start + len(d.ids))
             start += len(d.ids)
-            responses[i] = self._response(out.logits[rows], out.labels[rows], out.label_names[rows], d.truncated)
+            responses[i] = self._response(out.logits[rows], out.labels[rows], out.label_names[rows])
         return responses
 
     @staticmethod
-    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]], truncated: list[int]):
+    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]]):
         width = max(len(n) for n in names)  # this request's largest label count
         label_names = np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names], dtype=np.object_)
         outputs = [
@@ -87,8 +98,7 @@ class TritonPythonModel:
             pb_utils.Tensor("LABEL", np.array([[s.encode()] for s in labels], dtype=np.object_)),
             pb_utils.Tensor("LABEL_NAMES", label_names),
         ]
-        parameters = {"truncated_rows": ",".join(map(str, truncated))} if truncated else {}
-        return pb_utils.InferenceResponse(output_tensors=outputs, parameters=parameters)
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def finalize(self) -> None:
         self.engine = None

@@ -140,7 +140,7 @@ def train_task(name: str, dataset: str, cfg: TrainConfig, backbone: str = DEFAUL
     engine.add_task(initial_task(name, engine, list(data.labels), cfg, cfg.seed))
 
     train = data.train[: cfg.max_examples] if cfg.max_examples else data.train
-    tokens = {split: engine.tokenize([e.text for e in examples])[0]
+    tokens = {split: engine.tokenize([e.text for e in examples])
               for split, examples in (("train", train), ("validation", data.validation), ("test", data.test))}
     gold = {"train": [e.label for e in train], "validation": [e.label for e in data.validation],
             "test": [e.label for e in data.test]}

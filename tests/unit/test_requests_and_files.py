@@ -25,11 +25,14 @@ def strings(*values):
     return np.array([[v if isinstance(v, bytes) else v.encode()] for v in values], dtype=np.object_)
 
 
-def test_text_rows_tokenize_and_long_texts_are_truncated(engine):
-    d = decode_request(engine, strings("a fine film", "word " * 50), None, strings("movie", "news"))
+def test_text_rows_tokenize_and_long_texts_are_truncated_only_when_asked(engine):
+    text, task = strings("a fine film", "word " * 50), strings("movie", "news")
+    with pytest.raises(InvalidInput, match="row 1 is 52 tokens long, more than the 16.*truncate=true"):
+        decode_request(engine, text, None, task)
+    d = decode_request(engine, text, None, task, truncate=True)
     assert d.tasks == ["movie", "news"]
     assert d.ids[0][0] == 101 and d.ids[0][-1] == 102 and len(d.ids[0]) == 5  # [CLS] a fine film [SEP]
-    assert len(d.ids[1]) == 16 and d.truncated == [1]
+    assert len(d.ids[1]) == 16 and d.ids[1][-1] == 102 and d.truncated == [1]
 
 
 def test_input_ids_rows_drop_trailing_padding(engine):
