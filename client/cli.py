@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("classify", parents=[common], help="classify texts with one task")
     p.add_argument("--task", required=True, help="task name")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    p.add_argument("--truncate", action="store_true",
+                   help="classify the first tokens of texts longer than the model reads (default: refuse them)")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(func=classify)
 
@@ -82,7 +84,7 @@ def _one_line(text: str) -> str:
 
 @_command
 def classify(args: argparse.Namespace, client: ChorusClient) -> int:
-    for text, p in zip(args.texts, client.classify(args.texts, args.task)):
+    for text, p in zip(args.texts, client.classify(args.texts, args.task, truncate=args.truncate)):
         if args.json:
             print(json.dumps({"text": text, **dataclasses.asdict(p)}, ensure_ascii=False))
         else:

@@ -161,9 +161,10 @@ class ChorusClient(_ClientBase):
     def close(self) -> None:
         self._t.client.close()
 
-    def classify(self, texts: Sequence[str], task: str | Sequence[str]) -> list[Prediction]:
-        """One Prediction per text, in order. `task` names one task for all texts, or one per text."""
-        return self._run(text_requests(texts, task, self.max_batch_size))
+    def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False) -> list[Prediction]:
+        """One Prediction per text, in order. `task` names one task for all texts, or one per text. A text longer
+        than the model reads is refused, unless `truncate` asks the server to classify its first tokens."""
+        return self._run(text_requests(texts, task, self.max_batch_size), {"truncate": True} if truncate else None)
 
     def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str]) -> list[Prediction]:
         """Like `classify` for pre-tokenized rows (ids include [CLS]/[SEP]); one request per length and chunk."""
@@ -194,15 +195,15 @@ class ChorusClient(_ClientBase):
             metadata = c.get_server_metadata(**self._t.as_json, **call)
         return self._health(live, ready, model_ready, metadata, len(self.tasks()) if model_ready else None)
 
-    def _infer_arrays(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self._t.client.infer(self.model, self._t.inputs(tensors), **self._t.call)
+    def _infer_arrays(self, tensors: dict[str, np.ndarray], parameters: dict | None = None) -> dict[str, np.ndarray]:
+        result = self._t.client.infer(self.model, self._t.inputs(tensors), parameters=parameters, **self._t.call)
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
-    def _run(self, requests: list[Request]) -> list[Prediction]:
+    def _run(self, requests: list[Request], parameters: dict | None = None) -> list[Prediction]:
         out: list[Any] = [None] * sum(len(r.rows) for r in requests)
         for request in requests:
             with self._errors("classify"):
-                arrays = self._infer_arrays(request.tensors)
+                arrays = self._infer_arrays(request.tensors, parameters)
             self._place(out, request, arrays)
         return out
 
@@ -246,8 +247,8 @@ class AsyncChorusClient(_ClientBase):
     async def close(self) -> None:
         await self._t.client.close()
 
-    async def classify(self, texts: Sequence[str], task: str | Sequence[str]) -> list[Prediction]:
-        return await self._run(text_requests(texts, task, self.max_batch_size))
+    async def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False) -> list[Prediction]:
+        return await self._run(text_requests(texts, task, self.max_batch_size), {"truncate": True} if truncate else None)
 
     async def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str]) -> list[Prediction]:
         return await self._run(ids_requests(ids, task, self.max_batch_size))
@@ -273,17 +274,17 @@ class AsyncChorusClient(_ClientBase):
             metadata = await c.get_server_metadata(**self._t.as_json, **call)
         return self._health(live, ready, model_ready, metadata, len(await self.tasks()) if model_ready else None)
 
-    async def _infer_arrays(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = await self._t.client.infer(self.model, self._t.inputs(tensors), **self._t.call)
+    async def _infer_arrays(self, tensors: dict[str, np.ndarray], parameters: dict | None = None) -> dict[str, np.ndarray]:
+        result = await self._t.client.infer(self.model, self._t.inputs(tensors), parameters=parameters, **self._t.call)
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
-    async def _run(self, requests: list[Request]) -> list[Prediction]:
+    async def _run(self, requests: list[Request], parameters: dict | None = None) -> list[Prediction]:
         limit = asyncio.Semaphore(self.max_in_flight)
 
         async def send(request: Request) -> dict[str, np.ndarray]:
             async with limit:
                 with self._errors("classify"):
-                    return await self._infer_arrays(request.tensors)
+                    return await self._infer_arrays(request.tensors, parameters)
 
         out: list[Any] = [None] * sum(len(r.rows) for r in requests)
         for request, arrays in zip(requests, await asyncio.gather(*map(send, requests))):

@@ -54,7 +54,7 @@ GRPC_CONFIG = {
 # ---------------------------------------------------------------- fakes
 
 
-def fake_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fake_model(tensors: dict[str, np.ndarray], parameters=None) -> dict[str, np.ndarray]:
     """The `chorus` contract on made-up logits: row value v (int(text[1:]) or sum(ids)) gives logit j = v*(j+1)/100."""
     tasks = [t[0].decode() for t in tensors["TASK"]]
     if "TEXT" in tensors:
@@ -260,7 +260,7 @@ def test_bad_classify_arguments():
 def test_classify_splits_requests_and_keeps_order():
     c = ChorusClient()
     sizes = []
-    c._infer_arrays = lambda t: (sizes.append(len(t["TASK"])), fake_model(t))[1]
+    c._infer_arrays = lambda t, parameters=None: (sizes.append(len(t["TASK"])), fake_model(t))[1]
     tasks = ["sst" if i % 3 else "emo" for i in range(150)]
     got = c.classify([f"t{i}" for i in range(150)], tasks)
     assert sizes == [64, 64, 22]
@@ -270,7 +270,7 @@ def test_classify_splits_requests_and_keeps_order():
 def test_classify_ids_mixed_lengths_keep_order():
     c = ChorusClient(protocol="grpc")
     calls = []
-    c._infer_arrays = lambda t: (calls.append(t["INPUT_IDS"].shape), fake_model(t))[1]
+    c._infer_arrays = lambda t, parameters=None: (calls.append(t["INPUT_IDS"].shape), fake_model(t))[1]
     ids = [[101] + [i] * (i % 4) + [102] for i in range(100)]
     assert_same(c.classify_ids(ids, "emo"), [expected("emo", sum(r)) for r in ids])
     assert sorted(calls) == [(25, 2), (25, 3), (25, 4), (25, 5)]
@@ -279,7 +279,7 @@ def test_classify_ids_mixed_lengths_keep_order():
 def test_async_client_matches_sync():
     async def run():
         async with AsyncChorusClient(max_in_flight=2) as c:
-            async def infer(t):
+            async def infer(t, parameters=None):
                 await asyncio.sleep(0.001 * (len(t["TASK"]) % 7))  # finish out of order
                 return fake_model(t)
 
@@ -377,7 +377,7 @@ def test_cli_bad_env_protocol_exits_1(monkeypatch, capsys):
 
 
 def test_cli_classify_output(monkeypatch, capsys):
-    monkeypatch.setattr(ChorusClient, "_infer_arrays", lambda self, t: fake_model(t))
+    monkeypatch.setattr(ChorusClient, "_infer_arrays", lambda self, t, parameters=None: fake_model(t))
     assert run_cli(["classify", "--task", "sst", "t1", "t200"]) == 0
     lines = capsys.readouterr().out.splitlines()
     p1, p200 = expected("sst", 1), expected("sst", 200)
