@@ -30,9 +30,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from chorus.errors import ServerError
 
@@ -46,6 +47,8 @@ CACHE_DIR = (REPO_ROOT / ".cache" if (REPO_ROOT / "pyproject.toml").is_file()
 DEFAULT_BACKENDS_CACHE = CACHE_DIR / "triton_backends"
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+HTTP_ADMIN_HEADER = "admin-key"  # the header named in the restricted-API flags
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + HTTP_ADMIN_HEADER  # what gRPC clients must send for it
 _FIX = "Fix: run `make venv` (installs nvidia-pytriton==0.7.0, which ships tritonserver 2.51.0), " \
        "or set TRITONSERVER=/path/to/tritonserver."
 
@@ -119,7 +122,7 @@ def python_backend_dir(tritonserver: Path | None = None, dest: Path | None = Non
         "triton_python_backend_utils.py": root / "backends" / "python" / "triton_python_backend_utils.py",
         "triton_python_backend_stub": root / "python_backend_stubs" / PY_VERSION / "triton_python_backend_stub",
     }
-    for name, src in sources.items():
+    for src in sources.values():
         if not src.is_file():
             stubs = sorted(p.name for p in (root / "python_backend_stubs").iterdir())
             raise ServerError(f"{src} is missing, so tritonserver cannot run Python models with Python {PY_VERSION}. "
@@ -271,7 +274,8 @@ class TritonServer:
     """A tritonserver child process (context manager: starts, waits until ready, stops).
 
     Ports given as 0 are replaced by free ones at :meth:`start`. ``admin_key`` guards the model-repository
-    endpoints (load/unload/index) over HTTP and gRPC: clients must send the header ``admin-key: <key>``.
+    endpoints (index, load, unload): HTTP clients must send the header ``admin-key: <key>``, gRPC clients
+    ``triton-grpc-protocol-admin-key: <key>`` (tritonserver prefixes restricted gRPC headers; see GRPC_ADMIN_HEADER).
     """
 
     def __init__(
@@ -345,9 +349,9 @@ class TritonServer:
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 "--log-verbose=0", f"--exit-timeout-secs={self.exit_timeout_s}"]
-        if self.admin_key:
-            cmd += [f"--http-restricted-api=model-repository:admin-key={self.admin_key}",
-                    f"--grpc-restricted-protocol=model-repository:admin-key={self.admin_key}"]
+        if self.admin_key:  # form `<apis>:<header>=<value>` (2.51's --help shows a `,` there: that is wrong)
+            cmd += [f"--http-restricted-api=model-repository:{HTTP_ADMIN_HEADER}={self.admin_key}",
+                    f"--grpc-restricted-protocol=model-repository:{HTTP_ADMIN_HEADER}={self.admin_key}"]
         return cmd + list(self.extra_args)
 
     def start(self) -> None:
@@ -416,7 +420,7 @@ class TritonServer:
             return b"".join(deque(f, maxlen=lines)).decode(errors="replace").rstrip()
 
     def stop(self) -> int | None:
-        """Stop the server: SIGINT (graceful), then SIGTERM, then SIGKILL of its process group. Returns the exit code."""
+        """Stop: SIGINT (graceful), then SIGTERM, then SIGKILL of its process group. Returns the exit code."""
         proc = self._process
         if proc is None:
             return None
@@ -446,7 +450,7 @@ class TritonServer:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         try:
             self.wait_ready()
@@ -487,7 +491,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}-port", type=_port, default=env.get(var, default),
                        help=f"{name} port, 0 = any free port (default: %(default)s; env {var})")
     p.add_argument("--admin-key", default=env.get("CHORUS_ADMIN_KEY") or None,
-                   help="require header `admin-key: KEY` for model load/unload (env CHORUS_ADMIN_KEY)")
+                   help="require a key for model load/unload: HTTP header `admin-key: KEY`, gRPC header "
+                        "`triton-grpc-protocol-admin-key: KEY` (env CHORUS_ADMIN_KEY)")
     p.add_argument("--log-file", type=Path, default=None,
                    help="tritonserver log (default: a new chorus-tritonserver-*.log in the temp folder)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness (%(default)s)")
@@ -519,7 +524,8 @@ def serve(args: argparse.Namespace) -> int:
               f"  metrics  {server.metrics_url}\n"
               f"  log      {server.log_path}\n"
               f"  binary   {server.tritonserver or find_tritonserver()}\n"
-              + ("  model load/unload need the header `admin-key`\n" if args.admin_key else "")
+              + (f"  model load/unload need the header {HTTP_ADMIN_HEADER} (HTTP) or {GRPC_ADMIN_HEADER} (gRPC)\n"
+                 if args.admin_key else "")
               + "Press Ctrl-C to stop.", flush=True)
         while server.poll() is None:
             time.sleep(0.5)

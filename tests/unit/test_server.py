@@ -28,6 +28,7 @@ from chorus.server import (TritonServer, find_tritonserver, perf_analyzer_env, p
 
 KEY = "test-admin-key"
 GRPC_KEY_HEADER = "triton-grpc-protocol-admin-key"  # tritonserver 2.51 prefixes gRPC restricted-protocol headers
+assert server_mod.GRPC_ADMIN_HEADER == GRPC_KEY_HEADER
 
 TOY_CONFIG = """name: "{name}"
 backend: "python"
