@@ -513,7 +513,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, admin_key=args.admin_key, log_path=args.log_file)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Both stop the server; SIGINT explicitly too, as a shell starting us in the background leaves it ignored.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         print(f"chorus: starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
@@ -542,7 +543,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the server half-stopped
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         code = server.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if code is not None:
             LOGGER.info("tritonserver exited with code %s", code)
