@@ -84,8 +84,9 @@ class EncoderConfig:
 class PetLinear(nn.Module):
     """PetS's unified PET linear: `y = X·Wᵀ + b` shared by every row, plus each PET op gathered per row.
 
-    `ops` is filled by the task bank: callables `op(x, y, rows) -> y` that add a task-specific term for the rows
-    that use it (`rows` is the batch's `RowTasks`).
+    The task bank fills two lists: `pre_ops`, callables `op(x, rows) -> x` that change the input of the rows that
+    use them before the shared op (e.g. IA3's scaling of the feed-forward activations), and `ops`, callables
+    `op(x, y, rows) -> y` that add a task-specific term for the rows that use it (`rows` is the batch's `RowTasks`).
     """
 
     def __init__(self, site: str, out_features: int, in_features: int):
@@ -93,9 +94,12 @@ class PetLinear(nn.Module):
         self.site = site
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+        self.pre_ops: list = []
         self.ops: list = []
 
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:  # x: (B, T, in)
+        for op in self.pre_ops:
+            x = op(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
         for op in self.ops:
             y = op(x, y, rows)

@@ -71,7 +71,7 @@ def build_model(backbone: str | Path = DEFAULT_BACKBONE, device: str | torch.dev
         encoder = Encoder(cfg)
         encoder.load_hf_state_dict(state)
     encoder = encoder.to(device=device, dtype=dtype).eval()
-    bank = TaskBank(encoder, capacity=capacity, max_rank=max_rank, max_labels=max_labels)
+    bank = TaskBank(encoder, capacity=capacity, max_labels=max_labels, method_options={"lora": {"max_rank": max_rank}})
     return MultiTaskModel(encoder, bank).eval()
 
 

@@ -59,16 +59,20 @@ class TaskEntry:
 class TaskBank(nn.Module):
     """Slots for every PET method and the per-task classifier heads, on the encoder's device."""
 
-    def __init__(self, encoder: Encoder, capacity: int = 16, max_labels: int = 8, max_rank: int = 16):
+    def __init__(self, encoder: Encoder, capacity: int = 16, max_labels: int = 8,
+                 method_options: dict[str, dict] | None = None):
+        """`method_options`: per PET method, keyword options of its bank, e.g. {"lora": {"max_rank": 16}}."""
         super().__init__()
         p = encoder.word_embeddings.weight
         self.device, self.dtype = p.device, p.dtype
         self.hidden = encoder.cfg.hidden_size
         sites = encoder.cfg.linear_sites()
-        self.methods = nn.ModuleDict({
-            "lora": PET_METHODS["lora"](sites, capacity, self.device, self.dtype, max_rank=max_rank),
-            "bitfit": PET_METHODS["bitfit"](sites, capacity, self.device, self.dtype),
-        })
+        options = method_options or {}
+        unknown = sorted(set(options) - set(PET_METHODS))
+        if unknown:
+            raise ValueError(f"options for unknown PET methods {unknown}; known: {sorted(PET_METHODS)}")
+        self.methods = nn.ModuleDict({name: cls(sites, capacity, self.device, self.dtype, **options.get(name, {}))
+                                      for name, cls in PET_METHODS.items()})
         for m in self.methods.values():
             m.attach(encoder.pet_linears())
         self.max_labels = max_labels

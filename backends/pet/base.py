@@ -40,6 +40,7 @@ class PetMethod(nn.Module):
 
     name: str = ""
     tensor_names: tuple[str, ...] = ()  # what a task file holds per site: `{site}.{tensor_name}`
+    stage: str = "post"  # "post": op(x, y, rows) -> y after the shared op; "pre": op(x, rows) -> x before it
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -78,7 +79,8 @@ class PetMethod(nn.Module):
             self.banks[key] = nn.ParameterDict({
                 n: nn.Parameter(torch.zeros(self.capacity, *s, device=self.device, dtype=self.dtype), requires_grad=False)
                 for n, s in shapes.items()})
-            self.linears[site].ops.append(self.make_op(site))
+            linear = self.linears[site]
+            (linear.pre_ops if self.stage == "pre" else linear.ops).append(self.make_op(site))
         return self.banks[key]
 
     def tensor(self, site: str, name: str) -> torch.Tensor:
