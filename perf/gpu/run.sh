@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see perf/README.md): set up tritonserver + perf_analyzer from carried files, install
+# chorus, run perf/gpu_check.py, leave results under $OUT. Carried folder `.gpu/` (built by `make gpu-bundle`):
+#   triton.tar.xz (tritonserver 2.51 binary, Python backend, 3.12 stub, libs from the nvidia-pytriton wheel),
+#   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4 wheel, tokenizer.json, rt_texts.json.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+G=.gpu
+SITE=/tmp/triton-site
+OUT=${OUT:-/tmp/out}
+mkdir -p "$SITE" "$OUT"
+tar -C "$SITE" -xJf $G/triton.tar.xz
+LIBS=$SITE/nvidia_pytriton.libs
+ln -sf "$(ls $LIBS/libb64-*.so.0d)" $LIBS/libb64.so.0d
+ln -sf "$(ls $LIBS/libcudart-*.so.12*)" $LIBS/libcudart.so.12
+xz -dc $G/perf_analyzer.xz > /tmp/perf_analyzer && chmod +x /tmp/perf_analyzer
+# numpy 1.26 for the backend stub, which was built against numpy 1.x (used only if numpy 2 fails, see gpu_check.py)
+python3 -m pip install -q --no-index --no-deps --target /tmp/numpy1 $G/numpy-1.26.4-*.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+  || { echo "pip install -e . failed" >&2; exit 1; }
+export TRITONSERVER=$SITE/pytriton/tritonserver/bin/tritonserver
+export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:$LIBS:${LD_LIBRARY_PATH:-}
+export PERF_ANALYZER=/tmp/perf_analyzer PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, numpy, tokenizers, safetensors; print('torch', torch.__version__, 'numpy', numpy.__version__)"
+python3 perf/gpu_check.py --bundle $G --out "$OUT" "$@"
