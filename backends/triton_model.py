@@ -6,7 +6,8 @@
   served task set: `chorus task add/remove` reload the model with a changed map (Triton's repository API);
 - `max_length` (tokens; a longer text is refused with INVALID_ARG unless the request sets the parameter
   `truncate=true`, which keeps its first tokens),
-  `dtype` (float32 | float16 | bfloat16), `task_capacity` (initial task-bank slots), `max_rank` (largest LoRA rank).
+  `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
+  task-bank slots), `max_rank` (largest LoRA rank).
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ def _param(params: dict, key: str, default: str) -> str:
     return params.get(key, {}).get("string_value", default) or default
 
 
+def _device(choice: str, args: dict) -> str:
+    """Where the engine runs. A KIND_GPU instance runs on its GPU. The shipped config uses a KIND_CPU instance,
+    because Triton 24.10 hands BYTES inputs to KIND_GPU Python instances corrupted (seen on the H100: the stub fails
+    in deserialize_bytes_tensor), and places the engine itself by the `device` parameter: auto (the first CUDA GPU if
+    there is one, else the CPU), cpu, cuda or cuda:N."""
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return f"cuda:{args['model_instance_device_id']}"
+    if choice == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if choice != "cpu" and not (choice.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"parameter device={choice!r}: expected auto, cpu, cuda or cuda:N (with a CUDA GPU present)")
+    return choice
+
+
 def _truncate(request) -> bool:
     """The request parameter `truncate` (true/false; a bool, or a string from clients that only send strings)."""
     value = json.loads(request.parameters() or "{}").get("truncate", False)
@@ -48,8 +63,7 @@ class TritonPythonModel:
         dtype = _param(params, "dtype", "float32")
         if dtype not in DTYPES:
             raise ValueError(f"parameter dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        on_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
-        device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
+        device = _device(_param(params, "device", "auto"), args)
         self.engine = Engine(_param(params, "backbone", DEFAULT_BACKBONE), device=device, dtype=DTYPES[dtype],
                              capacity=int(_param(params, "task_capacity", "16")),
                              max_length=int(_param(params, "max_length", "0")) or None,

@@ -59,7 +59,6 @@ def write_repository(repo: Path, backbone: Path, tasks: dict[str, str]) -> None:
     shutil.copy(ROOT / "model_repository/chorus/1/model.py", model / "1/model.py")
     config = (ROOT / "model_repository/chorus/config.pbtxt").read_text()
     head = config[: config.index("parameters [")]
-    head = head.replace("instance_group [ { count: 1 } ]", "instance_group [ { count: 1, kind: KIND_GPU } ]")
     params = {"backbone": str(backbone), "dtype": "float16", "max_length": "128", "task_capacity": str(len(tasks) + 1),
               "tasks": json.dumps(tasks)}
     body = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items())
