@@ -132,6 +132,7 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", type=int, default=64)
+    ap.add_argument("--skip-in-process", action="store_true")
     args = ap.parse_args()
     work = Path("/tmp/chorus-gpu")
     shutil.rmtree(work, ignore_errors=True)
@@ -147,16 +148,20 @@ def main() -> int:
     engine = Engine(work / "bert-base", device="cuda", dtype=torch.float16, capacity=len(tasks) + 1, max_length=128)
     for name, path in tasks.items():
         engine.load_task(name, path)
-    result["in_process"] = in_process(engine, texts, names)
-    print("in-process:", json.dumps(result["in_process"]), flush=True)
+    if not args.skip_in_process:
+        result["in_process"] = in_process(engine, texts, names)
+        print("in-process:", json.dumps(result["in_process"]), flush=True)
 
     write_repository(work / "repo", work / "bert-base", tasks)
-    attempts = [("numpy " + __import__("numpy").__version__, {}), ("numpy 1.26 for the stub", {"PYTHONPATH": "/tmp/numpy1"})]
-    for label, extra in attempts:
+    no_pinned = ["--pinned-memory-pool-byte-size=0"]
+    attempts = [("defaults", {}, []), ("no pinned memory pool", {}, no_pinned),
+                ("no pinned memory pool, numpy 1.26 for the stub", {"PYTHONPATH": "/tmp/numpy1"}, no_pinned)]
+    for label, extra, flags in attempts:
         os.environ.update(extra)
         log = args.out / f"tritonserver-{len(result.get('attempts', []))}.log"
         try:
-            with TritonServer(work / "repo", http_port=0, grpc_port=0, metrics_port=0, log_path=log) as server:
+            with TritonServer(work / "repo", http_port=0, grpc_port=0, metrics_port=0, log_path=log,
+                              extra_args=flags) as server:
                 probe, probe_tasks = texts[:8], names[:8]
                 got = http_infer(server.http_url, probe, probe_tasks)
                 want = engine.classify(probe, probe_tasks)
