@@ -75,7 +75,8 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
-        log.info("chorus: %s on %s serves %d tasks: %s", self.engine.cfg, device, len(tasks), sorted(tasks))
+        log.info("chorus: %s on %s serves %d tasks: %s (numpy %s, torch %s)", self.engine.cfg, device, len(tasks),
+                 sorted(tasks), np.__version__, torch.__version__)
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)

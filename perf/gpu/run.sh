@@ -14,13 +14,17 @@ LIBS=$SITE/nvidia_pytriton.libs
 ln -sf "$(ls $LIBS/libb64-*.so.0d)" $LIBS/libb64.so.0d
 ln -sf "$(ls $LIBS/libcudart-*.so.12*)" $LIBS/libcudart.so.12
 xz -dc $G/perf_analyzer.xz > /tmp/perf_analyzer && chmod +x /tmp/perf_analyzer
-# numpy 1.26 for the backend stub, which was built against numpy 1.x (used only if numpy 2 fails, see gpu_check.py)
-python3 -m pip install -q --no-index --no-deps --target /tmp/numpy1 $G/numpy-1.26.4-*.whl
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
   || { echo "pip install -e . failed" >&2; exit 1; }
+# A second environment with numpy 1.26: the backend stub was built against numpy 1.x, and with numpy 2 it hands
+# BYTES inputs over corrupted (see perf/README.md). The venv sees the system's torch and chorus.
+python3 -m venv --system-site-packages /tmp/np1env
+/tmp/np1env/bin/python3 -m pip install -q --no-index --no-deps $G/numpy-1.26.4-*.whl
 export TRITONSERVER=$SITE/pytriton/tritonserver/bin/tritonserver
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:$LIBS:${LD_LIBRARY_PATH:-}
 export PERF_ANALYZER=/tmp/perf_analyzer PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numpy, tokenizers, safetensors; print('torch', torch.__version__, 'numpy', numpy.__version__)"
-python3 perf/gpu_check.py --bundle $G --out "$OUT" "$@"
+/tmp/np1env/bin/python3 -c "import numpy, torch; print('np1env: numpy', numpy.__version__, 'torch', torch.__version__)"
+python3 perf/gpu_check.py --bundle $G --out "$OUT" --label "numpy $(python3 -c 'import numpy; print(numpy.__version__)')" "$@" \
+  || /tmp/np1env/bin/python3 perf/gpu_check.py --bundle $G --out "$OUT" --label "numpy 1.26" --skip-in-process "$@"
