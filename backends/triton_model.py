@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from chorus.backends.engine import DEFAULT_BACKBONE, Engine
 from chorus.backends.requests import decode_request
 from chorus.errors import InvalidInput
 
-log = logging.getLogger("chorus.triton")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -75,8 +73,8 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
-        log.info("chorus: %s on %s serves %d tasks: %s (numpy %s, torch %s)", self.engine.cfg, device, len(tasks),
-                 sorted(tasks), np.__version__, torch.__version__)
+        pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {device} serves {len(tasks)} tasks: {sorted(tasks)} "
+                                 f"(numpy {np.__version__}, torch {torch.__version__})")
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
@@ -93,7 +91,7 @@ class TritonPythonModel:
         try:  # one mixed batch over every good row of every request
             out = self.engine.run([r for _, d in decoded for r in d.ids], [t for _, d in decoded for t in d.tasks])
         except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
-            log.exception("chorus: batch failed")
+            pb_utils.Logger.log_error(f"chorus: batch failed: {e!r}")
             for i, _ in decoded:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"batch failed: {e}"))
             return responses
