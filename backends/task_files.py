@@ -88,21 +88,50 @@ def save_task(spec: TaskSpec, path: str | Path) -> Path:
 
 def random_task(name: str, hidden: int, sites: dict[str, tuple[int, int]], pet: dict[str, dict],
                 labels: list[str] | None = None, seed: int = 0, scale: float = 0.05) -> TaskSpec:
-    """A task with random tensors for the given methods (tests and benchmarks)."""
+    """A task with random tensors for the given methods (tests and benchmarks).
+
+    Every method's options as its class documents; `target_modules` (suffixes of site names) limits the sites, and
+    adapters take their sites from `placement`. MaskBERT prunes, and Diff-Pruning keeps, a random `density` fraction
+    of each site's weights (default 0.05).
+    """
     g = torch.Generator().manual_seed(seed)
     labels = labels or ["negative", "positive"]
     rand = lambda *shape: torch.randn(*shape, generator=g) * scale  # noqa: E731
+
+    def positions(out_f: int, in_f: int, density: float) -> torch.Tensor:
+        n = max(1, round(density * out_f * in_f))
+        return torch.randperm(out_f * in_f, generator=g)[:n].sort().values.float()
+
     tensors = {"classifier.weight": rand(len(labels), hidden), "classifier.bias": rand(len(labels))}
     for method, options in pet.items():
         targets = options.get("target_modules")
         for site, (out_f, in_f) in sites.items():
             if targets and not any(site.endswith(t) for t in targets):
                 continue
+            within = site.split(".", 3)[-1]  # the site's name inside its layer
             if method == "lora":
                 r = options["r"]
                 tensors[f"{site}.lora_A"], tensors[f"{site}.lora_B"] = rand(r, in_f), rand(out_f, r)
             elif method == "bitfit":
                 tensors[f"{site}.bias_delta"] = rand(out_f)
+            elif method == "adapter":
+                placement = options.get("placement", "houlsby")
+                if within not in {"houlsby": ("attention.output.dense", "output.dense"),
+                                  "pfeiffer": ("output.dense",)}[placement]:
+                    continue
+                m = options["bottleneck"]
+                tensors.update({f"{site}.adapter_down": rand(m, out_f), f"{site}.adapter_down_bias": rand(m),
+                                f"{site}.adapter_up": rand(out_f, m), f"{site}.adapter_up_bias": rand(out_f)})
+            elif method == "ia3":
+                if not targets and within not in ("attention.self.key", "attention.self.value", "output.dense"):
+                    continue  # PEFT's default IA3 targets for BERT
+                tensors[f"{site}.ia3_l"] = rand(in_f if within == "output.dense" else out_f)
+            elif method == "maskbert":
+                tensors[f"{site}.mask_index"] = positions(out_f, in_f, options.get("density", 0.05))
+            elif method == "diff_pruning":
+                index = positions(out_f, in_f, options.get("density", 0.05))
+                tensors[f"{site}.diff_index"], tensors[f"{site}.diff_value"] = index, rand(len(index))
+                tensors[f"{site}.diff_bias"] = rand(out_f)
             else:
                 raise ValueError(f"random_task does not know PET method {method!r}")
     return TaskSpec(name, labels, copy.deepcopy(pet), tensors)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from chorus.errors import TaskFileError
+
+
+def layer_site(site: str) -> str:
+    """A site's name within its layer: `encoder.layer.3.output.dense` -> `output.dense`."""
+    return site.split(".", 3)[3] if site.startswith("encoder.layer.") else site
 
 
 @dataclass
@@ -21,6 +27,7 @@ class RowTasks:
     slots: dict[str, torch.Tensor]
     active: dict[str, torch.Tensor | None]
     head_slots: torch.Tensor
+    memo: dict = field(default_factory=dict)  # per-batch values ops share across sites and layers (row groups)
 
     @classmethod
     def build(cls, slots: dict[str, torch.Tensor], head_slots: torch.Tensor) -> RowTasks:
@@ -29,6 +36,22 @@ class RowTasks:
             nz = torch.nonzero(s, as_tuple=True)[0]
             active[name] = None if len(nz) == len(s) else nz
         return cls(slots, active, head_slots)
+
+    def cached(self, key: Hashable, make: Callable[[], object]) -> object:
+        """`make()` once per batch: e.g. a method's row groups, computed at its first site and reused by the rest."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+
+@dataclass
+class RowGroup:
+    """Rows of one batch that a method runs together: `key` (e.g. a LoRA rank), the rows' indices in the batch (None:
+    every row, in order) and their slots."""
+
+    key: Hashable
+    rows: torch.Tensor | None
+    slots: torch.Tensor
 
 
 class PetMethod(nn.Module):
@@ -41,6 +64,7 @@ class PetMethod(nn.Module):
     name: str = ""
     tensor_names: tuple[str, ...] = ()  # what a task file holds per site: `{site}.{tensor_name}`
     stage: str = "post"  # "post": op(x, y, rows) -> y after the shared op; "pre": op(x, rows) -> x before it
+                         # (per site: see `site_stage`)
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -50,6 +74,8 @@ class PetMethod(nn.Module):
         self.banks = nn.ModuleDict()  # site (dots replaced) -> ParameterDict of (capacity, ...) tensors
         self.free = list(range(capacity - 1, 0, -1))
         self.linears: dict[str, nn.Module] = {}
+        self.slot_keys: dict[int, Hashable] = {}  # slot -> its row-group key (see `row_groups`), host-side
+
 
     # -- what a subclass defines ------------------------------------------------------------------------------------
     def site_tensors(self, site: str, options: dict) -> dict[str, tuple[int, ...]]:
@@ -63,6 +89,43 @@ class PetMethod(nn.Module):
 
     def read_options(self, slot: int) -> dict:
         return {}
+
+    def site_stage(self, site: str) -> str:
+        """Where this method's op sits at `site`: "pre" (changes the shared op's input) or "post"."""
+        return self.stage
+
+    def group_key(self, slot: int, options: dict) -> Hashable:
+        """Rows whose slots share a key run together (`row_groups`); by default all of a method's rows are one group."""
+        return None
+
+    def finish_training(self, slot: int, options: dict) -> None:
+        """After training a task in `slot`: turn its trained state into what it serves (e.g. prune to a density)."""
+
+    # -- routing ----------------------------------------------------------------------------------------------------
+    def row_groups(self, rows: RowTasks) -> list[RowGroup]:
+        """The batch's rows of this method, grouped by `group_key` of their slots; computed once per batch (one host
+        read of the slots), shared by every site and layer."""
+
+        def make() -> list[RowGroup]:
+            idx, slots = rows.active[self.name], rows.slots[self.name]
+            if idx is not None:
+                slots = slots[idx]
+            host = slots.tolist()
+            if not host:
+                return []
+            keys = [self.slot_keys.get(s) for s in host]
+            if len(set(keys)) == 1:
+                return [RowGroup(keys[0], idx, slots)]
+            by_key: dict[Hashable, list[int]] = {}
+            for i, k in enumerate(keys):
+                by_key.setdefault(k, []).append(i)
+            groups = []
+            for k, members in by_key.items():
+                pos = torch.tensor(members, dtype=torch.long, device=slots.device)
+                groups.append(RowGroup(k, pos if idx is None else idx[pos], slots[pos]))
+            return groups
+
+        return rows.cached((self.name, "row_groups"), make)
 
     # -- bookkeeping ------------------------------------------------------------------------------------------------
     def attach(self, linears: dict[str, nn.Module]) -> None:
@@ -80,7 +143,7 @@ class PetMethod(nn.Module):
                 n: nn.Parameter(torch.zeros(self.capacity, *s, device=self.device, dtype=self.dtype), requires_grad=False)
                 for n, s in shapes.items()})
             linear = self.linears[site]
-            (linear.pre_ops if self.stage == "pre" else linear.ops).append(self.make_op(site))
+            (linear.pre_ops if self.site_stage(site) == "pre" else linear.ops).append(self.make_op(site))
         return self.banks[key]
 
     def tensor(self, site: str, name: str) -> torch.Tensor:
@@ -135,6 +198,7 @@ class PetMethod(nn.Module):
                 for n, t in group.items():
                     bank[n][slot] = t.to(device=bank[n].device, dtype=bank[n].dtype)
         self.slot_options(slot, options)
+        self.slot_keys[slot] = self.group_key(slot, options)
         return slot
 
     def clear(self, slot: int) -> None:
@@ -143,6 +207,7 @@ class PetMethod(nn.Module):
             for bank in self.banks.values():
                 for p in bank.values():
                     p[slot] = 0
+        self.slot_keys.pop(slot, None)
         self.free.append(slot)
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,13 @@
 """LoRA (Hu et al., 2021): `ΔW = (α/r)·B·A`, kept factored; rows gathered per task.
 
-Files hold, per adapted site, `{site}.lora_A` (r, in) and `{site}.lora_B` (out, r), as PEFT does. Tasks of rank
-below the bank's `max_rank` are zero-padded in their slot; rows of tasks without LoRA skip the op.
+Files hold, per adapted site, `{site}.lora_A` (r, in) and `{site}.lora_B` (out, r), as PEFT does. A slot holds up
+to the bank's `max_rank` (a lower-rank task is zero-padded in its slot), but the op runs each rank's rows as one group
+on the first r rows/columns only, so a batch mixing ranks 4 and 64 does not pay rank 64 for the rank-4 rows (on 2 CPU
+cores, B=32, T=64, hidden 384, ranks {4, 8, 16, 64} mixed: 16-17 ms per site grouped vs 64-84 ms padded to 64; ranks
+{2, 4, 8, 16}: 1.7-2.1 ms vs 14-18 ms; one rank 8 everywhere: 12-16 ms vs 19 ms; best of 40). Rows of tasks without
+LoRA skip the op.
+
+Semantics, per row r of a task with rank k at a site: `y[r] += scaling · (X[r] · A[:k]ᵀ) · B[:, :k]ᵀ`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ class LoRA(PetMethod):
         self.max_rank = max_rank
         self.register_buffer("scaling", torch.zeros(capacity, device=device, dtype=dtype))
 
+    def group_key(self, slot, options):
+        return options["r"]  # rows run grouped by rank
     def site_tensors(self, site: str, options: dict) -> dict[str, tuple[int, ...]]:
         out_f, in_f = self.site_shapes[site]
         r = options.get("r", self.max_rank)
@@ -59,15 +67,14 @@ class LoRA(PetMethod):
         key = self._key(site)
 
         def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-            idx = rows.active["lora"]
-            if idx is not None and len(idx) == 0:
-                return y
-            slots = rows.slots["lora"] if idx is None else rows.slots["lora"][idx]
-            xs = x if idx is None else x[idx]  # (n, T, in)
             bank = self.banks[key]
-            A, B = bank["lora_A"][slots], bank["lora_B"][slots]  # (n, r, in), (n, out, r)
-            delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # (n, T, out)
-            delta = delta * self.scaling[slots].view(-1, 1, 1)
-            return y + delta if idx is None else y.index_add(0, idx, delta)
+            for g in self.row_groups(rows):  # one group per rank in the batch
+                r, idx, slots = g.key, g.rows, g.slots
+                xs = x if idx is None else x[idx]  # (n, T, in)
+                A, B = bank["lora_A"][slots, :r], bank["lora_B"][slots, :, :r]  # (n, r, in), (n, out, r)
+                delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # (n, T, out)
+                delta = delta * self.scaling[slots].view(-1, 1, 1)
+                y = y + delta if idx is None else y.index_add(0, idx, delta)
+            return y
 
         return lora
