@@ -1,0 +1,205 @@
+"""`Scheduler`: the length-bucket scheduler that replaces Triton's dynamic batcher (issue 5), engine- and clock-free.
+
+A Triton `execute` thread calls `submit` per request (a `Refusal` becomes UNAVAILABLE); one worker thread loops:
+`batches = schedule(now)`, runs each in order, calls `complete(batch, now)` after each, and when `schedule` returned
+nothing waits until `next_due(now)` or the next submit. Every method takes the lock, so both threads may call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+
+from chorus.backends.scheduler.admission import Refusal, check_admission, waiting_time
+from chorus.backends.scheduler.batching import form_batches, order_by_deadline, path_of
+from chorus.backends.scheduler.buffer import Element, LengthBuffer
+from chorus.backends.scheduler.config import SchedulerConfig
+from chorus.backends.scheduler.latency import LatencyTable
+from chorus.backends.scheduler.metrics import SchedulerMetrics
+from chorus.backends.scheduler.request import Batch, Request
+from chorus.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+# choose_k(queue_depth, arrival_rate [requests/s], service_rate [requests/s], deadline_slack [s]) -> students to run
+ChooseK = Callable[[int, float, float, float], int]
+RATE_EMA = 0.1  # weight of the newest sample in the arrival-gap and service-rate averages
+
+
+class Scheduler:
+    """Length-aware buffer (Student Parallelism) + coordinated batching (PetS) + admission control + fairness.
+
+    Semantics of schedule(now):
+        ready   = elements that are full, or whose oldest request waited >= max_wait_s, or have seen
+                  >= max_batches_passed batches formed without them, or whose deadline slack is <= max_wait_s
+                  (every element when flush=True)
+        pool    = ready elements, oldest first, up to max_requests_per_schedule requests
+        batches = order_by_deadline(form_batches(pool), start=max(now, executor busy until))
+    """
+
+    def __init__(self, config: SchedulerConfig, latency: LatencyTable, choose_k: ChooseK | None = None):
+        self.cfg, self.table = config, latency
+        self.choose_k = choose_k
+        self._buffer = LengthBuffer(config.bin_edges, config.element_size)
+        self._ids: set = set()
+        self._lock = threading.Lock()
+        self._metrics = SchedulerMetrics()
+        self._formed = 0  # batches formed so far
+        self._inflight: deque[tuple[int, float]] = deque(maxlen=4096)  # (batch number, estimated s), not completed
+        self._busy_until = -math.inf  # when the executor finishes what it was given, by estimate
+        self._last_arrival: float | None = None
+        self._gap_ema: float | None = None
+        self._service_rate = 0.0
+
+    # -- the request thread ------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Refusal | None:
+        """Admit `request` at `request.arrival`, or refuse it at once (see admission.check_admission).
+
+        Raises InvalidInput for a request no load could admit: too long, unknown PET type, duplicate id.
+        """
+        if not isinstance(request.num_tokens, int) or not 1 <= request.num_tokens <= self.cfg.max_tokens:
+            raise InvalidInput(f"request {request.id!r} has {request.num_tokens!r} tokens; the scheduler takes "
+                               f"1..{self.cfg.max_tokens} (the last bin edge)")
+        if request.pet_type not in self.table.pet:
+            raise InvalidInput(f"request {request.id!r} has PET type {request.pet_type!r}; the latency table "
+                               f"profiles {list(self.table.pet_types)}")
+        if request.deadline is None:
+            request = replace(request, deadline=request.arrival + self.cfg.default_deadline_s)
+        now = request.arrival
+        with self._lock:
+            if request.id in self._ids:
+                raise InvalidInput(f"request id {request.id!r} is already waiting; ids must be unique")
+            self._metrics.submitted += 1
+            self._note_arrival(now)
+            refusal = check_admission(request, now, len(self._buffer), self._buffer.elements(),
+                                      max(0.0, self._busy_until - now), self.table, self.cfg)
+            if refusal is not None:
+                if refusal.reason == "queue_full":
+                    self._metrics.refused_queue_full += 1
+                else:
+                    self._metrics.refused_deadline += 1
+                log.debug("%s", refusal.message)
+                return refusal
+            self._buffer.add(request, self._formed)
+            self._ids.add(request.id)
+            self._metrics.queue_depth = len(self._buffer)
+        return None
+
+    # -- the worker thread -------------------------------------------------------------------------------------------
+    def schedule(self, now: float, flush: bool = False) -> list[Batch]:
+        """The batches to run now, in run order (empty: nothing is ready). `flush=True` takes everything waiting
+        (e.g. when the model unloads)."""
+        with self._lock:
+            ready = sorted((e for e in self._buffer.elements() if flush or self._ready(e, now)),
+                           key=lambda e: e.oldest_arrival)  # stable: bin order breaks ties
+            pool: list[Element] = []
+            n = 0
+            for e in ready:
+                if n + len(e.requests) > self.cfg.max_requests_per_schedule:
+                    break
+                pool.append(e)
+                n += len(e.requests)
+            if not pool:
+                return []
+            self._buffer.take(pool)
+            groups = form_batches([r for e in pool for r in e.requests], self.table, self.cfg)
+            planned = order_by_deadline(groups, max(now, self._busy_until), self.table, self.cfg)
+            self._metrics.deadline_splits += len(planned) - len(groups)
+            batches = [self._make_batch(reqs, start, finish, now) for reqs, start, finish in planned]
+            self._busy_until = planned[-1][2]
+            self._metrics.queue_depth = len(self._buffer)
+        return batches
+
+    def complete(self, batch: Batch, now: float) -> None:
+        """The executor finished `batch` at `now` (batches run in order): the backlog estimate restarts from now."""
+        with self._lock:
+            while self._inflight and self._inflight[0][0] <= batch.number:
+                self._inflight.popleft()
+            self._busy_until = now + sum(s for _, s in self._inflight)
+
+    def next_due(self, now: float) -> float | None:
+        """When `schedule` will next have something to do if nothing arrives (now: already); None: nothing waits.
+
+        A worker may sleep until then (or until a submit wakes it); a batch formed elsewhere can make an element due
+        earlier through the fairness rule, which `schedule` checks on each call.
+        """
+        with self._lock:
+            due = None
+            for e in self._buffer.elements():
+                t = now if self._ready(e, now) else self._due(e)
+                due = t if due is None else min(due, t)
+            return None if due is None else max(due, now)
+
+    # -- state for exporters -----------------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> SchedulerMetrics:
+        """A snapshot of the counters."""
+        with self._lock:
+            return self._metrics.snapshot()
+
+    def __len__(self) -> int:
+        """Requests waiting."""
+        return len(self._buffer)
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+    def _time(self, e: Element) -> float:
+        return waiting_time([e], self.table, self.cfg)
+
+    def _due(self, e: Element) -> float:
+        """When a partial element must go: its oldest request has waited max_wait_s, or its slack fell to max_wait_s."""
+        return min(e.oldest_arrival + self.cfg.max_wait_s, e.earliest_deadline - self._time(e) - self.cfg.max_wait_s)
+
+    def _ready(self, e: Element, now: float) -> bool:
+        return e.full or self._formed - e.batch_mark >= self.cfg.max_batches_passed or now >= self._due(e)
+
+    def _note_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            gap = max(0.0, now - self._last_arrival)
+            self._gap_ema = gap if self._gap_ema is None else (1 - RATE_EMA) * self._gap_ema + RATE_EMA * gap
+        self._last_arrival = now if self._last_arrival is None else max(self._last_arrival, now)
+
+    @property
+    def arrival_rate(self) -> float:
+        """Requests per second, from the average gap between arrivals (inf for a burst, 0 before two arrivals)."""
+        if self._gap_ema is None:
+            return 0.0
+        return math.inf if self._gap_ema == 0 else 1.0 / self._gap_ema
+
+    def _make_batch(self, reqs: list[Request], start: float, finish: float, now: float) -> Batch:
+        m = self._metrics
+        estimated = finish - start
+        rate = len(reqs) / estimated if estimated > 0 else math.inf
+        self._service_rate = rate if not self._service_rate else (1 - RATE_EMA) * self._service_rate + RATE_EMA * rate
+        pet_types = tuple(sorted({r.pet_type for r in reqs}))
+        k = None
+        if path_of(pet_types[0], self.cfg) != "backbone":  # a student batch
+            slack = min(r.deadline for r in reqs) - finish
+            k = (self.choose_k(len(self._buffer), self.arrival_rate, self._service_rate, slack) if self.choose_k
+                 else self.cfg.max_students)
+            if not isinstance(k, int) or not 1 <= k <= self.cfg.max_students:
+                raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "
+                                   "(max_students)")
+            m.student_batches += 1
+            m.students_k_sum += k
+            m.students_in_use = k
+        batch = Batch(self._formed, tuple(sorted(reqs, key=lambda r: r.num_tokens)),
+                      max(r.num_tokens for r in reqs), tuple(sorted({r.task for r in reqs})), pet_types, k,
+                      estimated, start, finish)
+        self._formed += 1
+        self._inflight.append((batch.number, estimated))
+        self._ids.difference_update(r.id for r in reqs)
+        m.batches += 1
+        m.scheduled_requests += batch.size
+        m.real_tokens += batch.real_tokens
+        m.batch_tokens += batch.size * batch.padded_len
+        m.batch_sizes[batch.size] += 1
+        m.padded_lengths[batch.padded_len] += 1
+        waits = [now - r.arrival for r in reqs]
+        m.wait_s_sum += sum(waits)
+        m.wait_s_max = max(m.wait_s_max, *waits)
+        m.expected_late += sum(r.deadline < finish for r in reqs)
+        return batch
