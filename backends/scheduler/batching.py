@@ -29,10 +29,9 @@ def path_of(pet_type: str, cfg: SchedulerConfig) -> str:
 
 def batch_time(pet_counts: Mapping[str, int], padded_len: int, table: LatencyTable, cfg: SchedulerConfig) -> float:
     """Estimated seconds of one batch: alpha(N, L) (unless standalone) + sum over PET types of beta(p, n_p, L)."""
-    n = sum(pet_counts.values())
     paths = {path_of(p, cfg) for p in pet_counts}
-    assert len(paths) == 1, f"a batch mixes paths {sorted(paths)}: standalone PET types batch alone"
-    shared = table.alpha(n, padded_len) if paths == {"backbone"} else 0.0
+    assert len(paths) <= 1, f"a batch mixes paths {sorted(paths)}: standalone PET types batch alone"
+    shared = table.alpha(sum(pet_counts.values()), padded_len) if paths == {"backbone"} else 0.0
     return shared + sum(table.beta(p, c, padded_len) for p, c in sorted(pet_counts.items()))
 
 
@@ -62,11 +61,13 @@ def split_task(requests: Sequence[Request], table: LatencyTable, cfg: SchedulerC
     pet = reqs[0].pet_type if reqs else ""
     assert all(r.pet_type == pet for r in reqs), "split_task takes one task's requests (one PET type)"
     n = len(reqs)
+    shared = path_of(pet, cfg) == "backbone" if reqs else False
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for i in range(1, n + 1):
         L = reqs[i - 1].num_tokens
         for j in range(max(0, i - rows_cap(L, cfg)), i):  # largest mini-batch first: ties keep it
-            c = best[j] + batch_time({pet: i - j}, L, table, cfg)
+            # batch_time({pet: i - j}, L), inlined: this is the hot loop
+            c = best[j] + (table.alpha(i - j, L) if shared else 0.0) + table.beta(pet, i - j, L)
             if c < best[i] - EPS:
                 best[i], cut[i] = c, j
     out, i = [], n

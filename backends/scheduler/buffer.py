@@ -24,6 +24,7 @@ class Element:
     pet_counts: Counter = field(default_factory=Counter)
     max_tokens: int = 0
     earliest_deadline: float = float("inf")
+    est_s: float | None = None  # the scheduler's cached time estimate; None after a change
 
     @property
     def full(self) -> bool:
@@ -39,6 +40,7 @@ class Element:
         self.pet_counts[request.pet_type] += 1
         self.max_tokens = max(self.max_tokens, request.num_tokens)
         self.earliest_deadline = min(self.earliest_deadline, request.deadline)
+        self.est_s = None
 
 
 class LengthBuffer:
@@ -54,6 +56,10 @@ class LengthBuffer:
     def __init__(self, bin_edges: tuple[int, ...], element_size: int):
         self.bin_edges, self.element_size = bin_edges, element_size
         self.bins: list[deque[Element]] = [deque() for _ in bin_edges]
+        self.bin_counts: list[Counter] = [Counter() for _ in bin_edges]  # PET type -> requests waiting in the bin
+        self.bin_longest: list[int] = [0 for _ in bin_edges]  # longest request waiting in the bin
+        self.bin_est_s: list[float | None] = [None for _ in bin_edges]  # admission's cached estimate; None: stale
+        self.latest_deadline = float("-inf")  # >= every waiting request's deadline (an upper bound)
         self._len = 0
 
     def bin_of(self, num_tokens: int) -> int:
@@ -69,6 +75,10 @@ class LengthBuffer:
         if not queue or queue[-1].full:
             queue.append(Element(b, self.element_size, batch_mark))
         queue[-1].add(request)
+        self.bin_counts[b][request.pet_type] += 1
+        self.bin_longest[b] = max(self.bin_longest[b], request.num_tokens)
+        self.bin_est_s[b] = None
+        self.latest_deadline = max(self.latest_deadline, request.deadline)
         self._len += 1
         return queue[-1]
 
@@ -82,9 +92,15 @@ class LengthBuffer:
         gone = {id(e) for e in elements}
         for b, queue in enumerate(self.bins):
             if any(id(e) in gone for e in queue):
-                kept = [e for e in queue if id(e) not in gone]
-                self._len -= sum(len(e.requests) for e in queue) - sum(len(e.requests) for e in kept)
-                self.bins[b] = deque(kept)
+                for e in queue:
+                    if id(e) in gone:
+                        self.bin_counts[b] -= e.pet_counts
+                        self._len -= len(e.requests)
+                self.bins[b] = deque(e for e in queue if id(e) not in gone)
+                self.bin_longest[b] = max((e.max_tokens for e in self.bins[b]), default=0)
+                self.bin_est_s[b] = None
+        if not self._len:
+            self.latest_deadline = float("-inf")
 
     def __len__(self) -> int:
         return self._len

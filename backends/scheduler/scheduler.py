@@ -60,6 +60,7 @@ class Scheduler:
         """Admit `request` at `request.arrival`, or refuse it at once (see admission.check_admission).
 
         Raises InvalidInput for a request no load could admit: too long, unknown PET type, duplicate id.
+        A request without a deadline is admitted as a copy with `arrival + default_deadline_s`; batches carry that copy.
         """
         if not isinstance(request.num_tokens, int) or not 1 <= request.num_tokens <= self.cfg.max_tokens:
             raise InvalidInput(f"request {request.id!r} has {request.num_tokens!r} tokens; the scheduler takes "
@@ -75,8 +76,8 @@ class Scheduler:
                 raise InvalidInput(f"request id {request.id!r} is already waiting; ids must be unique")
             self._metrics.submitted += 1
             self._note_arrival(now)
-            refusal = check_admission(request, now, len(self._buffer), self._buffer.elements(),
-                                      max(0.0, self._busy_until - now), self.table, self.cfg)
+            refusal = check_admission(request, now, self._buffer, max(0.0, self._busy_until - now), self.table,
+                                      self.cfg)
             if refusal is not None:
                 if refusal.reason == "queue_full":
                     self._metrics.refused_queue_full += 1
@@ -91,8 +92,8 @@ class Scheduler:
 
     # -- the worker thread -------------------------------------------------------------------------------------------
     def schedule(self, now: float, flush: bool = False) -> list[Batch]:
-        """The batches to run now, in run order (empty: nothing is ready). `flush=True` takes everything waiting
-        (e.g. when the model unloads)."""
+        """The batches to run now, in run order (empty: nothing is ready). `flush=True` takes everything waiting, up
+        to max_requests_per_schedule a call (e.g. to drain when the model unloads)."""
         with self._lock:
             ready = sorted((e for e in self._buffer.elements() if flush or self._ready(e, now)),
                            key=lambda e: e.oldest_arrival)  # stable: bin order breaks ties
@@ -105,11 +106,14 @@ class Scheduler:
                 n += len(e.requests)
             if not pool:
                 return []
-            self._buffer.take(pool)
             groups = form_batches([r for e in pool for r in e.requests], self.table, self.cfg)
             planned = order_by_deadline(groups, max(now, self._busy_until), self.table, self.cfg)
+            depth = len(self._buffer) - n
+            ks = [self._choose_k(reqs, start, finish, depth) for reqs, start, finish in planned]  # may raise: nothing taken yet
+            self._buffer.take(pool)
             self._metrics.deadline_splits += len(planned) - len(groups)
-            batches = [self._make_batch(reqs, start, finish, now) for reqs, start, finish in planned]
+            batches = [self._make_batch(reqs, start, finish, now, k)
+                       for (reqs, start, finish), k in zip(planned, ks)]
             self._busy_until = planned[-1][2]
             self._metrics.queue_depth = len(self._buffer)
         return batches
@@ -147,7 +151,9 @@ class Scheduler:
 
     # -- internals ---------------------------------------------------------------------------------------------------
     def _time(self, e: Element) -> float:
-        return waiting_time([e], self.table, self.cfg)
+        if e.est_s is None:
+            e.est_s = waiting_time([e], self.table, self.cfg)
+        return e.est_s
 
     def _due(self, e: Element) -> float:
         """When a partial element must go: its oldest request has waited max_wait_s, or its slack fell to max_wait_s."""
@@ -169,20 +175,26 @@ class Scheduler:
             return 0.0
         return math.inf if self._gap_ema == 0 else 1.0 / self._gap_ema
 
-    def _make_batch(self, reqs: list[Request], start: float, finish: float, now: float) -> Batch:
+    def _choose_k(self, reqs: list[Request], start: float, finish: float, queue_depth: int) -> int | None:
+        """Students for a student batch (choose_k, default all of them); None for a batch on the backbone."""
+        if path_of(reqs[0].pet_type, self.cfg) == "backbone":
+            return None
+        if self.choose_k is None:
+            return self.cfg.max_students
+        service_rate = self._service_rate or len(reqs) / max(finish - start, 1e-12)  # requests/s, by estimate
+        k = self.choose_k(queue_depth, self.arrival_rate, service_rate, min(r.deadline for r in reqs) - finish)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.cfg.max_students:
+            raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "
+                               "(max_students)")
+        return k
+
+    def _make_batch(self, reqs: list[Request], start: float, finish: float, now: float, k: int | None) -> Batch:
         m = self._metrics
         estimated = finish - start
         rate = len(reqs) / estimated if estimated > 0 else math.inf
         self._service_rate = rate if not self._service_rate else (1 - RATE_EMA) * self._service_rate + RATE_EMA * rate
         pet_types = tuple(sorted({r.pet_type for r in reqs}))
-        k = None
-        if path_of(pet_types[0], self.cfg) != "backbone":  # a student batch
-            slack = min(r.deadline for r in reqs) - finish
-            k = (self.choose_k(len(self._buffer), self.arrival_rate, self._service_rate, slack) if self.choose_k
-                 else self.cfg.max_students)
-            if not isinstance(k, int) or not 1 <= k <= self.cfg.max_students:
-                raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "
-                                   "(max_students)")
+        if k is not None:
             m.student_batches += 1
             m.students_k_sum += k
             m.students_in_use = k

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import threading
 
 import pytest
 
@@ -122,7 +123,8 @@ SMALL = SchedulerConfig(bin_edges=(16, 32, 64, 128), element_size=2, max_batch_s
 @pytest.mark.parametrize("seed", range(8))
 def test_stage1_matches_brute_force_over_all_partitions_of_one_task(seed):
     rng = random.Random(seed)
-    reqs = [req(i, rng.choice([rng.randint(4, 30), rng.randint(30, 120)])) for i in range(rng.randint(1, 8))]
+    task = ["movie", "amazon", "distilled"][seed % 3]  # LoRA, BitFit, students (no shared ops)
+    reqs = [req(i, rng.choice([rng.randint(4, 30), rng.randint(30, 120)]), task) for i in range(rng.randint(1, 8))]
     best, _ = brute_force_batches(reqs, table(), SMALL)
     mbs = split_task(reqs, table(), SMALL)
     assert sorted(r.id for mb in mbs for r in mb) == sorted(r.id for r in reqs)
@@ -221,7 +223,8 @@ def test_deadlines_refuse_at_arrival_with_the_estimated_wait_and_default_or_over
     accepted = first.count(None)
     late = sched.submit(req("late", 200, arrival=0.0))
     assert isinstance(late, Refusal) and late.reason == "deadline" and late.estimated_wait_s > 0.040
-    assert "request 'late' refused: estimated wait" in late.message and "exceeds its deadline of 50.0 ms" in late.message
+    assert "request 'late' refused: estimated wait" in late.message
+    assert "exceeds its deadline of 50.0 ms" in late.message
     assert isinstance(late.to_error(), Overloaded) and str(late.to_error()) == late.message
     # a tighter override is due before the backlog, which therefore does not count against it (EDF)
     assert sched.submit(req("soon", 20, arrival=0.001, deadline=0.021)) is None
@@ -322,6 +325,7 @@ def test_students_carry_k_from_choose_k_and_share_the_scheduler_with_pet_tasks()
     bad.submit(req("s", 10, "distilled"))
     with pytest.raises(InvalidInput, match=r"choose_k returned 9; expected an int in 1..4"):
         bad.schedule(0.0)
+    assert len(bad) == 1  # nothing was taken: the request still waits
 
 
 def test_schedule_waits_for_a_full_element_or_max_wait_and_next_due_says_when():
@@ -356,3 +360,24 @@ def test_outputs_are_deterministic():
                 [r.message for r in refusals], sched.metrics.as_dict())
 
     assert run() == run()
+
+
+def test_a_request_thread_and_a_worker_thread_share_the_scheduler():
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.0, max_queue=10_000), table())
+    taken, done = [], threading.Event()
+
+    def worker():
+        now = 0.0
+        while not done.is_set() or len(sched):
+            for b in sched.schedule(now, flush=done.is_set()):
+                taken.extend(r.id for r in b.requests)
+                sched.complete(b, now)
+            now += 1e-4
+
+    t = threading.Thread(target=worker)
+    t.start()
+    for i in range(2000):
+        assert sched.submit(req(i, 5 + i % 100, list(TASKS)[i % 5], arrival=0.0, deadline=1e9)) is None
+    done.set()
+    t.join(timeout=30)
+    assert not t.is_alive() and sorted(taken) == list(range(2000))
