@@ -109,7 +109,8 @@ class Scheduler:
             groups = form_batches([r for e in pool for r in e.requests], self.table, self.cfg)
             planned = order_by_deadline(groups, max(now, self._busy_until), self.table, self.cfg)
             depth = len(self._buffer) - n
-            ks = [self._choose_k(reqs, start, finish, depth) for reqs, start, finish in planned]  # may raise: nothing taken yet
+            # choose_k may raise: ask it before any request leaves the buffer
+            ks = [self._choose_k(reqs, start, finish, depth) for reqs, start, finish in planned]
             self._buffer.take(pool)
             self._metrics.deadline_splits += len(planned) - len(groups)
             batches = [self._make_batch(reqs, start, finish, now, k)
