@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from chorus.backends.engine import DEFAULT_BACKBONE, Engine
+from chorus.backends.pet.base import layer_site
 from chorus.backends.task_bank import TaskSpec
 from chorus.backends.task_files import save_task
 from chorus.data import DATASETS, load_dataset
@@ -26,12 +27,16 @@ from chorus.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-PET_CHOICES = ("lora", "bitfit", "full")
+# sites each method trains (site names end with these); IA3's are PEFT's defaults for BERT
+ADAPTER_SITES = {"houlsby": ("attention.output.dense", "output.dense"), "pfeiffer": ("output.dense",)}
+IA3_SITES = ("attention.self.key", "attention.self.value", "output.dense")  # output.dense: its input is scaled
+PET_CHOICES = ("lora", "bitfit", "houlsby", "pfeiffer", "ia3", "maskbert", "diff_pruning", "full")
+ADAPTER_CHOICES = ("houlsby", "pfeiffer")  # one `adapter` bank; the choice is the adapter's placement
 
 
 @dataclass
 class TrainConfig:
-    pet: str = "lora"  # lora | bitfit | full (full fine-tune: a baseline, not servable as a task)
+    pet: str = "lora"  # one of PET_CHOICES (full fine-tune: a baseline, not servable as a task)
     epochs: int = 2
     batch_size: int = 32
     lr: float | None = None  # default per method, see `default_lr`
@@ -41,6 +46,10 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("query", "value")  # PEFT's default for BERT
+    adapter_bottleneck: int = 24  # AdapterHub's reduction_factor 16 on hidden 384
+    adapter_activation: str = "relu"
+    diff_density: float = 0.005  # Diff-Pruning keeps this fraction of the targeted weights (Guo et al.: 0.5%)
+    mask_init_score: float = 0.01  # MaskBERT: every weight starts kept with this score; pruned once it drops below 0
     max_examples: int | None = None  # cap the training split (quick runs and tests)
 
     def __post_init__(self) -> None:
@@ -51,12 +60,18 @@ class TrainConfig:
 
     @property
     def default_lr(self) -> float:
-        return self.lr or {"lora": 1e-3, "bitfit": 3e-3, "full": 5e-5}[self.pet]
+        return self.lr or {"lora": 1e-3, "bitfit": 3e-3, "houlsby": 1e-3, "pfeiffer": 1e-3, "ia3": 3e-3,
+                           "maskbert": 1e-3, "diff_pruning": 2e-4, "full": 5e-5}[self.pet]
 
     def pet_options(self) -> dict[str, dict]:
         if self.pet == "lora":
             return {"lora": {"r": self.lora_r, "alpha": self.lora_alpha, "target_modules": list(self.lora_targets)}}
-        return {"bitfit": {}} if self.pet == "bitfit" else {}
+        if self.pet in ADAPTER_CHOICES:
+            return {"adapter": {"bottleneck": self.adapter_bottleneck, "activation": self.adapter_activation,
+                                "placement": self.pet}}
+        if self.pet == "diff_pruning":
+            return {"diff_pruning": {"density": self.diff_density}}
+        return {} if self.pet == "full" else {self.pet: {}}
 
 
 @dataclass
@@ -77,7 +92,10 @@ class TrainResult:
 
 
 def initial_task(name: str, engine: Engine, labels: list[str], cfg: TrainConfig, seed: int) -> TaskSpec:
-    """PEFT's initialisation: LoRA A Kaiming-uniform, B zero; BitFit deltas zero; a small random head."""
+    """Each method as its paper / PEFT starts it, so the untrained task is the backbone itself: LoRA A Kaiming-uniform,
+    B zero; BitFit deltas zero; adapters down N(0, 0.01²), up and biases zero (near-identity); IA3 l = 1 (stored 0);
+    MaskBERT every weight of every linear a candidate, kept (score `mask_init_score`); Diff-Pruning δ = 0 over every
+    weight (pruned to `diff_density` after training, see `DiffPruning.finish_training`). A small random head."""
     g = torch.Generator().manual_seed(seed)
     hidden = engine.cfg.hidden_size
     tensors = {"classifier.weight": torch.randn(len(labels), hidden, generator=g) * 0.02,
@@ -89,6 +107,20 @@ def initial_task(name: str, engine: Engine, labels: list[str], cfg: TrainConfig,
             tensors[f"{site}.lora_B"] = torch.zeros(out_f, cfg.lora_r)
         elif cfg.pet == "bitfit":
             tensors[f"{site}.bias_delta"] = torch.zeros(out_f)
+        elif cfg.pet in ADAPTER_CHOICES and layer_site(site) in ADAPTER_SITES[cfg.pet]:
+            m = cfg.adapter_bottleneck
+            tensors.update({f"{site}.adapter_down": torch.randn(m, out_f, generator=g) * 0.01,
+                            f"{site}.adapter_down_bias": torch.zeros(m), f"{site}.adapter_up": torch.zeros(out_f, m),
+                            f"{site}.adapter_up_bias": torch.zeros(out_f)})
+        elif cfg.pet == "ia3" and layer_site(site) in IA3_SITES:
+            tensors[f"{site}.ia3_l"] = torch.zeros(in_f if layer_site(site) == "output.dense" else out_f)
+        elif cfg.pet == "maskbert":
+            tensors[f"{site}.mask_index"] = torch.arange(out_f * in_f, dtype=torch.float32)
+            tensors[f"{site}.mask_score"] = torch.full((out_f * in_f,), cfg.mask_init_score)
+        elif cfg.pet == "diff_pruning":
+            tensors[f"{site}.diff_index"] = torch.arange(out_f * in_f, dtype=torch.float32)
+            tensors[f"{site}.diff_value"] = torch.zeros(out_f * in_f)
+            tensors[f"{site}.diff_bias"] = torch.zeros(out_f)
     return TaskSpec(name, list(labels), cfg.pet_options(), tensors)
 
 
@@ -186,6 +218,9 @@ def train_task(name: str, dataset: str, cfg: TrainConfig, backbone: str = DEFAUL
             best_state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
     bar.close()
     engine.model.load_state_dict(best_state)
+    entry = bank.tasks[name]  # e.g. Diff-Pruning's magnitude pruning: the test accuracy is the served task's
+    for method, slot in entry.slots.items():
+        bank.methods[method].finish_training(slot, entry.pet[method])
     test = accuracy(engine, name, tokens["test"], gold["test"])
     seconds = time.monotonic() - started
     spec = None

@@ -35,6 +35,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 class Adapter(PetMethod):
     name = "adapter"
     tensor_names = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")
+    op_order = 2  # on the linear's finished output (deltas and IA3 scaling included), as a hook after it
 
     def __init__(self, sites, capacity, device=None, dtype=torch.float32, max_bottleneck: int = 64):
         super().__init__(sites, capacity, device, dtype)
@@ -62,12 +63,12 @@ class Adapter(PetMethod):
             raise TaskFileError(f"task {task!r}: adapter activation {act!r}; supported: {sorted(ACTIVATIONS)}")
         if placement not in PLACEMENTS:
             raise TaskFileError(f"task {task!r}: adapter placement {placement!r}; supported: {sorted(PLACEMENTS)}")
-        by_site = super().validate(task, options, tensors)
-        wrong = sorted(s for s in by_site if layer_site(s) not in PLACEMENTS[placement])
+        wrong = sorted({k.rpartition(".")[0] for k in tensors} - {s for s in self.site_shapes
+                                                                    if layer_site(s) in PLACEMENTS[placement]})
         if wrong:
             raise TaskFileError(f"task {task!r}: {placement} adapters sit only after {list(PLACEMENTS[placement])}, "
                                 f"not at {wrong[:3]}")
-        return by_site
+        return super().validate(task, options, tensors)
 
     def write(self, by_site, options):
         pad = self.max_bottleneck - options["bottleneck"]

@@ -65,6 +65,8 @@ class PetMethod(nn.Module):
     tensor_names: tuple[str, ...] = ()  # what a task file holds per site: `{site}.{tensor_name}`
     stage: str = "post"  # "post": op(x, y, rows) -> y after the shared op; "pre": op(x, rows) -> x before it
                          # (per site: see `site_stage`)
+    op_order: int = 0  # a PetLinear runs its post ops in this order: weight deltas (0), then scalings of the whole
+                       # output (IA3, 1), then ops on the finished output (adapters, 2) — what merging into W means
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -143,8 +145,16 @@ class PetMethod(nn.Module):
                 n: nn.Parameter(torch.zeros(self.capacity, *s, device=self.device, dtype=self.dtype), requires_grad=False)
                 for n, s in shapes.items()})
             linear = self.linears[site]
-            (linear.pre_ops if self.site_stage(site) == "pre" else linear.ops).append(self.make_op(site))
+            self.hook(site)
         return self.banks[key]
+
+    def hook(self, site: str) -> None:
+        """Add this method's op to the site's PetLinear, keeping post ops in `op_order`."""
+        op = self.make_op(site)
+        op.order = self.op_order
+        ops = self.linears[site].pre_ops if self.site_stage(site) == "pre" else self.linears[site].ops
+        ops.append(op)
+        ops.sort(key=lambda o: getattr(o, "order", 0))  # stable: same order, first hooked first
 
     def tensor(self, site: str, name: str) -> torch.Tensor:
         return self.banks[self._key(site)][name]

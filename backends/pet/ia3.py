@@ -22,6 +22,7 @@ FEED_FORWARD_OUTPUT = "output.dense"
 class IA3(PetMethod):
     name = "ia3"
     tensor_names = ("ia3_l",)
+    op_order = 1  # after weight deltas: it scales the linear's whole output, as merged into W
 
     def site_stage(self, site: str) -> str:
         return "pre" if layer_site(site) == FEED_FORWARD_OUTPUT else "post"
@@ -42,5 +43,9 @@ class IA3(PetMethod):
 
         if self.site_stage(site) == "pre":
             return scale  # op(x, rows) -> x
-        return lambda x, y, rows: scale(y, rows)
+
+        def ia3(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            return scale(y, rows)
+
+        return ia3
 

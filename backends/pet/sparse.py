@@ -111,7 +111,7 @@ class SparseDelta(PetMethod):
                                                           dtype=self.dtype), requires_grad=False)
             self.banks[key] = nn.ParameterDict(params)
             self.nnz_host[key] = {}
-            self.linears[site].ops.append(self.make_op(site))
+            self.hook(site)
         idx, bank = self.indices[key], self.banks[key]
         if nnz > idx.index.shape[1]:  # grow every slot's row to the new largest task, keeping contents
             self._forget(key)
