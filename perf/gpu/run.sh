@@ -18,8 +18,11 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
   || { echo "pip install -e . failed" >&2; exit 1; }
 # A second environment with numpy 1.26: the backend stub was built against numpy 1.x, and with numpy 2 it hands
 # BYTES inputs over corrupted (see perf/README.md). The venv sees the system's torch and chorus.
-python3 -m venv --system-site-packages /tmp/np1env
+python3 -m venv /tmp/np1env
 /tmp/np1env/bin/python3 -m pip install -q --no-index --no-deps $G/numpy-1.26.4-*.whl
+# everything else (torch, chorus, ...) from the main environment, after the venv's own numpy
+python3 -c "import site; print('\n'.join(site.getsitepackages()))" > "$(/tmp/np1env/bin/python3 -c \
+  'import site; print(site.getsitepackages()[0])')/main-env.pth"
 export TRITONSERVER=$SITE/pytriton/tritonserver/bin/tritonserver
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:$LIBS:${LD_LIBRARY_PATH:-}
 export PERF_ANALYZER=/tmp/perf_analyzer PYTHONUNBUFFERED=1
