@@ -136,3 +136,75 @@ def test_config_from_dict_rejects_unknown_keys():
         StudentConfig.from_dict({"depth": 2})
     with pytest.raises(InvalidInput, match="not a multiple"):
         StudentConfig(hidden_size=30, num_heads=4)
+
+
+# ---- distillation -----------------------------------------------------------------------------------------------------
+def test_boosting_weight_is_the_shrunk_least_squares_step():
+    from chorus.distill import boosting_weight
+
+    g = torch.Generator().manual_seed(0)
+    S, R = torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
+    alpha = boosting_weight(R, S, shrinkage=1.0)
+    assert alpha == pytest.approx(float((R * S).sum() / (S * S).sum()), rel=1e-6)
+    assert boosting_weight(R, S, shrinkage=2.0) == pytest.approx(alpha / 2)
+    # the step minimises ||R - a S||²
+    loss = lambda a: float(((R - a * S) ** 2).sum())  # noqa: E731
+    assert loss(alpha) <= min(loss(alpha * 0.9), loss(alpha * 1.1))
+
+
+def test_augmenting_with_an_overlapping_corpus_is_refused():
+    from chorus.distill import DistillConfig, distillation_texts
+
+    with pytest.raises(InvalidInput, match="leaks the test set"):
+        distillation_texts("rotten_tomatoes", DistillConfig(augment=("vader_movies",)))
+
+
+def tiny_teacher():
+    """A random 3-layer chorus encoder with a head, a word-hash tokenizer: a `Teacher` in a few KB."""
+    from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+    from chorus.backends.students.reference import additive_mask, mean_pool
+    from chorus.distill import Teacher
+
+    cfg = EncoderConfig(vocab_size=VOCAB, hidden_size=C, num_layers=3, num_heads=4, intermediate_size=48,
+                        max_positions=64)
+    enc = Encoder(cfg)
+    init_random(enc, seed=1)
+    emb = SharedEmbeddings.from_encoder(enc)
+    g = torch.Generator().manual_seed(2)
+    head = (torch.randn(2, C, generator=g), torch.zeros(2))
+
+    def forward(ids, mask):
+        x = emb(ids)
+        m = additive_mask(mask, x.dtype)
+        hidden = [x]
+        for layer in enc.layers:
+            x = layer(x, m, None)
+            hidden.append(x)
+        return torch.nn.functional.linear(mean_pool(x, mask), *head), hidden
+
+    def tokenize(texts):
+        return [[1] + [2 + sum(map(ord, w)) % (VOCAB - 2) for w in t.split()[:20]] for t in texts]
+
+    state = {k: v.detach().clone() for k, v in enc.hf_parameter_map().items()}
+    return Teacher(["negative", "positive"], forward, tokenize, emb, cfg, "tiny", "tiny", state, head)
+
+
+def test_distill_end_to_end_and_resume(tmp_path):
+    from chorus.distill import DistillConfig, distill
+
+    teacher = tiny_teacher()
+    dcfg = DistillConfig(num_students=1, epochs=1, batch_size=8, augment=(), max_examples=16, perturbations=1)
+    one = distill(teacher, "rotten_tomatoes", dcfg, tmp_path / "s", device="cpu", progress=False, cache=tmp_path)
+    assert one.files.config.num_students == 1 and len(one.files.prefixes) == 1
+    first = read_students(tmp_path / "s").tensors["layers.0.query.weight"][0].clone()
+    two = distill(teacher, "rotten_tomatoes", DistillConfig(**{**dcfg.to_dict(), "num_students": 2}), tmp_path / "s",
+                  device="cpu", progress=False, cache=tmp_path)
+    files = read_students(tmp_path / "s")
+    assert files.config.num_students == 2 and [p["k"] for p in files.prefixes] == [1, 2]
+    assert torch.equal(files.tensors["layers.0.query.weight"][0], first), "resuming retrained the finished student"
+    assert files.boosting_weights[0] == pytest.approx(float(one.files.boosting_weights[0]))
+    assert files.prefixes[0]["test_accuracy"] == pytest.approx(one.files.prefixes[0]["test_accuracy"])
+    assert two.teacher_test_accuracy == one.teacher_test_accuracy
+    # the fused group of what was saved reproduces the recorded prefix accuracies (prefix evaluation == fused path)
+    group = files.group(teacher.embeddings)
+    assert group.num_students == 2
