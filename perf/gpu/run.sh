@@ -21,7 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
 python3 -m venv /tmp/np1env
 /tmp/np1env/bin/python3 -m pip install -q --no-index --no-deps $G/numpy-1.26.4-*.whl
 # everything else (torch, chorus, ...) from the main environment, after the venv's own numpy
-python3 -c "import site; print('\n'.join(site.getsitepackages()))" > "$(/tmp/np1env/bin/python3 -c \
+python3 -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" > "$(/tmp/np1env/bin/python3 -c \
   'import site; print(site.getsitepackages()[0])')/main-env.pth"
 export TRITONSERVER=$SITE/pytriton/tritonserver/bin/tritonserver
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:$LIBS:${LD_LIBRARY_PATH:-}
