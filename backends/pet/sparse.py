@@ -211,6 +211,8 @@ class SparseDelta(PetMethod):
         hit = self._csr.get((key, slot))
         if hit is None or hit[0] != versions:
             vals = self.delta_values(site, index, values)
+            nonzero = vals != 0  # e.g. MaskBERT's kept candidates while training
+            index, vals = index[nonzero], vals[nonzero]
             positions = torch.stack([index // in_f, index % in_f])
             with warnings.catch_warnings():  # "CSR support is in beta": the tests compare it against the reference
                 warnings.simplefilter("ignore", UserWarning)
