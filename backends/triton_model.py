@@ -31,10 +31,8 @@ def _param(params: dict, key: str, default: str) -> str:
 
 
 def _device(choice: str, args: dict) -> str:
-    """Where the engine runs. A KIND_GPU instance runs on its GPU. The shipped config uses a KIND_CPU instance,
-    because Triton 24.10 hands BYTES inputs to KIND_GPU Python instances corrupted (seen on the H100: the stub fails
-    in deserialize_bytes_tensor), and places the engine itself by the `device` parameter: auto (the first CUDA GPU if
-    there is one, else the CPU), cpu, cuda or cuda:N."""
+    """Where the engine runs: a KIND_GPU instance on its GPU; the shipped KIND_CPU instance where the `device`
+    parameter says: auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N."""
     if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
         return f"cuda:{args['model_instance_device_id']}"
     if choice == "auto":
@@ -54,8 +52,18 @@ def _truncate(request) -> bool:
     return bool(value)
 
 
+def _check_numpy() -> None:
+    """tritonserver 24.10's Python backend stub is built against numpy 1.x: under numpy 2 it hands BYTES inputs over
+    corrupted and crashes (seen on the H100, perf/results/h100-2026-11-22). Refuse to load rather than crash later."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise RuntimeError(f"numpy {np.__version__} is loaded in the Python backend stub, which tritonserver 24.10 "
+                           "built against numpy 1.x: BYTES inputs would arrive corrupted. Install numpy<2 in the "
+                           "environment tritonserver runs the stub with (requirements.txt pins numpy 1.26.4).")
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        _check_numpy()
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
         dtype = _param(params, "dtype", "float32")
