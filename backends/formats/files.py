@@ -1,0 +1,87 @@
+"""Reading other tools' files safely: JSON objects and tensor files (safetensors, or PyTorch pickles through
+`torch.load(weights_only=True)` only), every problem a `TaskFileError` that names the file."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from chorus.backends.encoder import LAYER_LINEARS
+from chorus.errors import TaskFileError
+
+LAYER_SITE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+
+
+def read_json(path: Path, task: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TaskFileError(f"task {task!r}: cannot read {path}: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskFileError(f"task {task!r}: {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TaskFileError(f"task {task!r}: {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: Path, task: str) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a PyTorch `.bin` state dict read with `weights_only=True` (no code is unpickled)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise TaskFileError(f"task {task!r}: {path} is not a readable safetensors file: {e}") from None
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... on bad files
+            raise TaskFileError(f"task {task!r}: {path} is not a PyTorch state dict that loads with "
+                                f"weights_only=True: {type(e).__name__}: {e}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise TaskFileError(f"task {task!r}: {path} must hold a dict of tensors (a state dict)")
+    return {k: v.float() for k, v in tensors.items()}
+
+
+def check_site(site: str, key: str, file: Path, task: str) -> str:
+    """`site` (e.g. `encoder.layer.0.attention.self.query`) must be one of chorus's encoder linears."""
+    m = LAYER_SITE.match(site)
+    if m is None or m.group(2) not in LAYER_LINEARS:
+        raise TaskFileError(f"task {task!r}: {file} tensor {key!r} adapts {site!r}, which is not a linear chorus "
+                            f"adapts (encoder.layer.N.{{{', '.join(LAYER_LINEARS)}}})")
+    return site
+
+
+def _chorus_shape(site: str, name: str, out_f: int, in_f: int, t: torch.Tensor) -> tuple[int, ...]:
+    """The shape chorus's bank needs for tensor `name` at a site of (out_f, in_f); ranks and bottlenecks from `t`."""
+    within = LAYER_SITE.match(site).group(2)
+    return {"lora_A": lambda: (t.shape[0], in_f), "lora_B": lambda: (out_f, t.shape[-1]),
+            "ia3_l": lambda: (in_f,) if within == "output.dense" else (out_f,),
+            "adapter_down": lambda: (t.shape[0], out_f), "adapter_down_bias": lambda: (t.shape[0],),
+            "adapter_up": lambda: (out_f, t.shape[-1]), "adapter_up_bias": lambda: (out_f,)}[name]()
+
+
+def check_against_backbone(origin: dict[str, str], tensors: dict[str, torch.Tensor],
+                           sites: dict[str, tuple[int, int]] | None, file: Path, task: str) -> None:
+    """With the backbone's `sites` (site -> (out, in)), check every converted PET tensor's shape, naming the file and
+    the tensor's key there. `origin`: chorus key -> the key in `file` it came from."""
+    if sites is None:
+        return
+    layers = len(sites) // len(LAYER_LINEARS)
+    for key, original in origin.items():
+        t = tensors[key]
+        site, _, name = key.rpartition(".")
+        if site not in sites:
+            raise TaskFileError(f"task {task!r}: {file} tensor {original!r} adapts {site!r}, but the backbone has "
+                                f"{layers} layers (encoder.layer.0..{layers - 1})")
+        out_f, in_f = sites[site]
+        want = _chorus_shape(site, name, out_f, in_f, t)
+        if tuple(t.shape) != tuple(want):
+            raise TaskFileError(f"task {task!r}: {file} tensor {original!r} (as chorus's {name}: shape "
+                                f"{tuple(t.shape)}) does not fit the backbone: {site} is {out_f} out x {in_f} in, "
+                                f"so chorus needs {tuple(want)}")
