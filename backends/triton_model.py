@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from chorus.backends.engine import DEFAULT_BACKBONE, Engine
+from chorus.backends.engine import DEFAULT_BACKBONE, Classified, Engine
 from chorus.backends.requests import decode_request
-from chorus.errors import InvalidInput
+from chorus.backends.scheduler import LatencyTable, SchedulerConfig
+from chorus.backends.serving import ServingLoop, profile_engine
+from chorus.errors import InvalidInput, Overloaded
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,9 +44,13 @@ def _device(choice: str, args: dict) -> str:
     return choice
 
 
+def _parameters(request) -> dict:
+    return json.loads(request.parameters() or "{}")
+
+
 def _truncate(request) -> bool:
     """The request parameter `truncate` (true/false; a bool, or a string from clients that only send strings)."""
-    value = json.loads(request.parameters() or "{}").get("truncate", False)
+    value = _parameters(request).get("truncate", False)
     if isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0"):
             raise InvalidInput(f"request parameter truncate={value!r}: expected true or false")
@@ -59,6 +65,36 @@ def _check_numpy() -> None:
         raise RuntimeError(f"numpy {np.__version__} is loaded in the Python backend stub, which tritonserver 24.10 "
                            "built against numpy 1.x: BYTES inputs would arrive corrupted. Install numpy<2 in the "
                            "environment tritonserver runs the stub with (requirements.txt pins numpy 1.26.4).")
+
+
+class Metrics:
+    """Custom metric families on Triton's metrics port: what the scheduler batches, how padded, what it refuses."""
+
+    def __init__(self) -> None:
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.families = []  # a family must outlive its metrics
+
+        def family(name: str, kind, text: str):
+            self.families.append(pb_utils.MetricFamily(name, text, kind))
+            return self.families[-1].Metric(labels={})
+
+        self.batches = family("chorus_batches_total", counter, "mixed-task batches run by the chorus scheduler")
+        self.rows = family("chorus_batch_rows_total", counter, "rows in those batches")
+        self.tokens = family("chorus_batch_tokens_total", counter, "rows x padded length of those batches")
+        self.padding = family("chorus_padding_tokens_total", counter, "padding tokens in those batches")
+        self.refused = family("chorus_refused_total", counter, "requests refused (UNAVAILABLE): queue full or deadline")
+        self.queue = family("chorus_queue_depth", gauge, "rows waiting in the scheduler")
+        self.last_rows = family("chorus_last_batch_rows", gauge, "rows of the latest batch")
+        self.last_len = family("chorus_last_batch_padded_length", gauge, "padded length of the latest batch")
+
+    def observe(self, batch, queue_depth: int) -> None:
+        self.batches.increment(1)
+        self.rows.increment(batch.size)
+        self.tokens.increment(batch.size * batch.padded_len)
+        self.padding.increment(batch.padding_tokens)
+        self.queue.set(queue_depth)
+        self.last_rows.set(batch.size)
+        self.last_len.set(batch.padded_len)
 
 
 class TritonPythonModel:
@@ -81,34 +117,49 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
+        table_path = _param(params, "latency_table", "")
+        if table_path and Path(table_path).is_file():
+            table = LatencyTable.load(table_path)
+        else:  # PetS's latency tables, profiled on this engine and device (and kept if a path was given)
+            table = profile_engine(self.engine)
+            if table_path:
+                table.save(table_path)
+        scheduler = SchedulerConfig.from_dict(json.loads(_param(params, "scheduler", "{}")))
+        self.metrics = Metrics()
+        self.loop = ServingLoop(self.engine, scheduler, table, on_batch=self.metrics.observe)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {device} serves {len(tasks)} tasks: {sorted(tasks)} "
-                                 f"(numpy {np.__version__}, torch {torch.__version__})")
+                                 f"(numpy {np.__version__}, torch {torch.__version__}); scheduler {scheduler}")
 
-    def execute(self, requests: list) -> list:
-        responses: list = [None] * len(requests)
-        decoded = []
-        for i, request in enumerate(requests):
+    def execute(self, requests: list) -> None:
+        """Decode each request and hand its rows to the scheduler; the worker answers through the response senders."""
+        for request in requests:
+            sender = request.get_response_sender()
             try:
                 arrays = {n.lower(): pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
-                arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}
-                decoded.append((i, decode_request(self.engine, **arrays, truncate=_truncate(request))))
+                arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}  # copies: inputs are
+                decoded = decode_request(self.engine, **arrays, truncate=_truncate(request))  # freed on return
+                parameters = _parameters(request)
+                deadline_ms = parameters.get("deadline_ms")
+                if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or deadline_ms <= 0):
+                    raise InvalidInput(f"request parameter deadline_ms={deadline_ms!r}: expected a positive number")
             except InvalidInput as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
-        if not decoded:
-            return responses
-        try:  # one mixed batch over every good row of every request
-            out = self.engine.run([r for _, d in decoded for r in d.ids], [t for _, d in decoded for t in d.tasks])
-        except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
-            pb_utils.Logger.log_error(f"chorus: batch failed: {e!r}")
-            for i, _ in decoded:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"batch failed: {e}"))
-            return responses
-        start = 0
-        for i, d in decoded:
-            rows = slice(start, start + len(d.ids))
-            start += len(d.ids)
-            responses[i] = self._response(out.logits[rows], out.labels[rows], out.label_names[rows])
-        return responses
+                self._send(sender, e)
+                continue
+            self.loop.submit(decoded, lambda result, sender=sender: self._send(sender, result),
+                             None if deadline_ms is None else deadline_ms / 1000)
+        return None
+
+    def _send(self, sender, result: Classified | Exception) -> None:
+        if isinstance(result, Exception):
+            code = (pb_utils.TritonError.INVALID_ARG if isinstance(result, InvalidInput)
+                    else pb_utils.TritonError.UNAVAILABLE if isinstance(result, Overloaded)
+                    else pb_utils.TritonError.INTERNAL)
+            if code == pb_utils.TritonError.UNAVAILABLE:
+                self.metrics.refused.increment(1)
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), code))
+        else:
+            response = self._response(result.logits, result.labels, result.label_names)
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     @staticmethod
     def _response(logits: np.ndarray, labels: list[str], names: list[list[str]]):
@@ -122,4 +173,6 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def finalize(self) -> None:
+        """Unload: answer everything already queued, then stop the worker."""
+        self.loop.close()
         self.engine = None

