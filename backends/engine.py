@@ -18,7 +18,7 @@ from torch import nn
 
 from chorus.backends.encoder import Encoder, EncoderConfig, init_random, read_hf_checkpoint
 from chorus.backends.task_bank import TaskBank, TaskSpec
-from chorus.backends.task_files import load_task
+from chorus.backends.formats import load_any
 from chorus.errors import ChorusError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class Engine:
         return self.model.bank
 
     def load_task(self, name: str, path: str | Path, replace: bool = False) -> None:
-        self.bank.add(load_task(path, name), replace=replace)
+        """Register a task from its files: chorus-task/1, a PEFT checkpoint or an AdapterHub adapter."""
+        self.bank.add(load_any(path, name, sites=self.cfg.linear_sites()), replace=replace)
 
     def add_task(self, spec: TaskSpec, replace: bool = False) -> None:
         self.bank.add(spec, replace=replace)

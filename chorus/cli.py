@@ -11,7 +11,7 @@ from chorus.errors import ChorusError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chorus import server, train
+    from chorus import capacity, distill, server, train
     from chorus.client import cli as client_cli
 
     parser = argparse.ArgumentParser(prog="chorus", description="Many BERT-like tasks on one backbone, on Triton.")
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     server.register(sub)
     train.register(sub)
+    distill.register(sub)
+    capacity.register(sub)
     return parser
 
 
