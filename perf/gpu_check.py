@@ -115,7 +115,7 @@ def perf_analyzer(url: str, texts: list[str], names: list[str], out: Path, concu
     csv = out / f"pa_c{concurrency}.csv"
     cmd = [os.environ["PERF_ANALYZER"], "-m", "chorus", "-u", url, "-i", "http", "-b", "1", "--input-data",
            str(data_file), "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-           "--measurement-request-count", str(max(200, 50 * concurrency)), "--stability-percentage", "50",
+           "--measurement-request-count", str(max(200, 50 * concurrency)), "--stability-percentage", "100",
            "--max-trials", "6", "--percentile", "99", "-f", str(csv)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if p.returncode != 0:
