@@ -119,6 +119,14 @@ class ServingLoop:
 
     # -- the worker --------------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the serving worker stopped")
+            raise
+
+    def _loop(self) -> None:
+        log.info("serving worker started")
         while True:
             closing = self._closing
             now = self.clock()
@@ -140,6 +148,9 @@ class ServingLoop:
                     self._wake.wait(timeout=0.05 if due is None else max(0.0, min(due - now, 0.05)))
 
     def _execute(self, batch) -> None:
+        if batch.number < 3:
+            log.info("batch %d: %d rows of %d tasks, padded length %d", batch.number, batch.size, len(batch.tasks),
+                     batch.padded_len)
         live = [r for r in batch.requests if not r.payload[0].failed]
         if not live:
             return

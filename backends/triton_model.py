@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,28 @@ def _check_numpy() -> None:
                            "environment tritonserver runs the stub with (requirements.txt pins numpy 1.26.4).")
 
 
+class _TritonLogHandler(logging.Handler):
+    """chorus's library logging (e.g. the serving worker's errors) into Triton's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
+def _route_logging() -> None:
+    root = logging.getLogger("chorus")
+    if not any(isinstance(h, _TritonLogHandler) for h in root.handlers):
+        handler = _TritonLogHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 class Metrics:
     """Custom metric families on Triton's metrics port: what the scheduler batches, how padded, what it refuses."""
 
@@ -100,6 +123,7 @@ class Metrics:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _check_numpy()
+        _route_logging()
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
         dtype = _param(params, "dtype", "float32")
