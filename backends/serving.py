@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +128,11 @@ class ServingLoop:
 
     def _loop(self) -> None:
         log.info("serving worker started")
+        if os.environ.get("CHORUS_STACKS_AFTER_S"):  # diagnosing hangs: dump every thread's stack once
+            import faulthandler
+
+            self._stacks = open(os.environ.get("CHORUS_STACKS_FILE", "/tmp/chorus-stacks.txt"), "w")  # noqa: SIM115
+            faulthandler.dump_traceback_later(float(os.environ["CHORUS_STACKS_AFTER_S"]), file=self._stacks)
         while True:
             closing = self._closing
             now = self.clock()
