@@ -7,7 +7,9 @@
 - `max_length` (tokens; a longer text is refused with INVALID_ARG unless the request sets the parameter
   `truncate=true`, which keeps its first tokens),
   `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
-  task-bank slots), `max_rank` (largest LoRA rank).
+  task-bank slots), `max_rank` (largest LoRA rank);
+- `batching`: `scheduler` (default: chorus's length-bucket scheduler; `scheduler` and `latency_table` configure it) or
+  `triton` (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from chorus.backends.serving import ServingLoop, profile_engine
 from chorus.errors import InvalidInput, Overloaded
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# scheduler: chorus's length-bucket scheduler and worker (no dynamic_batching in the config);
+# triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
+BATCHING = ("scheduler", "triton")
 
 
 def _param(params: dict, key: str, default: str) -> str:
@@ -148,41 +153,76 @@ class TritonPythonModel:
             table = profile_engine(self.engine)
             if table_path:
                 table.save(table_path)
-        scheduler = SchedulerConfig.from_dict(json.loads(_param(params, "scheduler", "{}")))
-        self.metrics = Metrics()
-        self.loop = ServingLoop(self.engine, scheduler, table, on_batch=self.metrics.observe)
+        self.batching = _param(params, "batching", "scheduler")
+        if self.batching not in BATCHING:
+            raise ValueError(f"parameter batching={self.batching!r}: expected one of {BATCHING}")
+        self.metrics, self.loop = Metrics(), None
+        if self.batching == "scheduler":
+            table_path = _param(params, "latency_table", "")
+            if table_path and Path(table_path).is_file():
+                table = LatencyTable.load(table_path)
+            else:  # PetS's latency tables, profiled on this engine and device (and kept if a path was given)
+                table = profile_engine(self.engine)
+                if table_path:
+                    table.save(table_path)
+            scheduler = SchedulerConfig.from_dict(json.loads(_param(params, "scheduler", "{}")))
+            self.loop = ServingLoop(self.engine, scheduler, table, on_batch=self.metrics.observe)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {device} serves {len(tasks)} tasks: {sorted(tasks)} "
-                                 f"(numpy {np.__version__}, torch {torch.__version__}); scheduler {scheduler}")
+                                 f"(numpy {np.__version__}, torch {torch.__version__}); batching {self.batching}")
 
-    def execute(self, requests: list) -> None:
-        """Decode each request and hand its rows to the scheduler; the worker answers through the response senders."""
+    def execute(self, requests: list) -> list | None:
+        """Decode each request; `scheduler`: hand its rows to the scheduler, whose worker answers through the response
+        senders; `triton`: run the rows of every request Triton's batcher gave us as one mixed batch, in order."""
+        decoded = []
         for request in requests:
-            sender = request.get_response_sender()
             try:
                 arrays = {n.lower(): pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
                 arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}  # copies: inputs are
-                decoded = decode_request(self.engine, **arrays, truncate=_truncate(request))  # freed on return
-                parameters = _parameters(request)
-                deadline_ms = parameters.get("deadline_ms")
+                d = decode_request(self.engine, **arrays, truncate=_truncate(request))  # freed on return
+                deadline_ms = _parameters(request).get("deadline_ms")
                 if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or deadline_ms <= 0):
                     raise InvalidInput(f"request parameter deadline_ms={deadline_ms!r}: expected a positive number")
+                decoded.append((d, None if deadline_ms is None else deadline_ms / 1000))
             except InvalidInput as e:
-                self._send(sender, e)
-                continue
-            self.loop.submit(decoded, lambda result, sender=sender: self._send(sender, result),
-                             None if deadline_ms is None else deadline_ms / 1000)
+                decoded.append((e, None))
+        if self.loop is None:
+            return self._run_inline([d for d, _ in decoded])
+        for request, (d, deadline_s) in zip(requests, decoded):
+            sender = request.get_response_sender()
+            if isinstance(d, Exception):
+                self._send(sender, d)
+            else:
+                self.loop.submit(d, lambda result, sender=sender: self._send(sender, result), deadline_s)
         return None
 
+    def _run_inline(self, decoded: list) -> list:
+        good = [d for d in decoded if not isinstance(d, Exception)]
+        try:
+            out = self.engine.run([r for d in good for r in d.ids], [t for d in good for t in d.tasks]) if good else None
+        except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
+            pb_utils.Logger.log_error(f"chorus: batch failed: {e!r}")
+            out = RuntimeError(f"batch failed: {e}")
+        responses, start = [], 0
+        for d in decoded:
+            if isinstance(d, Exception) or isinstance(out, Exception):
+                responses.append(self._error(d if isinstance(d, Exception) else out))
+                continue
+            rows = slice(start, start + len(d.ids))
+            start += len(d.ids)
+            responses.append(self._response(out.logits[rows], out.labels[rows], out.label_names[rows]))
+        return responses
+
+    def _error(self, error: Exception):
+        code = (pb_utils.TritonError.INVALID_ARG if isinstance(error, InvalidInput)
+                else pb_utils.TritonError.UNAVAILABLE if isinstance(error, Overloaded)
+                else pb_utils.TritonError.INTERNAL)
+        if code == pb_utils.TritonError.UNAVAILABLE:
+            self.metrics.refused.increment(1)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+
     def _send(self, sender, result: Classified | Exception) -> None:
-        if isinstance(result, Exception):
-            code = (pb_utils.TritonError.INVALID_ARG if isinstance(result, InvalidInput)
-                    else pb_utils.TritonError.UNAVAILABLE if isinstance(result, Overloaded)
-                    else pb_utils.TritonError.INTERNAL)
-            if code == pb_utils.TritonError.UNAVAILABLE:
-                self.metrics.refused.increment(1)
-            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), code))
-        else:
-            response = self._response(result.logits, result.labels, result.label_names)
+        response = (self._error(result) if isinstance(result, Exception)
+                    else self._response(result.logits, result.labels, result.label_names))
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     @staticmethod
@@ -198,5 +238,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         """Unload: answer everything already queued, then stop the worker."""
-        self.loop.close()
+        if self.loop is not None:
+            self.loop.close()
         self.engine = None

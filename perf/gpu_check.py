@@ -53,14 +53,18 @@ def make_tasks(cfg: EncoderConfig, tasks_dir: Path, n: int) -> dict[str, str]:
     return tasks
 
 
-def write_repository(repo: Path, backbone: Path, tasks: dict[str, str]) -> None:
+def write_repository(repo: Path, backbone: Path, tasks: dict[str, str], batching: str) -> None:
+    """The shipped chorus config with this backbone and these tasks; `batching: triton` adds Triton's batcher."""
     model = repo / "chorus"
-    (model / "1").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(model, ignore_errors=True)
+    (model / "1").mkdir(parents=True)
     shutil.copy(ROOT / "model_repository/chorus/1/model.py", model / "1/model.py")
     config = (ROOT / "model_repository/chorus/config.pbtxt").read_text()
     head = config[: config.index("parameters [")]
+    if batching == "triton":
+        head += "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
     params = {"backbone": str(backbone), "dtype": "float16", "max_length": "128", "task_capacity": str(len(tasks) + 1),
-              "tasks": json.dumps(tasks)}
+              "batching": batching, "scheduler": json.dumps({"default_deadline_s": 1.0}), "tasks": json.dumps(tasks)}
     body = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items())
     (model / "config.pbtxt").write_text(head + "parameters [\n" + body + "\n]\n")
 
@@ -107,12 +111,12 @@ def http_infer(url: str, texts: list[str], tasks: list[str]) -> dict:
         return {o["name"]: o for o in json.loads(r.read())["outputs"]}
 
 
-def perf_analyzer(url: str, texts: list[str], names: list[str], out: Path, concurrency: int) -> dict:
+def perf_analyzer(url: str, texts: list[str], names: list[str], out: Path, concurrency: int, tag: str) -> dict:
     data = {"data": [{"TEXT": {"content": [t], "shape": [1]}, "TASK": {"content": [names[i % len(names)]], "shape": [1]}}
                      for i, t in enumerate(texts[:500])]}
     data_file = out / "pa_input.json"
     data_file.write_text(json.dumps(data))
-    csv = out / f"pa_c{concurrency}.csv"
+    csv = out / f"pa_{tag}_c{concurrency}.csv"
     cmd = [os.environ["PERF_ANALYZER"], "-m", "chorus", "-u", url, "-i", "http", "-b", "1", "--input-data",
            str(data_file), "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
            "--measurement-request-count", str(max(200, 50 * concurrency)), "--stability-percentage", "100",
@@ -153,26 +157,31 @@ def main() -> int:
         result["in_process"] = in_process(engine, texts, names)
         print("in-process:", json.dumps(result["in_process"]), flush=True)
 
-    write_repository(work / "repo", work / "bert-base", tasks)
-    log = args.out / f"tritonserver-{args.label.replace(' ', '_')}.log"
-    try:
-        with TritonServer(work / "repo", http_port=0, grpc_port=0, metrics_port=0, log_path=log) as server:
-            probe, probe_tasks = texts[:8], names[:8]
-            got = http_infer(server.http_url, probe, probe_tasks)
-            want = engine.classify(probe, probe_tasks)
-            served = torch.tensor(got["LOGITS"]["data"]).view(8, -1)[:, :2]
-            err = (served - torch.tensor(want.logits[:, :2])).abs().max().item()
-            result["serving"] = {"env": args.label, "ok": True, "max_abs_logit_diff_vs_in_process": err}
-            print(f"served over HTTP with {args.label}: max |served - in-process| = {err:.4f}", flush=True)
-            result["perf_analyzer"] = [perf_analyzer(server.http_url, texts, names, args.out, c) for c in (1, 8, 32)]
-            for r in result["perf_analyzer"]:
-                print("perf_analyzer:", json.dumps({k: v for k, v in r.items() if k != "command"}), flush=True)
-    except Exception as e:  # noqa: BLE001 - recorded; run.sh retries in another environment
-        tail = log.read_text()[-2000:] if log.exists() else ""
-        result["serving"] = {"env": args.label, "ok": False, "error": repr(e)[:1500], "log": tail}
-        print(f"FAILED with {args.label}: {e!r}\n{tail}", flush=True)
+    for batching in ("triton", "scheduler"):
+        write_repository(work / "repo", work / "bert-base", tasks, batching)
+        label = f"{args.label}, batching={batching}"
+        log = args.out / f"tritonserver-{args.label.replace(' ', '_')}-{batching}.log"
+        try:
+            with TritonServer(work / "repo", http_port=0, grpc_port=0, metrics_port=0, log_path=log) as server:
+                probe, probe_tasks = texts[:8], names[:8]
+                got = http_infer(server.http_url, probe, probe_tasks)
+                want = engine.classify(probe, probe_tasks)
+                served = torch.tensor(got["LOGITS"]["data"]).view(8, -1)[:, :2]
+                err = (served - torch.tensor(want.logits[:, :2])).abs().max().item()
+                result.setdefault("serving", []).append({"env": label, "ok": True,
+                                                         "max_abs_logit_diff_vs_in_process": err})
+                print(f"served over HTTP with {label}: max |served - in-process| = {err:.4f}", flush=True)
+                runs = [perf_analyzer(server.http_url, texts, names, args.out, c, batching) for c in (1, 8, 32)]
+                result.setdefault("perf_analyzer", {})[batching] = runs
+                for r in runs:
+                    print(f"perf_analyzer {batching}:", json.dumps({k: v for k, v in r.items() if k != "command"}),
+                          flush=True)
+        except Exception as e:  # noqa: BLE001 - recorded; run.sh retries in another environment
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            result.setdefault("serving", []).append({"env": label, "ok": False, "error": repr(e)[:1500], "log": tail})
+            print(f"FAILED with {label}: {e!r}\n{tail[-600:]}", flush=True)
     (args.out / f"gpu_check-{args.label.replace(' ', '_')}.json").write_text(json.dumps(result, indent=2))
-    return 0 if result["serving"]["ok"] else 1
+    return 0 if any(r["ok"] for r in result["serving"]) else 1
 
 
 if __name__ == "__main__":
