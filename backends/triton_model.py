@@ -8,8 +8,9 @@
   `truncate=true`, which keeps its first tokens),
   `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
   task-bank slots), `max_rank` (largest LoRA rank);
-- `batching`: `scheduler` (default: chorus's length-bucket scheduler; `scheduler` and `latency_table` configure it) or
-  `triton` (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config).
+- `batching`: `scheduler` (chorus's length-bucket scheduler; `scheduler` and `latency_table` configure it), `triton`
+  (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config), or `auto`
+  (default: `scheduler` on the CPU, `triton` on a GPU, where the scheduler path does not answer yet).
 """
 
 from __future__ import annotations
@@ -153,9 +154,16 @@ class TritonPythonModel:
             table = profile_engine(self.engine)
             if table_path:
                 table.save(table_path)
-        self.batching = _param(params, "batching", "scheduler")
-        if self.batching not in BATCHING:
-            raise ValueError(f"parameter batching={self.batching!r}: expected one of {BATCHING}")
+        self.batching = _param(params, "batching", "auto")
+        if self.batching not in BATCHING + ("auto",):
+            raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")
+        if self.batching == "auto":
+            # On the H100 the scheduler's worker thread never answered through the 24.10 Python backend (request
+            # timed out; perf/results/h100-2026-11-22): until that is fixed, a CUDA engine uses Triton's batching.
+            self.batching = "triton" if self.engine.device.type == "cuda" else "scheduler"
+            if self.batching == "triton":
+                pb_utils.Logger.log_warn("chorus: batching=auto on CUDA uses Triton's batching (add dynamic_batching "
+                                         "to the config); the scheduler path is not yet working on GPUs")
         self.metrics, self.loop = Metrics(), None
         if self.batching == "scheduler":
             table_path = _param(params, "latency_table", "")
