@@ -147,13 +147,6 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
-        table_path = _param(params, "latency_table", "")
-        if table_path and Path(table_path).is_file():
-            table = LatencyTable.load(table_path)
-        else:  # PetS's latency tables, profiled on this engine and device (and kept if a path was given)
-            table = profile_engine(self.engine)
-            if table_path:
-                table.save(table_path)
         self.batching = _param(params, "batching", "auto")
         if self.batching not in BATCHING + ("auto",):
             raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")
