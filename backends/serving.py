@@ -132,6 +132,7 @@ class ServingLoop:
             import faulthandler
 
             self._stacks = open(os.environ.get("CHORUS_STACKS_FILE", "/tmp/chorus-stacks.txt"), "w")  # noqa: SIM115
+            faulthandler.enable(file=self._stacks, all_threads=True)  # a crash writes its stacks too
             faulthandler.dump_traceback_later(float(os.environ["CHORUS_STACKS_AFTER_S"]), file=self._stacks)
         while True:
             closing = self._closing

@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=64)
     ap.add_argument("--skip-in-process", action="store_true")
     ap.add_argument("--label", default="default", help="names this environment in the results")
+    ap.add_argument("--batching", nargs="+", default=["triton", "scheduler"], choices=["triton", "scheduler"])
     args = ap.parse_args()
     work = Path("/tmp/chorus-gpu")
     shutil.rmtree(work, ignore_errors=True)
@@ -157,7 +158,7 @@ def main() -> int:
         result["in_process"] = in_process(engine, texts, names)
         print("in-process:", json.dumps(result["in_process"]), flush=True)
 
-    for batching in ("triton", "scheduler"):
+    for batching in args.batching:
         write_repository(work / "repo", work / "bert-base", tasks, batching)
         label = f"{args.label}, batching={batching}"
         log = args.out / f"tritonserver-{args.label.replace(' ', '_')}-{batching}.log"
