@@ -192,9 +192,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             if isinstance(d, Exception):
                 self._send(sender, d)
-            else:  # the request must outlive its response: its sender segfaulted on the H100 once it was collected
-                self.loop.submit(d, lambda result, sender=sender, request=request: self._send(sender, result),
-                                 deadline_s)
+            else:
+                self.loop.submit(d, lambda result, sender=sender: self._send(sender, result), deadline_s)
         return None
 
     def _run_inline(self, decoded: list) -> list:
