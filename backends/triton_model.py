@@ -151,8 +151,8 @@ class TritonPythonModel:
         if self.batching not in BATCHING + ("auto",):
             raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")
         if self.batching == "auto":
-            # On the H100 the scheduler's worker thread never answered through the 24.10 Python backend (request
-            # timed out; perf/results/h100-2026-11-22): until that is fixed, a CUDA engine uses Triton's batching.
+            # On the H100 the 24.10 stub segfaults in the response sender's send() from the scheduler's worker
+            # (perf/results/h100-2026-11-22): until that is fixed, a CUDA engine uses Triton's batching.
             self.batching = "triton" if self.engine.device.type == "cuda" else "scheduler"
             if self.batching == "triton":
                 pb_utils.Logger.log_warn("chorus: batching=auto on CUDA uses Triton's batching (add dynamic_batching "
