@@ -85,6 +85,8 @@ class _Transport:
 
 
 class _ClientBase:
+    _aio: bool  # which tritonclient flavour the subclass talks through
+
     def __init__(
         self,
         url: str | None = None,
@@ -93,14 +95,12 @@ class _ClientBase:
         model: str = "chorus",
         timeout: float = 120.0,
         max_batch_size: int = MAX_BATCH_SIZE,
-        *,
-        _aio: bool,
     ):
         self.protocol = protocol
         self.url = resolve_url(url, protocol)
         self.model = model
         self.max_batch_size = max_batch_size
-        self._t = _Transport(protocol, self.url, _aio, timeout, admin_key)
+        self._t = _Transport(protocol, self.url, self._aio, timeout, admin_key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, protocol={self.protocol!r}, model={self.model!r})"
@@ -141,16 +141,7 @@ class ChorusClient(_ClientBase):
     included. Rows go in requests of at most `max_batch_size` (the model's, 64) rows each.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: str = "http",
-        admin_key: str | None = None,
-        model: str = "chorus",
-        timeout: float = 120.0,
-        max_batch_size: int = MAX_BATCH_SIZE,
-    ):
-        super().__init__(url, protocol, admin_key, model, timeout, max_batch_size, _aio=False)
+    _aio = False
 
     def __enter__(self) -> ChorusClient:
         return self
@@ -221,6 +212,8 @@ class AsyncChorusClient(_ClientBase):
     """asyncio client with ChorusClient's methods as coroutines; a batch's requests run concurrently, at most
     `max_in_flight` at a time. Create it inside a running event loop (aiohttp needs one)."""
 
+    _aio = True
+
     def __init__(
         self,
         url: str | None = None,
@@ -235,7 +228,7 @@ class AsyncChorusClient(_ClientBase):
             asyncio.get_running_loop()
         except RuntimeError:
             raise ChorusError("create AsyncChorusClient inside a running event loop (in a coroutine)") from None
-        super().__init__(url, protocol, admin_key, model, timeout, max_batch_size, _aio=True)
+        super().__init__(url, protocol, admin_key, model, timeout, max_batch_size)
         self.max_in_flight = max_in_flight
 
     async def __aenter__(self) -> AsyncChorusClient:

@@ -173,14 +173,19 @@ class PetMethod(nn.Module):
     def _grow_extra(self, capacity: int) -> None:
         """Grow per-slot buffers that are not per-site tensors."""
 
+    def split_key(self, task: str, key: str) -> tuple[str, str]:
+        """`{site}.{tensor name}` -> (site, name); a site that is no linear of the backbone is refused."""
+        site, _, name = key.rpartition(".")
+        if site not in self.site_shapes:
+            raise TaskFileError(f"task {task!r}: tensor {key!r} names no linear of the backbone "
+                                f"(sites look like {next(iter(self.site_shapes))!r})")
+        return site, name
+
     def validate(self, task: str, options: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Check a task's tensors of this method against the backbone; return them grouped by site."""
         by_site: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
-            site, _, name = key.rpartition(".")
-            if site not in self.site_shapes:
-                raise TaskFileError(f"task {task!r}: tensor {key!r} names no linear of the backbone "
-                                    f"(sites look like {next(iter(self.site_shapes))!r})")
+            site, name = self.split_key(task, key)
             expected = self.site_tensors(site, options)
             if name not in expected:
                 raise TaskFileError(f"task {task!r}: tensor {key!r} is not a {self.name} tensor "

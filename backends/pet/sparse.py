@@ -59,10 +59,7 @@ class SparseDelta(PetMethod):
     def validate(self, task, options, tensors):
         by_site: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
-            site, _, name = key.rpartition(".")
-            if site not in self.site_shapes:
-                raise TaskFileError(f"task {task!r}: tensor {key!r} names no linear of the backbone "
-                                    f"(sites look like {next(iter(self.site_shapes))!r})")
+            site, name = self.split_key(task, key)
             if not torch.isfinite(t).all():
                 raise TaskFileError(f"task {task!r}: tensor {key!r} holds NaN or infinite values")
             by_site.setdefault(site, {})[name] = t
