@@ -87,6 +87,7 @@ class PetLinear(nn.Module):
     The task bank fills two lists: `pre_ops`, callables `op(x, rows) -> x` that change the input of the rows that
     use them before the shared op (e.g. IA3's scaling of the feed-forward activations), and `ops`, callables
     `op(x, y, rows) -> y` that add a task-specific term for the rows that use it (`rows` is the batch's `RowTasks`).
+    Given `GatheredRows` instead (export), each op's `gathered` form runs: one traceable op over every row.
     """
 
     def __init__(self, site: str, out_features: int, in_features: int):
@@ -98,11 +99,12 @@ class PetLinear(nn.Module):
         self.ops: list = []
 
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:  # x: (B, T, in)
+        gathered = getattr(rows, "gathered", False)
         for op in self.pre_ops:
-            x = op(x, rows)
+            x = (op.gathered if gathered else op)(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
         for op in self.ops:
-            y = op(x, y, rows)
+            y = (op.gathered if gathered else op)(x, y, rows)
         return y
 
 

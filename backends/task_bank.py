@@ -84,6 +84,7 @@ class TaskBank(nn.Module):
         self.register_buffer("num_labels", torch.zeros(capacity, dtype=torch.long, device=self.device))
         self.free_heads = list(range(capacity - 1, -1, -1))
         self.tasks: dict[str, TaskEntry] = {}
+        self.version = 0  # bumped by every add/remove: exported graphs re-bind (or re-export) the bank when it moves
         self._lock = threading.Lock()  # guards add/remove against a concurrent row_tasks
 
     # -- registering ------------------------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ class TaskBank(nn.Module):
             self.tasks[spec.name] = entry
             if old is not None:
                 self._release(old)
+            self.version += 1
         return entry
 
     def remove(self, name: str) -> None:
@@ -139,6 +141,7 @@ class TaskBank(nn.Module):
             if entry is None:
                 raise UnknownTask(f"task {name!r} is not registered")
             self._release(entry)
+            self.version += 1
 
     def _release(self, entry: TaskEntry) -> None:
         for m, slot in entry.slots.items():
@@ -201,11 +204,27 @@ class TaskBank(nn.Module):
             heads = torch.tensor([e.head_slot for e in entries], dtype=torch.long, device=self.device)
         return RowTasks.build(slots, heads)
 
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the export form of the model reads (see `GatheredRows`), by export name; live references."""
+        out = {"head.weight": self.head_weight, "head.bias": self.head_bias, "head.num_labels": self.num_labels}
+        for m, meth in self.methods.items():
+            out.update({f"{m}.{k}": t for k, t in meth.bank_tensors().items()})
+        return out
+
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, bank_tensors()) read together, never halfway through an add or remove."""
+        with self._lock:
+            return self.version, self.bank_tensors()
+
     def classify(self, pooled: torch.Tensor, rows: RowTasks) -> torch.Tensor:
         """Per-row classifier heads: pooled (B, hidden) -> logits (B, max_labels), -inf past each task's labels."""
-        W, b = self.head_weight[rows.head_slots], self.head_bias[rows.head_slots]  # (B, L, H), (B, L)
+        if rows.gathered:  # export: the heads are graph inputs
+            weight, bias, num_labels = (rows.tensors[f"head.{n}"] for n in ("weight", "bias", "num_labels"))
+        else:
+            weight, bias, num_labels = self.head_weight, self.head_bias, self.num_labels
+        W, b = weight[rows.head_slots], bias[rows.head_slots]  # (B, L, H), (B, L)
         logits = torch.bmm(W, pooled.unsqueeze(-1)).squeeze(-1) + b  # (B, L)
-        n = self.num_labels[rows.head_slots]
+        n = num_labels[rows.head_slots]
         past = torch.arange(self.max_labels, device=logits.device)[None, :] >= n[:, None]
         return logits.masked_fill(past, float("-inf"))
 

@@ -18,6 +18,9 @@ Slots are padded to `max_bottleneck` (zeros: act(0) = 0 for relu and gelu, so pa
 grouped by (bottleneck, activation) so each group runs on its own width only.
 
 Semantics, per row r of a task at one of its sites: `y[r] += up_r(act_r(down_r(y[r])))` (biases included).
+
+The export form (`gathered_op`) runs every row at `max_bottleneck` (zero padding adds nothing) and picks each row's
+activation from the per-slot flag `gelu` (both are computed; a graph cannot branch per row).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Adapter(PetMethod):
     def __init__(self, sites, capacity, device=None, dtype=torch.float32, max_bottleneck: int = 64):
         super().__init__(sites, capacity, device, dtype)
         self.max_bottleneck = max_bottleneck
+        self.register_buffer("gelu", torch.zeros(capacity, dtype=torch.bool, device=device))  # per slot: act is gelu
 
     @staticmethod
     def options_of(options: dict) -> tuple[int, str, str]:
@@ -83,6 +87,19 @@ class Adapter(PetMethod):
         m, act, _ = self.options_of(options)
         return m, act
 
+    def slot_options(self, slot, options):
+        self.gelu[slot] = self.options_of(options)[1] == "gelu"
+
+    def clear(self, slot):
+        self.gelu[slot] = False
+        super().clear(slot)
+
+    def _grow_extra(self, capacity):
+        self.gelu = F.pad(self.gelu, (0, capacity - len(self.gelu)))
+
+    def bank_tensors(self):
+        return {**super().bank_tensors(), "gelu": self.gelu} if self.banks else {}
+
     def read(self, slot):
         m = self.slot_keys[slot][0]  # un-pad to the task's bottleneck
         return {k: v[:m] if k.endswith(("adapter_down", "adapter_down_bias")) else v[:, :m] if k.endswith("adapter_up")
@@ -102,5 +119,19 @@ class Adapter(PetMethod):
                 delta = torch.bmm(h, up.transpose(1, 2)) + b_up.unsqueeze(1)  # (n, T, out)
                 y = y + delta if idx is None else y.index_add(0, idx, delta)
             return y
+
+        return adapter
+
+    def gathered_op(self, site: str):
+        key = self._key(site)
+
+        def adapter(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            slots = rows.slots[self.name]  # (B,)
+            t = lambda n: rows.tensor(self.name, f"{key}.{n}")[slots]  # noqa: E731
+            down, b_down, up, b_up = t("adapter_down"), t("adapter_down_bias"), t("adapter_up"), t("adapter_up_bias")
+            z = torch.bmm(y, down.transpose(1, 2)) + b_down.unsqueeze(1)  # (B, T, max_bottleneck)
+            gelu = rows.tensor(self.name, "gelu")[slots].view(-1, 1, 1)  # (B, 1, 1)
+            h = torch.where(gelu, F.gelu(z), F.relu(z))
+            return y + torch.bmm(h, up.transpose(1, 2)) + b_up.unsqueeze(1)  # (B, T, out)
 
         return adapter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ class RowTasks:
     active: dict[str, torch.Tensor | None]
     head_slots: torch.Tensor
     memo: dict = field(default_factory=dict)  # per-batch values ops share across sites and layers (row groups)
+    gathered: ClassVar[bool] = False  # PetLinears run the fast (grouped) ops
 
     @classmethod
     def build(cls, slots: dict[str, torch.Tensor], head_slots: torch.Tensor) -> RowTasks:
@@ -42,6 +44,27 @@ class RowTasks:
         if key not in self.memo:
             self.memo[key] = make()
         return self.memo[key]
+
+
+@dataclass
+class GatheredRows:
+    """The export form of `RowTasks`: per-row slots and the bank's tensors, all plain tensors (graph inputs).
+
+    PetLinears given these run each method's `gathered_op` instead of its fast op: every row gathers its own slot's
+    tensors and the op runs on the whole batch (rows of other tasks read the null slot, whose zeros add nothing), with
+    no host-side grouping, so the encoder traces into one ONNX graph whose bank is an input (see `chorus.export`).
+
+    `slots[method]`: (B,) int64; `head_slots`: (B,) int64; `tensors`: `TaskBank.bank_tensors()`, by export name
+    (`{method}.{site key}.{tensor}`, `{method}.{per-slot scalar}`, `head.{weight,bias,num_labels}`).
+    """
+
+    slots: dict[str, torch.Tensor]
+    head_slots: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    gathered: ClassVar[bool] = True
+
+    def tensor(self, method: str, name: str) -> torch.Tensor:
+        return self.tensors[f"{method}.{name}"]
 
 
 @dataclass
@@ -85,6 +108,16 @@ class PetMethod(nn.Module):
 
     def make_op(self, site: str):
         raise NotImplementedError
+
+    def gathered_op(self, site: str):
+        """The export form of `make_op(site)`: the same op (same signature) over `GatheredRows`, every row gathering
+        its own slot, with no data-dependent Python (it traces into one graph for any batch)."""
+        raise NotImplementedError
+
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the gathered ops read, by export name `{site key}.{tensor}` (subclasses add per-slot scalars);
+        live references, not copies. Empty while no task has written a site."""
+        return {f"{key}.{n}": p for key, bank in self.banks.items() for n, p in bank.items()}
 
     def slot_options(self, slot: int, options: dict) -> None:
         """Store per-slot scalars from the task's options (e.g. LoRA's scaling)."""
@@ -152,6 +185,7 @@ class PetMethod(nn.Module):
         """Add this method's op to the site's PetLinear, keeping post ops in `op_order`."""
         op = self.make_op(site)
         op.order = self.op_order
+        op.gathered = self.gathered_op(site)
         ops = self.linears[site].pre_ops if self.site_stage(site) == "pre" else self.linears[site].ops
         ops.append(op)
         ops.sort(key=lambda o: getattr(o, "order", 0))  # stable: same order, first hooked first

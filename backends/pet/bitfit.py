@@ -26,3 +26,11 @@ class BitFit(PetMethod):
             return y + delta.unsqueeze(1)
 
         return bitfit
+
+    def gathered_op(self, site: str):
+        key = self._key(site)
+
+        def bitfit(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            return y + rows.tensor(self.name, f"{key}.bias_delta")[rows.slots[self.name]].unsqueeze(1)  # (B, 1, out)
+
+        return bitfit

@@ -49,3 +49,18 @@ class IA3(PetMethod):
 
         return ia3
 
+    def gathered_op(self, site: str):
+        key = self._key(site)
+
+        def scale(t: torch.Tensor, rows) -> torch.Tensor:
+            l = rows.tensor(self.name, f"{key}.ia3_l")[rows.slots[self.name]]  # (B, features)
+            return t * (1 + l).unsqueeze(1)
+
+        if self.site_stage(site) == "pre":
+            return scale
+
+        def ia3(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            return scale(y, rows)
+
+        return ia3
+

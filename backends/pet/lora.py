@@ -8,6 +8,9 @@ cores, B=32, T=64, hidden 384, ranks {4, 8, 16, 64} mixed: 16-17 ms per site gro
 LoRA skip the op.
 
 Semantics, per row r of a task with rank k at a site: `y[r] += scaling · (X[r] · A[:k]ᵀ) · B[:, :k]ᵀ`.
+
+The export form (`gathered_op`) cannot group rows by rank (that reads the slots on the host): every row gathers its
+slot padded to `max_rank` (the zero padding adds nothing) and the batch runs as one bmm pair.
 """
 
 from __future__ import annotations
@@ -76,5 +79,19 @@ class LoRA(PetMethod):
                 delta = delta * self.scaling[slots].view(-1, 1, 1)
                 y = y + delta if idx is None else y.index_add(0, idx, delta)
             return y
+
+        return lora
+
+    def bank_tensors(self):
+        return {**super().bank_tensors(), "scaling": self.scaling} if self.banks else {}
+
+    def gathered_op(self, site: str):
+        key = self._key(site)
+
+        def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            slots = rows.slots[self.name]  # (B,)
+            A, B = rows.tensor(self.name, f"{key}.lora_A")[slots], rows.tensor(self.name, f"{key}.lora_B")[slots]
+            delta = torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))  # (B, T, out), max_rank inside
+            return y + delta * rows.tensor(self.name, "scaling")[slots].view(-1, 1, 1)
 
         return lora

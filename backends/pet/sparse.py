@@ -7,6 +7,16 @@ entries (`delta_values`). Rows run grouped per task: the task's `ΔW` is applied
 until the slot's tensors change (keyed on their versions), and the product is `torch.sparse.mm`; while training
 (autograd on) `ΔW` is scattered into a dense (out, in) matrix so gradients reach the values.
 
+The export form (`gathered_op`) is a gather-scatter over the bank's own sparse tensors, not a densified ΔW: each row
+gathers its slot's positions and values (padded to the site's `max_nnz`; padding is position 0 with ΔW entry 0),
+gathers the inputs those positions read and scatter-adds their products into the output rows they write,
+`y[b, t, row_j] += ΔW_j · x[b, t, col_j]` (ONNX GatherElements + ScatterElements(reduction=add)). Why not densify:
+a dense ΔW per slot would hold out × in per task and site (the full weight's size, against 12 bytes per stored
+entry here) and its per-row product costs B·T·out·in; the gather-scatter costs B·T·max_nnz, binds the bank's
+tensors as they are (adding a task rebuilds nothing), and its temporary (B, T, max_nnz) stays below one dense
+per-row ΔW (B, out, in) while T·density < 1 (Diff-Pruning's 0.5% up to T = 200). Its cost grows with the densest
+task at a site: a MaskBERT task pruning 30% pays for it on every row of the batch.
+
 Positions travel in task files as float32 (chorus's files are float tensors) and are exact below 2^24 — every
 position of bert-large's largest linear (4096 × 1024) is; the loader refuses anything else.
 """
@@ -239,5 +249,26 @@ class SparseDelta(PetMethod):
                     delta = delta + self.banks[key]["bias"][slot]
                 y = y + delta if idx is None else y.index_add(0, idx, delta)
             return y
+
+        return sparse_delta
+
+    def bank_tensors(self):
+        return {**super().bank_tensors(), **{f"{key}.index": idx.index for key, idx in self.indices.items()}}
+
+    def gathered_op(self, site: str):
+        key = self._key(site)
+        in_f = self.site_shapes[site][1]
+
+        def sparse_delta(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            slots = rows.slots[self.name]  # (B,)
+            index = rows.tensor(self.name, f"{key}.index")[slots]  # (B, max_nnz) flat positions row * in + col
+            vals = self.delta_values(site, index, rows.tensor(self.name, f"{key}.value")[slots])  # (B, max_nnz)
+            B, T, _ = x.shape
+            cols = (index % in_f).unsqueeze(1).expand(B, T, -1)  # (B, T, max_nnz)
+            outs = torch.div(index, in_f, rounding_mode="floor").unsqueeze(1).expand(B, T, -1)
+            delta = torch.zeros_like(y).scatter_add(2, outs, x.gather(2, cols) * vals.unsqueeze(1))  # (B, T, out)
+            if self.bias_name:
+                delta = delta + rows.tensor(self.name, f"{key}.bias")[slots].unsqueeze(1)
+            return y + delta
 
         return sparse_delta
