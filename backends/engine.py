@@ -134,20 +134,31 @@ class Engine:
         """Classify rows given as token ids (no padding), each for its own task, in one mixed batch."""
         if len(ids) != len(tasks):
             raise InvalidInput(f"{len(ids)} rows of tokens but {len(tasks)} task names")
+        if not ids:
+            raise InvalidInput("no rows to classify")
         rows = self.bank.row_tasks(tasks)
-        T = max(len(r) for r in ids)
-        input_ids = torch.full((len(ids), T), self.cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for i, r in enumerate(ids):
-            input_ids[i, : len(r)] = torch.as_tensor(r)
-            mask[i, : len(r)] = 1
-        logits = self.model(input_ids.to(self.device), mask.to(self.device), rows).float().cpu().numpy()
+        input_ids, mask = self.pad(ids)
+        logits = self.logits(input_ids, mask, rows)
         names = [self.bank.tasks[t].labels for t in tasks]
         labels = [n[int(np.argmax(row[: len(n)]))] for n, row in zip(names, logits)]
         return Classified(logits, labels, names)
 
     def classify(self, texts: list[str], tasks: list[str]) -> Classified:
         return self.run(self.tokenize(texts), tasks)
+
+    def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of token ids -> input_ids, attention_mask (B, longest row), int64 on the CPU."""
+        T = max(len(r) for r in ids)
+        input_ids = torch.full((len(ids), T), self.cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, r in enumerate(ids):
+            input_ids[i, : len(r)] = torch.as_tensor(r)
+            mask[i, : len(r)] = 1
+        return input_ids, mask
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows) -> np.ndarray:
+        """The model's float32 logits (B, max_labels) for a padded batch (what another runtime overrides)."""
+        return self.model(input_ids.to(self.device), attention_mask.to(self.device), rows).float().cpu().numpy()
 
 
 def _trained_max_length(path: Path) -> int | None:

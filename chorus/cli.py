@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(sub)
     distill.register(sub)
     capacity.register(sub)
+    __import__("chorus.export.cli", fromlist=["register"]).register(sub)  # chorus export
     return parser
 
 

@@ -29,3 +29,7 @@ class Overloaded(ChorusError):
 
 class ServerError(ChorusError):
     """tritonserver could not be found, started, or reached."""
+
+
+class MissingDependency(ChorusError):
+    """An optional package a requested path needs (tensorrt, onnxruntime-gpu) is not installed."""

@@ -17,7 +17,7 @@ take the bank's maximum: LoRA `max_rank`, adapters `max_bottleneck`. Each task a
 """
 
 from chorus.backends.pet.adapter import Adapter
-from chorus.backends.pet.base import PetMethod, RowGroup, RowTasks
+from chorus.backends.pet.base import GatheredRows, PetMethod, RowGroup, RowTasks
 from chorus.backends.pet.bitfit import BitFit
 from chorus.backends.pet.diff_pruning import DiffPruning
 from chorus.backends.pet.ia3 import IA3
@@ -28,5 +28,5 @@ PET_METHODS: dict[str, type[PetMethod]] = {
     "lora": LoRA, "bitfit": BitFit, "adapter": Adapter, "ia3": IA3, "maskbert": MaskBERT, "diff_pruning": DiffPruning,
 }
 
-__all__ = ["PET_METHODS", "IA3", "Adapter", "BitFit", "DiffPruning", "LoRA", "MaskBERT", "PetMethod", "RowGroup",
-           "RowTasks"]
+__all__ = ["PET_METHODS", "IA3", "Adapter", "BitFit", "DiffPruning", "GatheredRows", "LoRA", "MaskBERT", "PetMethod",
+           "RowGroup", "RowTasks"]
