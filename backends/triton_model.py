@@ -190,10 +190,13 @@ class TritonPythonModel:
             return self._run_inline([d for d, _ in decoded])
         for request, (d, deadline_s) in zip(requests, decoded):
             sender = request.get_response_sender()
+            # Only the outputs the client asked for: the 24.10 stub's send() prunes the others with the GIL released,
+            # and freeing a BYTES tensor there crashed the stub on the H100 (perf/results/h100-2026-11-22).
+            wanted = frozenset(request.requested_output_names())
             if isinstance(d, Exception):
-                self._send(sender, d)
+                self._send(sender, wanted, d)
             else:
-                self.loop.submit(d, lambda result, sender=sender: self._send(sender, result), deadline_s)
+                self.loop.submit(d, lambda result, s=sender, w=wanted: self._send(s, w, result), deadline_s)
         return None
 
     def _run_inline(self, decoded: list) -> list:
@@ -221,21 +224,23 @@ class TritonPythonModel:
             self.metrics.refused.increment(1)
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
 
-    def _send(self, sender, result: Classified | Exception) -> None:
+    def _send(self, sender, wanted: frozenset[str], result: Classified | Exception) -> None:
         response = (self._error(result) if isinstance(result, Exception)
-                    else self._response(result.logits, result.labels, result.label_names))
+                    else self._response(result.logits, result.labels, result.label_names, wanted))
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     @staticmethod
-    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]]):
+    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]], wanted: frozenset[str] | None = None):
+        """The outputs (all, or those in `wanted`) of one request's rows."""
         width = max(len(n) for n in names)  # this request's largest label count
-        label_names = np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names], dtype=np.object_)
-        outputs = [
-            pb_utils.Tensor("LOGITS", np.ascontiguousarray(logits[:, :width], dtype=np.float32)),
-            pb_utils.Tensor("LABEL", np.array([[s.encode()] for s in labels], dtype=np.object_)),
-            pb_utils.Tensor("LABEL_NAMES", label_names),
-        ]
-        return pb_utils.InferenceResponse(output_tensors=outputs)
+        outputs = {
+            "LOGITS": lambda: np.ascontiguousarray(logits[:, :width], dtype=np.float32),
+            "LABEL": lambda: np.array([[s.encode()] for s in labels], dtype=np.object_),
+            "LABEL_NAMES": lambda: np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names],
+                                            dtype=np.object_),
+        }
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, make()) for name, make in outputs.items()
+                                                          if wanted is None or name in wanted])
 
     def finalize(self) -> None:
         """Unload: answer everything already queued, then stop the worker."""

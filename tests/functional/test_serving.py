@@ -90,3 +90,32 @@ def test_cli_reports_errors_without_traceback(server):
     out = cli(server, "classify", "--task", "no_such_task", "hello")
     assert out.returncode == 1
     assert out.stderr.startswith("error:") and "no_such_task" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_for_some_outputs_gets_exactly_those(server, protocol):
+    """The scheduler answers from its worker; outputs the client did not ask for are never built (the 24.10 stub
+    would prune them in send() without the GIL: that crashed the stub on the H100)."""
+    if protocol == "http":
+        import tritonclient.http as tc
+
+        client = tc.InferenceServerClient(server.http_url)
+    else:
+        import tritonclient.grpc as tc
+
+        client = tc.InferenceServerClient(server.grpc_url)
+    text = tc.InferInput("TEXT", [2, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[POSITIVE[0].encode()], [NEGATIVE[0].encode()]], dtype=np.object_))
+    task = tc.InferInput("TASK", [2, 1], "BYTES")
+    task.set_data_from_numpy(np.array([[b"movie_review_sentiment"]] * 2, dtype=np.object_))
+    for wanted in (["LOGITS"], ["LABEL"], ["LABEL_NAMES", "LOGITS"]):
+        result = client.infer("chorus", [text, task], outputs=[tc.InferRequestedOutput(n) for n in wanted])
+        response = result.get_response()
+        got = {o["name"] for o in response["outputs"]} if protocol == "http" else {o.name for o in response.outputs}
+        assert got == set(wanted)
+        if "LABEL" in wanted:
+            assert [s.decode() for s in result.as_numpy("LABEL").ravel()] == ["positive", "negative"]
+        if "LOGITS" in wanted:
+            logits = result.as_numpy("LOGITS")
+            assert logits.shape == (2, 2) and logits[0, 1] > logits[0, 0] and logits[1, 0] > logits[1, 1]
+    client.close()
