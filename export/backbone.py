@@ -113,6 +113,7 @@ def export_backbone(model: MultiTaskModel, f: str | Path | io.BytesIO, opset: in
                    *(torch.zeros(B, dtype=torch.long, device=device) for _ in graph.methods),
                    *(t.detach() for t in tensors.values()))
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(GatheredModel(model, graph).eval(), example, f, dynamo=False, opset_version=opset,
                           input_names=graph.input_names, output_names=["logits"],

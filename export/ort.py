@@ -99,7 +99,6 @@ class OrtBackbone:
         for name, t in tensors.items():
             if name in self._inputs:
                 self._bound[name] = self._bind(name, t)
-        self.binding.bind_output("logits", self.device.type, self.device.index or 0)
         self._version = version
         log.info("onnxruntime: bank version %d bound (%d tensors, %s)", version, len(self._bound), self.providers[0])
 
@@ -122,6 +121,7 @@ class OrtBackbone:
         with self._lock:
             self._refresh()
             keep = [self._bind(n, t.to(self.device, torch.long)) for n, t in per_call.items() if n in self._inputs]
+            self.binding.bind_output("logits", self.device.type, self.device.index or 0)  # a new (B, L) each call
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # the inputs are written before ORT reads them
             self.session.run_with_iobinding(self.binding)

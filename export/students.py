@@ -65,6 +65,7 @@ def export_students(group: StudentGroup, out: str | Path, labels: list[str], ks:
     device = group.head_w.device
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         example = (torch.ones(2, 3, dtype=torch.long, device=device), torch.ones(2, 3, dtype=torch.long, device=device))
         for k in ks:

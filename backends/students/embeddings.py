@@ -54,4 +54,4 @@ class SharedEmbeddings(nn.Module):
         """input_ids (B, T) -> (B, T, C)."""
         T = input_ids.shape[1]
         x = F.embedding(input_ids, self.word) + self.position[:T] + self.token_type[0]
-        return F.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias, self.eps)
+        return F.layer_norm(x, self.norm_weight.shape, self.norm_weight, self.norm_bias, self.eps)  # static (ONNX)

@@ -104,7 +104,7 @@ class StudentGroup(nn.Module):
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-student LayerNorm: x (k, N, C), w/b (k, 1, C)."""
-        return torch.addcmul(b, F.layer_norm(x, (x.shape[-1],), eps=self.cfg.layer_norm_eps), w)
+        return torch.addcmul(b, F.layer_norm(x, (self.cfg.hidden_size,), eps=self.cfg.layer_norm_eps), w)
 
     def student_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Each of the first k students' logits: input_ids, attention_mask (B, T) -> (k, B, L)."""
