@@ -5,8 +5,10 @@ is done. Triton-free: the Triton model passes a `done` callback per request (it 
 Semantics:
     submit(request rows, done):  every row -> Scheduler.submit (refused: no row of the request runs, done(Overloaded))
     worker:  loop { batches = scheduler.schedule(now); for b in batches: engine.run(b) -> rows' results;
-                    a request whose rows are all done -> done(Classified) }
-    close(): stop taking requests, run what waits (flush), stop the worker.
+                    a request whose rows are all done -> answers queue }
+    answerer: loop { done(result) }  (sending a response is a blocking IPC round trip in Triton's Python backend:
+              on its own thread it overlaps the next batch's compute)
+    close(): stop taking requests, run what waits (flush), stop the worker, then the answerer once it has sent all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +93,9 @@ class ServingLoop:
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._closing = False
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result); None stops the answerer
+        self._answerer = threading.Thread(target=self._answer_loop, name="chorus-answers", daemon=True)
+        self._answerer.start()
         self._worker = threading.Thread(target=self._run, name="chorus-serving", daemon=True)
         self._worker.start()
 
@@ -117,6 +123,16 @@ class ServingLoop:
             self._closing = True
             self._wake.notify()
         self._worker.join(timeout)
+        self._answers.put(None)
+        self._answerer.join(timeout)
+
+    def _answer_loop(self) -> None:
+        while (item := self._answers.get()) is not None:
+            done, result = item
+            try:
+                done(result)
+            except Exception:  # noqa: BLE001 - one failed send must not stop the others
+                log.exception("answering a request failed")
 
     # -- the worker --------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -168,7 +184,8 @@ class ServingLoop:
             for pending in {id(r.payload[0]): r.payload[0] for r in live}.values():
                 if not pending.failed:
                     pending.failed = True
-                    pending.done(e if isinstance(e, ChorusError) else RuntimeError(f"batch failed: {e}"))
+                    error = e if isinstance(e, ChorusError) else RuntimeError(f"batch failed: {e}")
+                    self._answers.put((pending.done, error))
             return
         if self.on_batch is not None:
             try:
@@ -183,6 +200,7 @@ class ServingLoop:
             pending.labels[row] = (out.labels[i], out.label_names[i])
             pending.left -= 1
             if pending.left == 0:
-                pending.done(Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
-                                        [names for _, names in pending.labels]))
+                result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
+                                    [names for _, names in pending.labels])
+                self._answers.put((pending.done, result))
 

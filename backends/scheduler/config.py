@@ -19,6 +19,9 @@ class SchedulerConfig:
     max_queue: int = 1024  # waiting requests; one more is refused (UNAVAILABLE)
     default_deadline_s: float = 1.0  # seconds after arrival, for a request that sets no deadline of its own
     max_wait_s: float = 0.005  # a partial element is flushed once its oldest request has waited this long
+    # Work-conserving: when no batch is in flight (the executor idles), whatever waits goes at once instead of waiting
+    # max_wait_s for company; under load requests pile up while a batch runs and are binned by length meanwhile.
+    idle_dispatch: bool = True
     # Fairness: an element whose oldest request has seen this many batches formed without it is flushed at the next
     # schedule(), whatever its wait, so no bin or task starves even with a long max_wait_s.
     max_batches_passed: int = 8

@@ -34,7 +34,8 @@ class Scheduler:
     """Length-aware buffer (Student Parallelism) + coordinated batching (PetS) + admission control + fairness.
 
     Semantics of schedule(now):
-        ready   = elements that are full, or whose oldest request waited >= max_wait_s, or have seen
+        ready   = every element when no batch is in flight (idle_dispatch), else
+                  elements that are full, or whose oldest request waited >= max_wait_s, or have seen
                   >= max_batches_passed batches formed without them, or whose deadline slack is <= max_wait_s
                   (every element when flush=True)
         pool    = ready elements, oldest first, up to max_requests_per_schedule requests
@@ -161,7 +162,8 @@ class Scheduler:
         return min(e.oldest_arrival + self.cfg.max_wait_s, e.earliest_deadline - self._time(e) - self.cfg.max_wait_s)
 
     def _ready(self, e: Element, now: float) -> bool:
-        return e.full or self._formed - e.batch_mark >= self.cfg.max_batches_passed or now >= self._due(e)
+        return (e.full or (self.cfg.idle_dispatch and not self._inflight)
+                or self._formed - e.batch_mark >= self.cfg.max_batches_passed or now >= self._due(e))
 
     def _note_arrival(self, now: float) -> None:
         if self._last_arrival is not None:

@@ -328,8 +328,21 @@ def test_students_carry_k_from_choose_k_and_share_the_scheduler_with_pet_tasks()
     assert len(bad) == 1  # nothing was taken: the request still waits
 
 
+def test_an_idle_executor_takes_what_waits_at_once_a_busy_one_lets_requests_gather():
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.005, element_size=4), table())  # idle_dispatch by default
+    sched.submit(req(0, 20, arrival=0.0))
+    (first,) = sched.schedule(0.0)  # nothing in flight: no waiting for company
+    assert [r.id for r in first.requests] == [0]
+    for i in range(1, 4):
+        sched.submit(req(i, 20 + i, arrival=0.001))
+    assert sched.schedule(0.002) == []  # the first batch still runs: the next ones gather
+    sched.complete(first, 0.003)
+    (second,) = sched.schedule(0.003)
+    assert [r.id for r in second.requests] == [1, 2, 3]
+
+
 def test_schedule_waits_for_a_full_element_or_max_wait_and_next_due_says_when():
-    sched = Scheduler(SchedulerConfig(max_wait_s=0.005, element_size=4), table())
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.005, element_size=4, idle_dispatch=False), table())
     assert sched.next_due(0.0) is None and sched.schedule(0.0) == []
     for i in range(3):
         sched.submit(req(i, 20, arrival=0.001 * i))
