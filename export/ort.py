@@ -79,9 +79,9 @@ class OrtBackbone:
             self._refresh()
 
     def _refresh(self) -> None:
+        if self.model.bank.version == self._version and self.session is not None:
+            return  # the per-call check: one int (the bound tensors stay alive even if an add is under way)
         version, tensors = self.model.bank.snapshot()
-        if version == self._version and self.session is not None:
-            return
         graph = graph_of(tensors)
         if graph != self.graph:
             import onnxruntime as ort
