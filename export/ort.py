@@ -64,6 +64,11 @@ class OrtBackbone:
         self.model, self.opset, self.session_options = model, opset, session_options
         self.device = model.bank.device
         self.providers = providers_for(self.device, providers)
+        dtype = model.bank.dtype
+        if dtype == torch.bfloat16 or (dtype != torch.float32 and self.providers[0] == "CPUExecutionProvider"):
+            raise InvalidInput(f"onnxruntime cannot serve this {dtype} model on {self.providers[0]}: its CPU provider "
+                               "runs float32 only (float16 lacks ScatterElements(add), bfloat16 most ops); use "
+                               "dtype float32, or float16 with the CUDA provider")
         self.session = self.binding = None
         self.graph: BackboneGraph | None = None
         self.exports = 0  # how many times the model was exported (tests and logs)

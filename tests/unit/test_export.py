@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from chorus.backends.encoder import Encoder, EncoderConfig, init_random
-from chorus.backends.engine import Engine
+from chorus.backends.engine import Engine, build_model
 from chorus.backends.pet import GatheredRows
 from chorus.backends.students import SharedEmbeddings, Student, StudentConfig, StudentFiles, save_students, stack_students
 from chorus.backends.task_files import random_task, save_task
 from chorus.errors import InvalidInput, MissingDependency, TaskFileError, UnknownTask
 from chorus.export.backbone import ExportedBackbone, save_backbone_export
-from chorus.export.ort import OrtEngine, providers_for
+from chorus.export.ort import OrtBackbone, OrtEngine, providers_for
 from chorus.export.students import OrtStudents, export_students
 
 TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
@@ -194,11 +194,33 @@ def test_bad_input_is_refused_clearly(engine):
         engine.run([], [])
     with pytest.raises(InvalidInput, match="65 token ids exceed the backbone's 64 positions"):
         engine.run([[1] * 65], ["bitfit"])
+    half = build_model(config=TINY, capacity=2, dtype=torch.float16)
+    with pytest.raises(InvalidInput, match="CPU provider runs float32 only"):
+        OrtBackbone(half)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(MissingDependency, match="CUDAExecutionProvider comes with the onnxruntime-gpu package"):
             providers_for(torch.device("cpu"), ["CUDAExecutionProvider"])
         with pytest.raises(MissingDependency, match="install onnxruntime-gpu, or run on device='cpu'"):
             providers_for(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_provider_matches_pytorch_on_the_gpu():
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA device and onnxruntime-gpu")
+    torch.manual_seed(0)
+    model = build_model(config=TINY, capacity=4, max_rank=8, device="cuda")
+    for i, name in enumerate(PETS):
+        model.bank.add(task(name, seed=i))
+    runner = OrtBackbone(model)
+    assert runner.providers[0] == "CUDAExecutionProvider"
+    for B, T, seed in [(1, 3, 0), (19, 12, 1)]:
+        ids, mask = random_batch(B, T, seed)
+        tasks = mixed_tasks(B, seed)
+        rows = model.bank.row_tasks(tasks)
+        with torch.no_grad():
+            want = model(ids.cuda(), mask.cuda(), rows).cpu().numpy()
+        assert_same_logits(runner(ids.cuda(), mask.cuda(), rows), want, f"cuda B={B} T={T}")
 
 
 # -- students -------------------------------------------------------------------------------------------------------
