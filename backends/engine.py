@@ -82,6 +82,7 @@ class Classified:
     logits: np.ndarray
     labels: list[str]
     label_names: list[list[str]]
+    students: list[int] | None = None  # per row: students that answered (Student Parallelism), 0 = the teacher
 
 
 class Engine:

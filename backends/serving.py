@@ -28,11 +28,13 @@ import torch
 from chorus.backends.engine import Classified, Engine
 from chorus.backends.requests import DecodedRequest
 from chorus.backends.scheduler import LatencyTable, Request, Scheduler, SchedulerConfig, profile_latency_table
+from chorus.backends.students.bank import StudentBank
 from chorus.errors import ChorusError, Overloaded
 
 log = logging.getLogger(__name__)
 
 Done = Callable[[Classified | Exception], None]
+STUDENTS = "students"  # the scheduler's PET type of rows answered by a task's students (a standalone path)
 
 
 def pet_type(engine: Engine, task: str) -> str:
@@ -40,17 +42,55 @@ def pet_type(engine: Engine, task: str) -> str:
     return "+".join(sorted(engine.bank.tasks[task].pet)) or "head"
 
 
+def students_for(students: StudentBank | None, task: str, asked: int | None) -> int:
+    """At most how many students answer a row of `task`: 0 (the teacher) when the task has none or the request asked
+    for the teacher (`students=0`); else K, or fewer if the request asked for at most n."""
+    K = 0 if students is None else students.num_students(task)
+    return K if asked is None else min(asked, K)
+
+
+def classify_rows(engine: Engine, students: StudentBank | None, ids: list[list[int]], tasks: list[str],
+                  ks: list[int]) -> Classified:
+    """Rows of token ids, each for its task, with `ks[i]` students (0: backbone + PET, all such rows one mixed batch;
+    k: the task's first k students, rows grouped by (task, k)). Logits are `engine.bank.max_labels` wide."""
+    width = engine.bank.max_labels
+    logits = np.full((len(ids), width), -np.inf, dtype=np.float32)
+    teacher = [i for i, k in enumerate(ks) if k == 0]
+    if teacher:
+        out = engine.run([ids[i] for i in teacher], [tasks[i] for i in teacher])
+        logits[teacher] = out.logits
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, k in enumerate(ks):
+        if k:
+            groups.setdefault((tasks[i], k), []).append(i)
+    for (task, k), rows in groups.items():
+        got = students.run([ids[i] for i in rows], task, k)
+        logits[rows, : got.shape[1]] = got
+    names = [engine.bank.tasks[t].labels for t in tasks]
+    labels = [n[int(np.argmax(row[: len(n)]))] for n, row in zip(names, logits)]
+    return Classified(logits, labels, names, list(ks))
+
+
 @torch.inference_mode()
-def profile_engine(engine: Engine, batch_sizes=(1, 16, 64), seq_lens=(16, 64), repeats: int = 1) -> LatencyTable:
-    """PetS's latency tables for this engine and device: α for the backbone alone, β per served PET type."""
+def profile_engine(engine: Engine, students: StudentBank | None = None, batch_sizes=(1, 16, 64), seq_lens=(16, 64),
+                   repeats: int = 1) -> LatencyTable:
+    """PetS's latency tables for this engine and device: α for the backbone alone, β per served PET type, and β for
+    the students (all K of the task with the most) when any task has them."""
     by_type: dict[str, str] = {}
     for name in engine.bank.tasks:
         by_type.setdefault(pet_type(engine, name), name)
+    student_task = max(students.tasks, key=students.num_students) if students is not None and students.tasks else None
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
 
     def run(n: int, L: int, p: str | None) -> float:
         ids = torch.randint(engine.cfg.vocab_size // 2, engine.cfg.vocab_size, (n, L), generator=gen).tolist()
+        if p == STUDENTS:
+            sync()
+            start = time.perf_counter()
+            students.run(ids, student_task, students.num_students(student_task))
+            sync()
+            return time.perf_counter() - start
         task = by_type[p] if p is not None else next(iter(engine.bank.tasks))
         rows = engine.bank.row_tasks([task] * n)
         if p is None:  # the backbone alone: every method's null slot
@@ -64,7 +104,10 @@ def profile_engine(engine: Engine, batch_sizes=(1, 16, 64), seq_lens=(16, 64), r
         return time.perf_counter() - start
 
     run(max(batch_sizes), max(seq_lens), None)  # warm up
-    return profile_latency_table(run, batch_sizes, seq_lens, sorted(by_type), repeats=repeats)
+    types = sorted(by_type) + ([STUDENTS] if student_task is not None else [])
+    if student_task is not None:
+        run(max(batch_sizes), max(seq_lens), STUDENTS)
+    return profile_latency_table(run, batch_sizes, seq_lens, types, standalone_pet_types=(STUDENTS,), repeats=repeats)
 
 
 @dataclass
@@ -74,22 +117,26 @@ class _Pending:
     decoded: DecodedRequest
     done: Done
     left: int
+    students: int | None = None  # the request's `students` parameter: at most this many (0: the teacher)
     logits: list = field(default_factory=list)
     labels: list = field(default_factory=list)
+    ran: list = field(default_factory=list)  # students per row (0: the teacher)
     failed: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.decoded.ids)
-        self.logits, self.labels = [None] * n, [None] * n
+        self.logits, self.labels, self.ran = [None] * n, [None] * n, [0] * n
 
 
 class ServingLoop:
-    """Scheduler + engine + one worker thread. `clock` returns seconds (monotonic); tests may pass their own."""
+    """Scheduler + engine (+ students) + one worker thread. `clock` returns seconds (monotonic); tests may pass their
+    own. `choose_k` is the students' pruning policy (`chorus.backends.students.PruningPolicy`; default: all K)."""
 
     def __init__(self, engine: Engine, config: SchedulerConfig, table: LatencyTable,
-                 clock: Callable[[], float] = time.monotonic, on_batch: Callable | None = None):
-        self.engine, self.clock, self.on_batch = engine, clock, on_batch
-        self.scheduler = Scheduler(config, table)
+                 clock: Callable[[], float] = time.monotonic, on_batch: Callable | None = None,
+                 students: StudentBank | None = None, choose_k: Callable | None = None):
+        self.engine, self.clock, self.on_batch, self.students = engine, clock, on_batch, students
+        self.scheduler = Scheduler(config, table, choose_k=choose_k)
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._closing = False
@@ -99,15 +146,18 @@ class ServingLoop:
         self._worker = threading.Thread(target=self._run, name="chorus-serving", daemon=True)
         self._worker.start()
 
-    def submit(self, decoded: DecodedRequest, done: Done, deadline_s: float | None = None) -> None:
-        """Queue a request's rows; `done` is called once, from the worker (or here, if refused)."""
+    def submit(self, decoded: DecodedRequest, done: Done, deadline_s: float | None = None,
+               students: int | None = None) -> None:
+        """Queue a request's rows; `done` is called once, from the worker (or here, if refused). `students`: at most
+        this many of a task's students answer (0: the teacher; None: as many as the pruning policy allows)."""
         if self._closing:
             done(Overloaded("the model is unloading; retry"))
             return
         now = self.clock()
-        pending = _Pending(decoded, done, len(decoded.ids))
+        pending = _Pending(decoded, done, len(decoded.ids), students)
         for row, (ids, task) in enumerate(zip(decoded.ids, decoded.tasks)):
-            refusal = self.scheduler.submit(Request(next(self._ids), task, pet_type(self.engine, task), len(ids), now,
+            path = STUDENTS if students_for(self.students, task, students) else pet_type(self.engine, task)
+            refusal = self.scheduler.submit(Request(next(self._ids), task, path, len(ids), now,
                                                     None if deadline_s is None else now + deadline_s,
                                                     payload=(pending, row)))
             if refusal is not None:
@@ -177,8 +227,12 @@ class ServingLoop:
         live = [r for r in batch.requests if not r.payload[0].failed]
         if not live:
             return
+        # a student batch: each row runs min(the batch's k, what its request allows, its task's K) students
+        ks = [0 if batch.k is None else min(batch.k, students_for(self.students, r.task, r.payload[0].students))
+              for r in live]
         try:
-            out = self.engine.run([r.payload[0].decoded.ids[r.payload[1]] for r in live], [r.task for r in live])
+            out = classify_rows(self.engine, self.students, [r.payload[0].decoded.ids[r.payload[1]] for r in live],
+                                [r.task for r in live], ks)
         except Exception as e:  # noqa: BLE001 - this batch's requests fail; the loop goes on
             log.exception("batch %d failed", batch.number)
             for pending in {id(r.payload[0]): r.payload[0] for r in live}.values():
@@ -198,9 +252,10 @@ class ServingLoop:
                 continue
             pending.logits[row] = out.logits[i]
             pending.labels[row] = (out.labels[i], out.label_names[i])
+            pending.ran[row] = ks[i]
             pending.left -= 1
             if pending.left == 0:
                 result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
-                                    [names for _, names in pending.labels])
+                                    [names for _, names in pending.labels], pending.ran)
                 self._answers.put((pending.done, result))
 

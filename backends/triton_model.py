@@ -8,15 +8,21 @@
   `truncate=true`, which keeps its first tokens),
   `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
   task-bank slots), `max_rank` (largest LoRA rank);
-- `batching`: `scheduler` (chorus's length-bucket scheduler; `scheduler` and `latency_table` configure it), `triton`
-  (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config), or `auto`
-  (default: `scheduler` on the CPU, `triton` on a GPU, where the scheduler path does not answer yet).
+- `batching`: `scheduler` (chorus's length-bucket scheduler, the default; `scheduler` and `latency_table` configure
+  it) or `triton` (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config);
+  `auto` is `scheduler`;
+- `students`: JSON object {task name: student directory} (Student Parallelism, `chorus distill`): such a task is
+  answered by its students unless a request sets the parameter `students=0` (the teacher) or `students=n` (at most
+  n); `pruning`: JSON of `PruningPolicy` knobs (`utilisation`, `min_students`, `grow_step`) or {"enabled": false}
+  (always all K). The output STUDENTS says per row how many students answered (0: the teacher).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +32,9 @@ import triton_python_backend_utils as pb_utils
 from chorus.backends.engine import DEFAULT_BACKBONE, Classified, Engine
 from chorus.backends.requests import decode_request
 from chorus.backends.scheduler import LatencyTable, SchedulerConfig
-from chorus.backends.serving import ServingLoop, profile_engine
+from chorus.backends.serving import ServingLoop, classify_rows, profile_engine, students_for
+from chorus.backends.students.bank import StudentBank
+from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +61,28 @@ def _device(choice: str, args: dict) -> str:
 
 def _parameters(request) -> dict:
     return json.loads(request.parameters() or "{}")
+
+
+def _json_param(params: dict, key: str, default: str) -> dict:
+    try:
+        value = json.loads(_param(params, key, default))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"parameter {key} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"parameter {key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _students(request) -> int | None:
+    """The request parameter `students`: 0 = the teacher, n = at most n students; absent = as many as load allows."""
+    value = _parameters(request).get("students")
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"request parameter students={value!r}: expected an integer >= 0 (0 = the teacher)")
+    return value
 
 
 def _truncate(request) -> bool:
@@ -115,8 +145,21 @@ class Metrics:
         self.queue = family("chorus_queue_depth", gauge, "rows waiting in the scheduler")
         self.last_rows = family("chorus_last_batch_rows", gauge, "rows of the latest batch")
         self.last_len = family("chorus_last_batch_padded_length", gauge, "padded length of the latest batch")
+        self.students_in_use = family("chorus_students_in_use", gauge,
+                                      "students run by the latest student batch (Student Parallelism pruning)")
+        self.student_family = pb_utils.MetricFamily("chorus_student_rows_total",
+                                                    "rows answered by k students (k=0: the teacher)", counter)
+        self.student_rows: dict[int, object] = {}
+
+    def answered(self, ks: list[int]) -> None:
+        for k, n in Counter(ks).items():
+            if k not in self.student_rows:
+                self.student_rows[k] = self.student_family.Metric(labels={"k": str(k)})
+            self.student_rows[k].increment(n)
 
     def observe(self, batch, queue_depth: int) -> None:
+        if batch.k is not None:
+            self.students_in_use.set(batch.k)
         self.batches.increment(1)
         self.rows.increment(batch.size)
         self.tokens.increment(batch.size * batch.padded_len)
@@ -140,36 +183,42 @@ class TritonPythonModel:
                              capacity=int(_param(params, "task_capacity", "16")),
                              max_length=int(_param(params, "max_length", "0")) or None,
                              max_rank=int(_param(params, "max_rank", "16")))
-        try:
-            tasks = json.loads(_param(params, "tasks", "{}"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"parameter tasks is not a JSON object {{name: path}}: {e}") from None
+        tasks = _json_param(params, "tasks", "{}")
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
+        student_dirs = _json_param(params, "students", "{}")
+        self.students = StudentBank(self.engine) if student_dirs else None
+        for name, path in student_dirs.items():
+            self.students.load(name, model_dir / path)
+        pruning = _json_param(params, "pruning", "{}")
+        try:
+            policy = (PruningPolicy(self.students.max_students, **pruning)
+                      if self.students is not None and pruning.pop("enabled", True) else None)
+        except TypeError as e:
+            raise ValueError(f"parameter pruning: {e}; known keys: enabled, utilisation, min_students, grow_step") from None
         self.batching = _param(params, "batching", "auto")
         if self.batching not in BATCHING + ("auto",):
             raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")
         if self.batching == "auto":
-            # On the H100 the 24.10 stub segfaults in the response sender's send() from the scheduler's worker
-            # (perf/results/h100-2026-11-22): until that is fixed, a CUDA engine uses Triton's batching.
-            self.batching = "triton" if self.engine.device.type == "cuda" else "scheduler"
-            if self.batching == "triton":
-                pb_utils.Logger.log_warn("chorus: batching=auto on CUDA uses Triton's batching (add dynamic_batching "
-                                         "to the config); the scheduler path is not yet working on GPUs")
+            self.batching = "scheduler"
         self.metrics, self.loop = Metrics(), None
         if self.batching == "scheduler":
             table_path = _param(params, "latency_table", "")
             if table_path and Path(table_path).is_file():
                 table = LatencyTable.load(table_path)
             else:  # PetS's latency tables, profiled on this engine and device (and kept if a path was given)
-                table = profile_engine(self.engine)
+                table = profile_engine(self.engine, self.students)
                 if table_path:
                     table.save(table_path)
-            scheduler = SchedulerConfig.from_dict(json.loads(_param(params, "scheduler", "{}")))
-            self.loop = ServingLoop(self.engine, scheduler, table, on_batch=self.metrics.observe)
+            scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
+            if self.students is not None:
+                scheduler = replace(scheduler, max_students=self.students.max_students)
+            self.loop = ServingLoop(self.engine, scheduler, table, on_batch=self.metrics.observe,
+                                    students=self.students, choose_k=policy)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {device} serves {len(tasks)} tasks: {sorted(tasks)} "
-                                 f"(numpy {np.__version__}, torch {torch.__version__}); batching {self.batching}")
+                                 f"(numpy {np.__version__}, torch {torch.__version__}); batching {self.batching}; "
+                                 f"students for {sorted(student_dirs)}")
 
     def execute(self, requests: list) -> list | None:
         """Decode each request; `scheduler`: hand its rows to the scheduler, whose worker answers through the response
@@ -183,12 +232,12 @@ class TritonPythonModel:
                 deadline_ms = _parameters(request).get("deadline_ms")
                 if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or deadline_ms <= 0):
                     raise InvalidInput(f"request parameter deadline_ms={deadline_ms!r}: expected a positive number")
-                decoded.append((d, None if deadline_ms is None else deadline_ms / 1000))
+                decoded.append((d, None if deadline_ms is None else deadline_ms / 1000, _students(request)))
             except InvalidInput as e:
-                decoded.append((e, None))
+                decoded.append((e, None, None))
         if self.loop is None:
-            return self._run_inline([d for d, _ in decoded])
-        for request, (d, deadline_s) in zip(requests, decoded):
+            return self._run_inline(decoded)
+        for request, (d, deadline_s, students) in zip(requests, decoded):
             sender = request.get_response_sender()
             # Only the outputs the client asked for: the 24.10 stub's send() prunes the others with the GIL released,
             # and freeing a BYTES tensor there crashed the stub on the H100 (perf/results/h100-2026-11-22).
@@ -196,24 +245,31 @@ class TritonPythonModel:
             if isinstance(d, Exception):
                 self._send(sender, wanted, d)
             else:
-                self.loop.submit(d, lambda result, s=sender, w=wanted: self._send(s, w, result), deadline_s)
+                self.loop.submit(d, lambda result, s=sender, w=wanted: self._send(s, w, result), deadline_s, students)
         return None
 
     def _run_inline(self, decoded: list) -> list:
-        good = [d for d in decoded if not isinstance(d, Exception)]
+        """`batching: triton`: every good request's rows as one batch (students, where a task has them, run all K or
+        what the request allows: no load-based pruning without the scheduler)."""
+        good = [(d, n) for d, _, n in decoded if not isinstance(d, Exception)]
+        ids = [r for d, _ in good for r in d.ids]
+        tasks = [t for d, _ in good for t in d.tasks]
+        ks = [students_for(self.students, t, n) for d, n in good for t in d.tasks]
         try:
-            out = self.engine.run([r for d in good for r in d.ids], [t for d in good for t in d.tasks]) if good else None
+            out = classify_rows(self.engine, self.students, ids, tasks, ks) if good else None
         except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
             pb_utils.Logger.log_error(f"chorus: batch failed: {e!r}")
             out = RuntimeError(f"batch failed: {e}")
         responses, start = [], 0
-        for d in decoded:
+        for d, _, _ in decoded:
             if isinstance(d, Exception) or isinstance(out, Exception):
                 responses.append(self._error(d if isinstance(d, Exception) else out))
                 continue
             rows = slice(start, start + len(d.ids))
             start += len(d.ids)
-            responses.append(self._response(out.logits[rows], out.labels[rows], out.label_names[rows]))
+            responses.append(self._response(out.logits[rows], out.labels[rows], out.label_names[rows],
+                                            out.students[rows]))
+            self.metrics.answered(out.students[rows])
         return responses
 
     def _error(self, error: Exception):
@@ -225,12 +281,16 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
 
     def _send(self, sender, wanted: frozenset[str], result: Classified | Exception) -> None:
-        response = (self._error(result) if isinstance(result, Exception)
-                    else self._response(result.logits, result.labels, result.label_names, wanted))
+        if isinstance(result, Exception):
+            response = self._error(result)
+        else:
+            response = self._response(result.logits, result.labels, result.label_names, result.students, wanted)
+            self.metrics.answered(result.students)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     @staticmethod
-    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]], wanted: frozenset[str] | None = None):
+    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]], students: list[int],
+                  wanted: frozenset[str] | None = None):
         """The outputs (all, or those in `wanted`) of one request's rows."""
         width = max(len(n) for n in names)  # this request's largest label count
         outputs = {
@@ -238,6 +298,7 @@ class TritonPythonModel:
             "LABEL": lambda: np.array([[s.encode()] for s in labels], dtype=np.object_),
             "LABEL_NAMES": lambda: np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names],
                                             dtype=np.object_),
+            "STUDENTS": lambda: np.array(students, dtype=np.int32).reshape(-1, 1),
         }
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, make()) for name, make in outputs.items()
                                                           if wanted is None or name in wanted])

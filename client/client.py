@@ -39,13 +39,14 @@ from .wire import (
     plan_add,
     plan_remove,
     predictions,
+    request_parameters,
     resolve_url,
     tasks_from_config,
     text_requests,
     translate_error,
 )
 
-OUTPUTS = ("LOGITS", "LABEL", "LABEL_NAMES")
+OUTPUTS = ("LOGITS", "LABEL", "LABEL_NAMES", "STUDENTS")
 
 
 class _Transport:
@@ -118,7 +119,8 @@ class _ClientBase:
     @staticmethod
     def _place(out: list, request: Request, arrays: dict[str, np.ndarray]) -> None:
         tasks = [t[0].decode("utf-8") for t in request.tensors["TASK"]]
-        for row, prediction in zip(request.rows, predictions(tasks, arrays["LOGITS"], arrays["LABEL"], arrays["LABEL_NAMES"])):
+        for row, prediction in zip(request.rows, predictions(tasks, arrays["LOGITS"], arrays["LABEL"],
+                                                             arrays["LABEL_NAMES"], arrays.get("STUDENTS"))):
             out[row] = prediction
 
     def _health(self, live: bool, ready: bool, model_ready: bool, metadata: dict, tasks: int | None) -> dict:
@@ -152,14 +154,18 @@ class ChorusClient(_ClientBase):
     def close(self) -> None:
         self._t.client.close()
 
-    def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False) -> list[Prediction]:
+    def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False,
+                 students: int | None = None) -> list[Prediction]:
         """One Prediction per text, in order. `task` names one task for all texts, or one per text. A text longer
-        than the model reads is refused, unless `truncate` asks the server to classify its first tokens."""
-        return self._run(text_requests(texts, task, self.max_batch_size), {"truncate": True} if truncate else None)
+        than the model reads is refused, unless `truncate` asks the server to classify its first tokens. For a task
+        with students, `students=0` asks for the teacher and `students=n` for at most n students (default: as many as
+        the server's load allows); `Prediction.students` says how many answered."""
+        return self._run(text_requests(texts, task, self.max_batch_size), request_parameters(truncate, students))
 
-    def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str]) -> list[Prediction]:
+    def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str],
+                     students: int | None = None) -> list[Prediction]:
         """Like `classify` for pre-tokenized rows (ids include [CLS]/[SEP]); one request per length and chunk."""
-        return self._run(ids_requests(ids, task, self.max_batch_size))
+        return self._run(ids_requests(ids, task, self.max_batch_size), request_parameters(False, students))
 
     def tasks(self) -> dict[str, str]:
         """Served tasks: {name: task path on the server}."""
@@ -240,11 +246,13 @@ class AsyncChorusClient(_ClientBase):
     async def close(self) -> None:
         await self._t.client.close()
 
-    async def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False) -> list[Prediction]:
-        return await self._run(text_requests(texts, task, self.max_batch_size), {"truncate": True} if truncate else None)
+    async def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False,
+                       students: int | None = None) -> list[Prediction]:
+        return await self._run(text_requests(texts, task, self.max_batch_size), request_parameters(truncate, students))
 
-    async def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str]) -> list[Prediction]:
-        return await self._run(ids_requests(ids, task, self.max_batch_size))
+    async def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str],
+                           students: int | None = None) -> list[Prediction]:
+        return await self._run(ids_requests(ids, task, self.max_batch_size), request_parameters(False, students))
 
     async def tasks(self) -> dict[str, str]:
         return tasks_from_config(await self._config())

@@ -32,6 +32,7 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     logits: list[float]
+    students: int = 0  # students that answered (Student Parallelism); 0: the teacher
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,22 @@ def softmax(logits: Sequence[float]) -> list[float]:
     return (e / e.sum()).tolist()
 
 
-def predictions(tasks: Sequence[str], logits: np.ndarray, labels: np.ndarray, names: np.ndarray) -> list[Prediction]:
-    """Rows of LOGITS (B, W) fp32, LABEL (B, 1) bytes and LABEL_NAMES (B, W) bytes -> Predictions.
+def request_parameters(truncate: bool = False, students: int | None = None) -> dict | None:
+    """The `chorus` model's request parameters, None when none is set."""
+    params: dict = {}
+    if truncate:
+        params["truncate"] = True
+    if students is not None:
+        if not isinstance(students, int) or isinstance(students, bool) or students < 0:
+            raise ChorusError(f"students={students!r}: expected an integer >= 0 (0 = the teacher)")
+        params["students"] = students
+    return params or None
+
+
+def predictions(tasks: Sequence[str], logits: np.ndarray, labels: np.ndarray, names: np.ndarray,
+                students: np.ndarray | None = None) -> list[Prediction]:
+    """Rows of LOGITS (B, W) fp32, LABEL (B, 1) bytes, LABEL_NAMES (B, W) bytes and STUDENTS (B, 1) int32 (None from
+    a server without it) -> Predictions.
 
     A row's labels are its non-empty LABEL_NAMES; the rest is padding (logit -inf) and is dropped before the softmax.
     """
@@ -209,7 +224,9 @@ def predictions(tasks: Sequence[str], logits: np.ndarray, labels: np.ndarray, na
         row_logits = [float(logits[r, j]) for j in keep]
         if not keep:
             raise ChorusError(f"server returned no labels for row {r} (task {task!r}): LABEL_NAMES {names[r]!r}")
-        out.append(Prediction(task, _text(labels[r].reshape(-1)[0]), dict(zip(label_names, softmax(row_logits))), row_logits))
+        k = 0 if students is None else int(students[r].reshape(-1)[0])
+        out.append(Prediction(task, _text(labels[r].reshape(-1)[0]), dict(zip(label_names, softmax(row_logits))),
+                              row_logits, k))
     return out
 
 

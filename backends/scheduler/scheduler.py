@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from chorus.backends.scheduler.admission import Refusal, check_admission, waiting_time
-from chorus.backends.scheduler.batching import form_batches, order_by_deadline, path_of
+from chorus.backends.scheduler.batching import batch_time, form_batches, order_by_deadline, path_of, rows_cap
 from chorus.backends.scheduler.buffer import Element, LengthBuffer
 from chorus.backends.scheduler.config import SchedulerConfig
 from chorus.backends.scheduler.latency import LatencyTable
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # choose_k(queue_depth, arrival_rate [requests/s], service_rate [requests/s], deadline_slack [s]) -> students to run
 ChooseK = Callable[[int, float, float, float], int]
-RATE_EMA = 0.1  # weight of the newest sample in the arrival-gap and service-rate averages
+RATE_WINDOW_S = 1.0  # the arrival rate counts the arrivals of this many seconds
 
 
 class Scheduler:
@@ -52,9 +52,7 @@ class Scheduler:
         self._formed = 0  # batches formed so far
         self._inflight: deque[tuple[int, float]] = deque(maxlen=4096)  # (batch number, estimated s), not completed
         self._busy_until = -math.inf  # when the executor finishes what it was given, by estimate
-        self._last_arrival: float | None = None
-        self._gap_ema: float | None = None
-        self._service_rate = 0.0
+        self._arrivals: deque[float] = deque()  # arrival times within RATE_WINDOW_S of the latest
 
     # -- the request thread ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Refusal | None:
@@ -111,7 +109,7 @@ class Scheduler:
             planned = order_by_deadline(groups, max(now, self._busy_until), self.table, self.cfg)
             depth = len(self._buffer) - n
             # choose_k may raise: ask it before any request leaves the buffer
-            ks = [self._choose_k(reqs, start, finish, depth) for reqs, start, finish in planned]
+            ks = [self._choose_k(reqs, now, finish, depth) for reqs, _, finish in planned]
             self._buffer.take(pool)
             self._metrics.deadline_splits += len(planned) - len(groups)
             batches = [self._make_batch(reqs, start, finish, now, k)
@@ -166,26 +164,29 @@ class Scheduler:
                 or self._formed - e.batch_mark >= self.cfg.max_batches_passed or now >= self._due(e))
 
     def _note_arrival(self, now: float) -> None:
-        if self._last_arrival is not None:
-            gap = max(0.0, now - self._last_arrival)
-            self._gap_ema = gap if self._gap_ema is None else (1 - RATE_EMA) * self._gap_ema + RATE_EMA * gap
-        self._last_arrival = now if self._last_arrival is None else max(self._last_arrival, now)
+        self._arrivals.append(now)
+        self._forget_arrivals(now)
 
-    @property
-    def arrival_rate(self) -> float:
-        """Requests per second, from the average gap between arrivals (inf for a burst, 0 before two arrivals)."""
-        if self._gap_ema is None:
-            return 0.0
-        return math.inf if self._gap_ema == 0 else 1.0 / self._gap_ema
+    def _forget_arrivals(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0] <= now - RATE_WINDOW_S:
+            self._arrivals.popleft()
 
-    def _choose_k(self, reqs: list[Request], start: float, finish: float, queue_depth: int) -> int | None:
-        """Students for a student batch (choose_k, default all of them); None for a batch on the backbone."""
+    def arrival_rate(self, now: float) -> float:
+        """Requests (rows) per second: the arrivals of the last RATE_WINDOW_S seconds."""
+        self._forget_arrivals(now)
+        return len(self._arrivals) / RATE_WINDOW_S
+
+    def _choose_k(self, reqs: list[Request], now: float, finish: float, queue_depth: int) -> int | None:
+        """Students for a student batch (choose_k, default all of them); None for a batch on the backbone.
+        The service rate is the path's capacity with full batches of this length (requests/s, by the table)."""
         if path_of(reqs[0].pet_type, self.cfg) == "backbone":
             return None
         if self.choose_k is None:
             return self.cfg.max_students
-        service_rate = self._service_rate or len(reqs) / max(finish - start, 1e-12)  # requests/s, by estimate
-        k = self.choose_k(queue_depth, self.arrival_rate, service_rate, min(r.deadline for r in reqs) - finish)
+        L = max(r.num_tokens for r in reqs)
+        n = rows_cap(L, self.cfg)
+        service_rate = n / max(batch_time({reqs[0].pet_type: n}, L, self.table, self.cfg), 1e-12)
+        k = self.choose_k(queue_depth, self.arrival_rate(now), service_rate, min(r.deadline for r in reqs) - finish)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.cfg.max_students:
             raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "
                                "(max_students)")
@@ -194,8 +195,6 @@ class Scheduler:
     def _make_batch(self, reqs: list[Request], start: float, finish: float, now: float, k: int | None) -> Batch:
         m = self._metrics
         estimated = finish - start
-        rate = len(reqs) / estimated if estimated > 0 else math.inf
-        self._service_rate = rate if not self._service_rate else (1 - RATE_EMA) * self._service_rate + RATE_EMA * rate
         pet_types = tuple(sorted({r.pet_type for r in reqs}))
         if k is not None:
             m.student_batches += 1

@@ -315,7 +315,7 @@ def test_students_carry_k_from_choose_k_and_share_the_scheduler_with_pet_tasks()
     assert students and all(b.k in (2, 4) for b in students)
     assert all(b.k is None for b in out if b not in students) and len(seen) == len(students)
     q, arrival_rate, service_rate, slack = seen[0]
-    assert q == 0 and arrival_rate == pytest.approx(1e4) and service_rate > 0 and 0 < slack < 1.0
+    assert q == 0 and arrival_rate == 12 and service_rate > 0 and 0 < slack < 1.0  # 12 arrivals within the window
     m = sched.metrics
     assert m.student_batches == len(students) and m.students_k_sum == sum(b.k for b in students)
     default = Scheduler(SchedulerConfig(max_wait_s=0.0, max_students=3), table())

@@ -1,0 +1,81 @@
+"""The students of served tasks, over the serving backbone's own embeddings: what the entry model runs for a task that
+has students (Student Parallelism), instead of backbone + PET.
+
+A task's students answer with the task's labels (checked at load); `run(ids, task, k)` runs the first k of them fused
+(`StudentGroup`), on the engine's device and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chorus.backends.students.embeddings import SharedEmbeddings
+from chorus.backends.students.files import read_students
+from chorus.backends.students.group import StudentGroup
+from chorus.errors import InvalidInput, TaskFileError, UnknownTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedStudents:
+    group: StudentGroup
+    labels: list[str]
+    prefixes: list[dict]  # prefixes[k-1]: accuracy / latency of the first k students, as measured at distillation
+
+    @property
+    def num_students(self) -> int:
+        return self.group.num_students
+
+
+class StudentBank:
+    """{task: its students}, sharing `engine`'s embedding tables (never copied)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.embeddings = SharedEmbeddings.from_encoder(engine.model.encoder)
+        self.tasks: dict[str, ServedStudents] = {}
+
+    def load(self, task: str, path: str | Path) -> ServedStudents:
+        """Load a task's student directory (chorus-students/1); the task must be served, with the same labels."""
+        if task not in self.engine.bank.tasks:
+            raise UnknownTask(f"students for {task!r}: the task is not served (served: {sorted(self.engine.bank.tasks)})")
+        files = read_students(path)
+        want = list(self.engine.bank.tasks[task].labels)
+        if list(files.labels) != want:
+            raise TaskFileError(f"students in {path} answer with labels {files.labels}, but task {task!r} has {want}")
+        param = self.embeddings.word
+        group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
+        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes))
+        log.info("students for %s: K=%d, %d layers each", task, group.num_students, files.config.num_layers)
+        return self.tasks[task]
+
+    def remove(self, task: str) -> None:
+        self.tasks.pop(task, None)
+
+    def num_students(self, task: str) -> int:
+        """K of the task's students; 0 when it has none."""
+        served = self.tasks.get(task)
+        return 0 if served is None else served.num_students
+
+    @property
+    def max_students(self) -> int:
+        return max((s.num_students for s in self.tasks.values()), default=0)
+
+    @torch.inference_mode()
+    def run(self, ids: list[list[int]], task: str, k: int) -> np.ndarray:
+        """float32 logits (n, num_labels) of the first k students' boosting sum, for rows of token ids."""
+        served = self.tasks.get(task)
+        if served is None:
+            raise UnknownTask(f"task {task!r} has no students (tasks with students: {sorted(self.tasks)})")
+        if not 1 <= k <= served.num_students:
+            raise InvalidInput(f"task {task!r} has {served.num_students} students; cannot run {k}")
+        input_ids, mask = self.engine.pad(ids)
+        device = self.embeddings.word.device
+        logits = served.group(input_ids.to(device), mask.to(device), k=k)
+        return logits.float().cpu().numpy()

@@ -1,0 +1,149 @@
+"""Students in serving: the pruning policy (pure), the student bank over the serving backbone's embeddings, and the
+serving loop choosing between a task's students and its teacher."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from chorus.backends.scheduler import SchedulerConfig
+from chorus.backends.serving import ServingLoop, classify_rows, profile_engine
+from chorus.backends.students import StudentConfig, StudentFiles, StudentGroup, save_students, stack_students
+from chorus.backends.students.bank import StudentBank
+from chorus.backends.students.pruning import PruningPolicy
+from chorus.backends.students.reference import Student
+from chorus.errors import InvalidInput, TaskFileError, UnknownTask
+from tests.unit.test_serving import TINY, engine, requests  # noqa: F401 - `engine` is a fixture
+
+K = 3
+
+
+# ---- the pruning policy ---------------------------------------------------------------------------------------------
+def test_light_load_runs_every_student():
+    policy = PruningPolicy(4)
+    assert policy(queue_depth=0, arrival_rate=10.0, service_rate=1000.0, deadline_slack=1.0) == 4
+
+
+def test_a_burst_prunes_at_once_and_recovery_grows_back_one_student_per_batch():
+    policy = PruningPolicy(4, utilisation=0.8)
+    # capacity(k) = 1000 / ((1 + k) / 5): k=4 1000/s, k=3 1250/s, k=2 1667/s, k=1 2500/s; 80% of it may arrive
+    assert policy(0, 1900.0, 1000.0, 1.0) == 1  # only k=1 sustains 1900/s (0.8 x 2500 = 2000)
+    assert policy(0, 1100.0, 1000.0, 1.0) == 2  # k=2 sustains 1333/s, k=3 only 1000/s
+    assert policy(0, 10.0, 1000.0, 1.0) == 3  # load fell: one more student per batch, not a jump to 4
+    assert policy(0, 10.0, 1000.0, 1.0) == 4
+    assert policy.current == 4
+
+
+def test_a_queue_that_would_miss_its_deadline_prunes():
+    policy = PruningPolicy(4)
+    # 100 waiting rows at 1000 rows/s with all 4 take 0.1 s; with 1 student (cost 2/5) 0.04 s
+    assert policy(queue_depth=100, arrival_rate=0.0, service_rate=1000.0, deadline_slack=0.05) == 1
+    assert policy(queue_depth=100, arrival_rate=0.0, service_rate=1000.0, deadline_slack=-1.0) == 1  # already late
+    assert PruningPolicy(4, min_students=2)(100, 0.0, 1000.0, 0.05) == 2  # never below min_students
+
+
+def test_nothing_measured_yet_runs_all_and_bad_knobs_are_refused_by_name():
+    assert PruningPolicy(3)(5, float("inf"), 0.0, 1.0) == 3
+    for kwargs, word in [({"num_students": 0}, "num_students"), ({"num_students": 2, "utilisation": 0},
+                                                                  "utilisation"),
+                         ({"num_students": 2, "min_students": 3}, "min_students")]:
+        with pytest.raises(InvalidInput, match=word):
+            PruningPolicy(**kwargs)
+
+
+# ---- the student bank -----------------------------------------------------------------------------------------------
+def save_random_students(path, labels, seed=0):
+    cfg = StudentConfig(num_students=K, num_layers=2, hidden_size=TINY.hidden_size, num_heads=4, intermediate_size=48,
+                        num_labels=len(labels), dropout=0.0)
+    torch.manual_seed(seed)
+    students = [Student(cfg).eval() for _ in range(K)]
+    files = StudentFiles(cfg, list(labels), stack_students(students), torch.tensor([1.0, 0.6, 0.3]))
+    return save_students(files, path)
+
+
+@pytest.fixture(scope="module")
+def bank(engine, tmp_path_factory):  # noqa: F811
+    bank = StudentBank(engine)
+    bank.load("t0", save_random_students(tmp_path_factory.mktemp("students") / "t0", engine.bank.tasks["t0"].labels))
+    return bank
+
+
+def test_student_rows_match_the_group_and_teacher_rows_match_the_engine(engine, bank):  # noqa: F811
+    ids = [[101, 7, 8, 9, 102], [101, 5, 102], [101, 9, 9, 9, 9, 9, 102], [101, 11, 102]]
+    tasks, ks = ["t0", "t0", "t1", "t0"], [3, 1, 0, 0]
+    out = classify_rows(engine, bank, ids, tasks, ks)
+    assert out.students == ks and out.logits.shape == (4, engine.bank.max_labels)
+    group: StudentGroup = bank.tasks["t0"].group
+    for i in (0, 1):
+        x, mask = engine.pad([ids[i]])
+        want = group(x, mask, k=ks[i]).numpy()[0]
+        np.testing.assert_allclose(out.logits[i, :2], want, rtol=1e-5, atol=1e-6)
+        assert np.all(np.isneginf(out.logits[i, 2:]))
+    alone = engine.run([ids[2], ids[3]], ["t1", "t0"])
+    np.testing.assert_allclose(out.logits[2:, :2], alone.logits[:, :2], rtol=1e-5, atol=1e-6)
+    assert out.labels[2:] == alone.labels
+
+
+def test_students_must_match_a_served_task_and_its_labels(engine, bank, tmp_path):  # noqa: F811
+    with pytest.raises(UnknownTask, match="no_such_task"):
+        StudentBank(engine).load("no_such_task", tmp_path)
+    wrong = save_random_students(tmp_path / "wrong", ["a", "b", "c"])
+    with pytest.raises(TaskFileError, match=r"labels \['a', 'b', 'c'\].*'t1'"):
+        StudentBank(engine).load("t1", wrong)
+    with pytest.raises(InvalidInput, match="has 3 students; cannot run 4"):
+        bank.run([[101, 102]], "t0", 4)
+    with pytest.raises(UnknownTask, match="'t1' has no students"):
+        bank.run([[101, 102]], "t1", 1)
+    assert bank.num_students("t0") == K and bank.num_students("t1") == 0 and bank.max_students == K
+
+
+# ---- the serving loop -----------------------------------------------------------------------------------------------
+def serve(loop, reqs, students=None):
+    results, all_done = {}, threading.Event()
+
+    def record(i):
+        def done(result):
+            results[i] = result
+            if len(results) == len(reqs):
+                all_done.set()
+        return done
+
+    for i, r in enumerate(reqs):
+        loop.submit(r, record(i), students=students)
+    assert all_done.wait(60), f"{len(results)} of {len(reqs)} answered"
+    return [results[i] for i in range(len(reqs))]
+
+
+def test_a_task_with_students_is_answered_by_them_unless_the_request_asks_for_the_teacher(engine, bank):  # noqa: F811
+    table = profile_engine(engine, bank, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    assert "students" in table.pet
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0, max_students=K), table, students=bank)
+    reqs = requests(20, seed=7)
+    for students, expect in ((None, K), (0, 0), (2, 2)):
+        for req, got in zip(reqs, serve(loop, reqs, students)):
+            assert not isinstance(got, Exception), got
+            ks = [expect if t == "t0" else 0 for t in req.tasks]
+            assert got.students == ks
+            want = classify_rows(engine, bank, req.ids, req.tasks, ks)
+            np.testing.assert_allclose(got.logits[:, :2], want.logits[:, :2], rtol=1e-4, atol=1e-5)
+            assert got.labels == want.labels
+    loop.close()
+
+
+def test_under_a_burst_the_policy_prunes_student_batches(engine, bank):  # noqa: F811
+    table = profile_engine(engine, bank, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    # plan as if the students were 200x slower than measured: the burst below then exceeds their capacity by far,
+    # whatever this machine's speed (the policy reads the table, not a clock)
+    table.pet["students"] = [[200 * t for t in row] for row in table.pet["students"]]
+    policy = PruningPolicy(K)
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=3600.0, max_students=K), table, students=bank,
+                       choose_k=policy)
+    burst = requests(80, seed=8)
+    for r in burst:
+        r.tasks[:] = ["t0"] * len(r.tasks)
+    got = serve(loop, burst)  # all submitted at once: arrivals far faster than the students' service rate
+    loop.close()
+    ran = [k for g in got for k in g.students]
+    assert min(ran) < K and all(1 <= k <= K for k in ran)
+    assert loop.scheduler.metrics.student_batches >= 1
