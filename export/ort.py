@@ -74,6 +74,7 @@ class OrtBackbone:
         self.exports = 0  # how many times the model was exported (tests and logs)
         self._version: int | None = None
         self._bound: dict[str, torch.Tensor] = {}  # keeps the bound bank tensors alive
+        self._inputs: set[str] = set()  # the session's input names (the exporter drops inputs a graph never reads)
         self._lock = threading.Lock()
 
     # -- binding ----------------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class OrtBackbone:
                 options["provider_options"] = [{"device_id": self.device.index or 0}, {}]
             self.session = ort.InferenceSession(buf.getvalue(), self.session_options, **options)
             self.graph, self.exports = graph, self.exports + 1
-            self._inputs = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs a graph never reads
+            self._inputs = {i.name for i in self.session.get_inputs()}
         self.binding = self.session.io_binding()
         self._bound = {}
         for name, t in tensors.items():
