@@ -1,0 +1,725 @@
+"""The benchmark harness: start the servers each comparison needs, run it, stop them, write a results folder.
+
+    python -m perf.bench --profile cpu                 # `make perf`: this machine, real all-MiniLM-L6-v2 + 4 tasks
+    python -m perf.bench --profile gpu --bundle .gpu   # `bash perf/gpu/run.sh perf` on the GPU machine
+
+Systems compared, all on the same real tritonserver binary and chorus's entry-model code:
+    chorus         one model, every task, chorus's length-bucket scheduler (`batching: scheduler`)
+    chorus_db<us>  the same model with the scheduler off: Triton's dynamic batcher, one per tuned queue delay
+    teacher_<task> Triton as deployed today: one model per task (its own backbone copy) with the dynamic batcher
+    hf_inprocess   Hugging Face transformers' BertModel with the task merged in, in process (no server)
+and, where the served model has a STUDENTS output, Student Parallelism's students (request parameter `students`).
+
+Writes <out>/results.json (every figure, the commands, what was skipped and why), perf_analyzer CSVs, loadgen
+outcomes (CSV) and timelines (JSON); then `perf.report` draws the plots and summary.md. The folder's results.json
+holds the summary keys of issue 6; `python -m perf.summarize <out>` copies them into perf/results/summary*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chorus.server import TritonServer
+from perf import loadgen, pa, repos, workload
+from perf.loadgen import LoadGenerator
+
+LOG = logging.getLogger("perf.bench")
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = (
+    "sp_p50_speedup_vs_teacher", "sp_p50_speedup_vs_triton_baseline", "sp_accuracy_drop_points",
+    "burst_p99_ms_with_pruning", "burst_p99_ms_without_pruning", "max_rate_at_slo_vs_triton_baseline",
+    "mixed_tasks_speedup_vs_seqs", "mixed_vs_single_task_ratio", "max_tasks_one_gpu", "padding_fraction",
+    "scheduler_rate_vs_dynamic_batcher", "served_vs_inprocess_throughput", "model_flops_utilisation",
+)
+# Students: the config parameter that turns pruning off for the "without pruning" burst. The entry model's student
+# wiring is in progress; this name is the harness's guess, checked at run time: a no-pruning run whose STUDENTS output
+# ever drops below K is reported as "switch had no effect" and its key stays null.
+NO_PRUNING_PARAMS = {"student_pruning": "false"}
+# Dense fp16/bf16 tensor-core peak (FLOP/s) by GPU name, for model FLOPs utilisation.
+PEAK_FLOPS = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.0e12,
+              "H200": 989.4e12, "A100": 312.0e12}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    slo_ms: float  # p99 latency objective for "highest Poisson rate served"
+    pa: pa.Measurement
+    concurrency: tuple[int, ...]
+    rate_grid: tuple[float, float, float]  # (start, end, step) as fractions of the saturation throughput
+    loadgen_point_s: float  # seconds of Poisson arrivals per loadgen rate point
+    delays_us: tuple[int, ...]  # Triton dynamic batcher queue delays tried ("tuned")
+    overload_s: float  # seconds at 3x saturation
+    recovery_s: float  # seconds at 0.3x saturation after it
+    burst_cycles: int  # cycles of (2 s at 0.3x, 1 s at 2x)
+    per_task_models: int  # tasks given their own Triton model in the per-task baseline
+    inprocess_rows: int
+    metrics_period_s: float
+    budget_s: float  # the whole run; stages that no longer fit are skipped (and said so)
+    bin_s: float = 0.5
+
+
+PROFILES = {
+    # 2 shared cores: the server, perf_analyzer and the load generator share them. SLO 300 ms: one row alone takes
+    # ~30 ms in the Python backend here and a 64-row batch ~0.4 s, so 300 ms is "a few batches of queueing".
+    "cpu": Profile("cpu", slo_ms=300.0, pa=pa.Measurement(3000, 3), concurrency=(1, 4, 16), rate_grid=(0.3, 1.3, 0.2),
+                   loadgen_point_s=6.0, delays_us=(5000, 25000), overload_s=15.0, recovery_s=10.0, burst_cycles=3,
+                   per_task_models=4, inprocess_rows=32, metrics_period_s=0.25, budget_s=15 * 60),
+    "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(2000, 3), concurrency=(1, 8, 32, 64),
+                   rate_grid=(0.3, 1.3, 0.2), loadgen_point_s=4.0, delays_us=(500, 2000, 5000), overload_s=30.0,
+                   recovery_s=10.0, burst_cycles=3, per_task_models=8, inprocess_rows=64, metrics_period_s=0.1,
+                   budget_s=8.5 * 60),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the run's world
+@dataclass
+class World:
+    """What is served: backbone, tasks, request rows, engine settings, and where the server's files are."""
+
+    backbone: str
+    tasks: dict[str, str]  # name -> absolute task directory
+    rows: list[workload.Row]
+    tokenizer_path: Path
+    params: dict[str, str]  # config-parameter overrides for every generated model
+    dtype: torch.dtype
+    device: str
+    description: str
+    students: dict[str, int] = field(default_factory=dict)  # task -> K, from model_repository/chorus/students
+
+
+def cpu_world() -> World:
+    from chorus.backends.engine import resolve_backbone
+    from chorus.train import DEFAULT_TASKS
+
+    tasks = repos.shipped_tasks()
+    datasets = {name: ds for name, ds, _, _ in DEFAULT_TASKS if name in tasks}
+    rows = workload.task_rows(datasets, limit=300)
+    students = {}
+    for d in sorted((repos.SHIPPED / "students").glob("*/chorus_students.json")):
+        if d.parent.name in tasks:
+            students[d.parent.name] = json.loads(d.read_text())["config"]["num_students"]
+    return World("all-MiniLM-L6-v2", tasks, rows, resolve_backbone("all-MiniLM-L6-v2") / "tokenizer.json",
+                 {"device": "cpu"}, torch.float32, "cpu",
+                 "all-MiniLM-L6-v2 (real weights, fp32), the 4 default tasks, their real test texts", students)
+
+
+def gpu_world(bundle: Path, work: Path, n_tasks: int) -> World:
+    from perf.gpu_check import make_backbone, make_tasks
+
+    cfg = make_backbone(work / "bert-base", bundle / "tokenizer.json")
+    tasks = make_tasks(cfg, work / "tasks", n_tasks)
+    texts = json.loads((bundle / "rt_texts.json").read_text())
+    rows = workload.text_rows(texts, sorted(tasks))
+    params = {"backbone": str(work / "bert-base"), "dtype": "float16", "max_length": "128",
+              "task_capacity": str(n_tasks + 1), "device": "auto",
+              "scheduler": json.dumps({"default_deadline_s": 1.0})}
+    return World(str(work / "bert-base"), tasks, rows, bundle / "tokenizer.json", params, torch.float16, "cuda",
+                 f"bert-base-shaped backbone (random weights, fp16), {n_tasks} random LoRA/BitFit tasks, "
+                 "1,000 Rotten Tomatoes test sentences (labels not meaningful: random weights)")
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+class Bench:
+    def __init__(self, profile: Profile, world: World, out: Path):
+        self.p, self.w, self.out = profile, world, out
+        self.t0 = time.monotonic()
+        self.result: dict = {"notes": [], "skipped": [], "systems": {}}
+        self.saturation: float | None = None  # infer/s at which the chorus deployment saturates
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(world.tokenizer_path))
+        self.lengths = workload.token_lengths(world.rows, self.tokenizer)
+        self.pa_input = workload.write_json(out / "raw" / "pa_input_text.json", workload.pa_input_data(world.rows))
+
+    # ---- bookkeeping
+    def left_s(self) -> float:
+        return self.p.budget_s - (time.monotonic() - self.t0)
+
+    def note(self, text: str) -> None:
+        LOG.info("note: %s", text)
+        self.result["notes"].append(text)
+
+    def skip(self, what: str, why: str) -> None:
+        LOG.warning("skipped %s: %s", what, why)
+        self.result["skipped"].append({"what": what, "why": why})
+
+    def fits(self, what: str, need_s: float) -> bool:
+        if self.left_s() < need_s:
+            self.skip(what, f"time budget: {self.left_s():.0f} s left, needs ~{need_s:.0f} s")
+            return False
+        return True
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.result, indent=2, default=str))
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        LOG.info("=== %s (%.0f s left)", name, self.left_s())
+        start = time.monotonic()
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - one failed comparison is recorded; the others still run
+            LOG.error("stage %s failed: %r\n%s", name, e, traceback.format_exc())
+            self.skip(name, f"failed: {e!r}"[:1500])
+        finally:
+            self.result.setdefault("stage_seconds", {})[name] = round(time.monotonic() - start, 1)
+            self.save()
+
+    @contextlib.contextmanager
+    def server(self, name: str, models: list[str], repo: Path) -> Iterator[TritonServer]:
+        log = self.out / "raw" / f"tritonserver-{name}.log"
+        with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, models_to_load=models, log_path=log,
+                          ready_timeout_s=240) as server:
+            LOG.info("%s ready (models %s)", name, models)
+            yield server
+
+    # ---- helpers
+    def arrivals(self, offsets: list[float], rows: list[workload.Row] | None = None, seed: int = 0):
+        rows = rows or self.w.rows
+        k = random.Random(seed).randrange(len(rows))
+        return [(t, rows[(k + i) % len(rows)]) for i, t in enumerate(offsets)]
+
+    def probe(self, server: TritonServer, model: str, timeout_s: float = 60) -> list[str]:
+        """One real request to `model` (a server whose answer path crashes is caught here); returns its outputs."""
+        gen = LoadGenerator(server.grpc_url, lambda t: model, timeout_s=timeout_s)
+        try:
+            outcomes, _ = gen.run(self.arrivals([0.0, 0.01, 0.02]))
+            if any(o.status != "ok" for o in outcomes):
+                raise RuntimeError(f"probe of {model} failed: {[(o.status, o.error) for o in outcomes]}")
+            meta = gen.client.get_model_metadata(model, as_json=True)
+            return [o["name"] for o in meta["outputs"]]
+        finally:
+            gen.close()
+
+    def pa_concurrency(self, server: TritonServer, model: str, tag: str) -> list[dict]:
+        rows, runs = [], []
+        for c in self.p.concurrency:
+            r = pa.run(model, server.grpc_url, self.pa_input, self.out / "raw" / f"pa-{tag}-c{c}.csv",
+                       pa.concurrency_mode(c), self.p.pa,
+                       collect_metrics_url=server.metrics_url if self.p.name == "gpu" else None)
+            runs.append({k: v for k, v in r.items() if k != "rows"})
+            if r["returncode"] != 0:
+                LOG.warning("perf_analyzer %s c=%d failed: %s", tag, c, r["output_tail"][-600:])
+            rows += r["rows"]
+        self.result["systems"].setdefault(tag, {})["pa_concurrency"] = {"rows": rows, "runs": runs}
+        return rows
+
+    def pa_rates(self, server: TritonServer, model: str, tag: str) -> dict:
+        start, end, step = (f * self.saturation for f in self.p.rate_grid)
+        before = loadgen.scrape_text(server.metrics_url)
+        r = pa.run(model, server.grpc_url, self.pa_input, self.out / "raw" / f"pa-{tag}-poisson.csv",
+                   pa.rate_mode(start, end, step), self.p.pa, latency_threshold_ms=2 * self.p.slo_ms)
+        after = loadgen.scrape_text(server.metrics_url)
+        res = {"rows": r["rows"], "command": r["command"], "returncode": r["returncode"], "seconds": r["seconds"],
+               "max_rate_at_slo": max_rate_at_slo([(x["request_rate"], x["p99_ms"], x["infer_per_s"] >= 0.9 *
+                                                   x["request_rate"]) for x in r["rows"]], self.p.slo_ms),
+               "padding": self.padding(before, after, model)}
+        if r["returncode"] != 0:
+            res["output_tail"] = r["output_tail"]
+        self.result["systems"].setdefault(tag, {})["pa_poisson"] = res
+        return res
+
+    def padding(self, before_text: str, after_text: str, model: str) -> dict:
+        """Padded-token fraction over a run: measured by chorus's scheduler metrics where they moved, else estimated
+        from Triton's mean batch size (inferences / executions) and the real length distribution."""
+        before, after = loadgen.parse_prometheus(before_text), loadgen.parse_prometheus(after_text)
+        tokens = after.get("chorus_batch_tokens_total", 0) - before.get("chorus_batch_tokens_total", 0)
+        pad = after.get("chorus_padding_tokens_total", 0) - before.get("chorus_padding_tokens_total", 0)
+        if tokens > 0:
+            return {"fraction": pad / tokens, "tokens": tokens,
+                    "how": "measured: chorus_padding_tokens_total / chorus_batch_tokens_total over the Poisson sweep"}
+        b4, now = loadgen.parse_prometheus(before_text, model), loadgen.parse_prometheus(after_text, model)
+        n = now.get("nv_inference_count", 0) - b4.get("nv_inference_count", 0)
+        e = now.get("nv_inference_exec_count", 0) - b4.get("nv_inference_exec_count", 0)
+        if e <= 0:
+            return {"fraction": None, "how": "no batches executed"}
+        return {"fraction": expected_padding(self.lengths, n / e), "mean_batch_rows": n / e,
+                "how": "estimated: Triton's mean batch size (nv_inference_count / nv_inference_exec_count) with "
+                       "batches drawn from the real length distribution, padded to their longest (the triton "
+                       "batching path reports no chorus_* padding metrics)"}
+
+    def loadgen_rates(self, server: TritonServer, model_for: Callable[[str], str], tag: str) -> dict:
+        start, end, step = (f * self.saturation for f in self.p.rate_grid)
+        gen = LoadGenerator(server.grpc_url, model_for, parameters={"deadline_ms": int(self.p.slo_ms)})
+        points = []
+        try:
+            rate, i = start, 0
+            while rate <= end + 1e-9:
+                offsets = workload.poisson_offsets(rate, self.p.loadgen_point_s, seed=100 + i)
+                outcomes, _ = gen.run(self.arrivals(offsets, seed=i), drain_timeout_s=10 + 4 * self.p.slo_ms / 1000)
+                s = loadgen.summarize(outcomes, self.p.loadgen_point_s)
+                s["rate"], s["passes_slo"] = rate, loadgen.passes_slo(s, self.p.slo_ms)
+                points.append(s)
+                write_outcomes(self.out / "raw" / f"loadgen-{tag}-rate{i}.csv", outcomes)
+                LOG.info("loadgen %s rate %.1f: p50 %s p99 %s refused %d acc %s", tag, rate, fmt(s["p50_ms"]),
+                         fmt(s["p99_ms"]), s["refused"], fmt(s["accuracy"]))
+                if not s["passes_slo"] and (s["p99_ms"] or 0) > 2 * self.p.slo_ms:
+                    break  # saturated: higher rates only queue more
+                rate, i = rate + step, i + 1
+                time.sleep(1.0)  # let the queue drain between points
+        finally:
+            gen.close()
+        res = {"points": points, "slo_ms": self.p.slo_ms, "parameters": {"deadline_ms": int(self.p.slo_ms)},
+               "max_rate_at_slo": max_rate_at_slo([(x["rate"], x["p99_ms"], x["passes_slo"] or (
+                   x["p99_ms"] is not None and x["p99_ms"] > self.p.slo_ms)) for x in points], self.p.slo_ms)}
+        self.result["systems"].setdefault(tag, {})["loadgen_poisson"] = res
+        return res
+
+    def phased(self, server: TritonServer, model_for: Callable[[str], str], tag: str, kind: str,
+               phases: list[tuple[float, float]], parameters: dict | None = None, want_students: bool = False,
+               rows: list[workload.Row] | None = None, drain_s: float = 15.0) -> dict:
+        """Loadgen through rate phases [(seconds, rate)], with the metrics timeline."""
+        offsets = workload.phased_offsets(phases, seed=7)
+        gen = LoadGenerator(server.grpc_url, model_for, parameters=parameters, want_students=want_students,
+                            timeout_s=drain_s + sum(s for s, _ in phases))
+        try:
+            outcomes, samples = gen.run(self.arrivals(offsets, rows=rows), metrics_url=server.metrics_url,
+                                        period_s=self.p.metrics_period_s, drain_timeout_s=drain_s)
+        finally:
+            gen.close()
+        duration = sum(s for s, _ in phases)
+        bins = loadgen.timeline(outcomes, samples, self.p.bin_s)
+        write_outcomes(self.out / "raw" / f"loadgen-{tag}-{kind}.csv", outcomes)
+        (self.out / "raw" / f"timeline-{tag}-{kind}.json").write_text(json.dumps(
+            {"phases": phases, "bins": bins, "samples": samples}, default=float))
+        s = loadgen.summarize(outcomes, duration)
+        s.update({"phases": phases, "parameters": parameters, "timeline": f"raw/timeline-{tag}-{kind}.json"})
+        LOG.info("%s %s: p50 %s p99 %s refused %d of %d", tag, kind, fmt(s["p50_ms"]), fmt(s["p99_ms"]),
+                 s["refused"], s["sent"])
+        return s
+
+    def overload(self, server: TritonServer, model_for: Callable[[str], str], tag: str) -> dict:
+        x = self.saturation
+        phases = [(3.0, 0.5 * x), (self.p.overload_s, 3.0 * x), (self.p.recovery_s, 0.3 * x)]
+        s = self.phased(server, model_for, tag, "overload", phases, parameters={"deadline_ms": int(self.p.slo_ms)},
+                        drain_s=2 * self.p.overload_s + 10)
+        bins = json.loads((self.out / s["timeline"]).read_text())["bins"]
+        end = 3.0 + self.p.overload_s
+        during = [b for b in bins if 3.0 <= b["t"] < end]
+        s["overload"] = {
+            "factor": 3.0, "seconds": self.p.overload_s, "saturation_per_s": x,
+            "answered_p99_ms_during": loadgen.percentile([b["p99_ms"] for b in during if b["p99_ms"] is not None], 50),
+            "recovery_s": loadgen.recovery_s(bins, end, self.p.slo_ms),
+        }
+        self.result["systems"].setdefault(tag, {})["overload"] = s
+        return s
+
+    def bursts(self, server: TritonServer, model: str, tag: str) -> dict:
+        """perf_analyzer with a request-intervals schedule of bursts (2 s at 0.3x, 1 s at 2x saturation)."""
+        x = self.saturation
+        cycle = [(2.0, 0.3 * x), (1.0, 2.0 * x)]
+        offsets = workload.phased_offsets(cycle * self.p.burst_cycles, seed=3)
+        path = workload.write_intervals(self.out / "raw" / f"burst-intervals-{tag}.txt", offsets)
+        m = pa.Measurement(interval_ms=3000 * self.p.burst_cycles // 3, max_trials=3)
+        r = pa.run(model, server.grpc_url, self.pa_input, self.out / "raw" / f"pa-{tag}-burst.csv",
+                   pa.intervals_mode(path), m)
+        res = {"rows": r["rows"], "command": r["command"], "returncode": r["returncode"],
+               "schedule": {"cycle": cycle, "cycles": self.p.burst_cycles}}
+        if r["returncode"] != 0:
+            res["output_tail"] = r["output_tail"]
+        self.result["systems"].setdefault(tag, {})["pa_burst"] = res
+        return res
+
+    # ---- stages
+    def run_inprocess(self) -> None:
+        from chorus.backends.engine import Engine
+
+        from perf import inprocess
+
+        n = self.p.inprocess_rows
+        rows = self.w.rows[: n * 4]
+        engine = Engine(self.w.backbone, device=self.w.device, dtype=self.w.dtype,
+                        capacity=len(self.w.tasks) + 1, max_length=256 if self.p.name == "cpu" else 128)
+        for name, path in self.w.tasks.items():
+            engine.load_task(name, path)
+        ids = engine.tokenize([r.text for r in rows])
+        tasks = [r.task for r in rows]
+        res: dict = {"device": str(engine.device), "dtype": str(self.w.dtype)}
+        res["mixed_vs_seqs"] = inprocess.mixed_vs_seqs(engine, ids[:n], tasks[:n], repeats=3 if self.p.name == "cpu" else 9)
+        res["engine"] = inprocess.engine_throughput(engine, ids, tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
+        hf_tasks = list(dict.fromkeys(tasks))[:4]
+        by_task = {t: [r.text for r in rows if r.task == t][:n] for t in hf_tasks}
+        res["hf_transformers"] = inprocess.hf_throughput(self.w.backbone, self.w.tasks, by_task, 64,
+                                                         self.w.device, self.w.dtype,
+                                                         repeats=2 if self.p.name == "cpu" else 5)
+        by_task_ids = [(i, t) for i, t in zip(ids, tasks) if t in by_task]
+        res["engine_same_rows_as_hf"] = inprocess.engine_throughput(
+            engine, [i for i, _ in by_task_ids], [t for _, t in by_task_ids], batch=64,
+            repeats=2 if self.p.name == "cpu" else 5)
+        if self.w.students:
+            res["students_note"] = "students measured served only (request parameter students)"
+        table = inprocess.calibrated_latency_table(engine, tries=2 if self.p.name == "cpu" else 3)
+        table_path = self.out / "raw" / "latency_table.json"
+        table.save(table_path)
+        res["latency_table"] = {"path": "raw/latency_table.json", "alpha_1x16_ms": table.alpha(1, 16) * 1000,
+                                "alpha_64x64_ms": table.alpha(64, 64) * 1000}
+        self.w.params["latency_table"] = str(table_path.resolve())
+        if self.w.device == "cuda":
+            from chorus.capacity import capacity_table
+
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            backbone_bytes, cap = capacity_table("bert-base", 0.9 * total, "float16")
+            res["capacity"] = {"memory_gib": 0.9 * total, "backbone_bytes": backbone_bytes,
+                               "rows": [asdict(c) for c in cap]}
+        self.result["inprocess"] = res
+        LOG.info("in-process: %s", json.dumps({k: v for k, v in res.items() if k != "capacity"}, default=str))
+        del engine
+        if self.w.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def run_chorus(self) -> None:
+        repo = self.out / "repos" / "chorus"
+        name = repos.scheduler_model(repo, self.w.tasks, **self.w.params)
+        models = [name]
+        if self.w.students:
+            no_prune = "chorus_noprune"
+            repos.write_model(repo, no_prune, {"batching": "scheduler", "tasks": json.dumps(self.w.tasks),
+                                               **self.w.params, **NO_PRUNING_PARAMS})
+            models.append(no_prune)
+        with self.server("chorus", models, repo) as server:
+            outputs = self.probe(server, name)
+            sysres = self.result["systems"].setdefault("chorus", {"model": name, "batching": "scheduler"})
+            sysres["outputs"] = outputs
+            rows = self.pa_concurrency(server, name, "chorus")
+            self.saturation = max((r["infer_per_s"] for r in rows), default=None) or self.saturation
+            if not self.saturation:
+                raise RuntimeError("perf_analyzer measured no throughput for chorus")
+            self.result["saturation_per_s"] = self.saturation
+            self.pa_rates(server, name, "chorus")
+            self.bursts(server, name, "chorus")
+            if self.fits("chorus loadgen", 60):
+                self.loadgen_rates(server, lambda t: name, "chorus")
+            has_students = "STUDENTS" in outputs
+            if self.fits("chorus burst timeline", 30):
+                kw = {}
+                if has_students and self.w.students:
+                    task, k = next(iter(self.w.students.items()))
+                    kw = {"parameters": {"students": k}, "want_students": True,
+                          "rows": [r for r in self.w.rows if r.task == task]}
+                x = self.saturation
+                sysres["burst_timeline"] = self.phased(server, lambda t: name, "chorus", "burst",
+                                                       [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles, **kw)
+            if self.fits("chorus overload", self.p.overload_s + self.p.recovery_s + 20):
+                self.overload(server, lambda t: name, "chorus")
+            if not has_students:
+                self.note("students: the served model has no STUDENTS output yet (metadata outputs: "
+                          f"{outputs}); the student comparisons were skipped and their keys are null")
+            elif not self.w.students:
+                self.note("students: STUDENTS output present, but no students for the served tasks "
+                          "(model_repository/chorus/students/<task>/); student comparisons skipped")
+            elif self.fits("students", 90):
+                self.run_students(server, name, models[1] if len(models) > 1 else None)
+
+    def run_students(self, server: TritonServer, name: str, no_prune: str | None) -> None:
+        task, k = next(iter(self.w.students.items()))
+        rows = [r for r in self.w.rows if r.task == task]
+        rate = 0.4 * self.saturation
+        n = max(50, int(rate * self.p.loadgen_point_s * 2))
+        offsets = workload.poisson_offsets(rate, n / rate, seed=11)
+        res: dict = {"task": task, "K": k, "rate": rate}
+        for label, students in (("teacher", 0), ("students", k)):
+            gen = LoadGenerator(server.grpc_url, lambda t: name, parameters={"students": students},
+                                want_students=True)
+            try:
+                outcomes, _ = gen.run([(t, rows[i % len(rows)]) for i, t in enumerate(offsets)])
+            finally:
+                gen.close()
+            write_outcomes(self.out / "raw" / f"loadgen-students-{label}.csv", outcomes)
+            res[label] = loadgen.summarize(outcomes, offsets[-1] if offsets else 1.0)
+        x = self.saturation
+        phases = [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles
+        res["burst_with_pruning"] = self.phased(server, lambda t: name, "students", "burst-pruning", phases,
+                                                parameters={"students": k}, want_students=True, rows=rows)
+        if no_prune:
+            s = self.phased(server, lambda t: no_prune, "students", "burst-no-pruning", phases,
+                            parameters={"students": k}, want_students=True, rows=rows)
+            times = [int(o["students"]) for o in read_outcomes(self.out / "raw" / "loadgen-students-burst-no-pruning.csv")
+                     if o.get("students") not in (None, "")]
+            s["switch_effective"] = bool(times) and min(times) == k
+            res["burst_without_pruning"] = s
+        self.result["students"] = res
+
+    def run_dynamic_batcher(self) -> None:
+        repo = self.out / "repos" / "dynbatch"
+        names = [repos.dynamic_batcher_model(repo, self.w.tasks, d, **self.w.params) for d in self.p.delays_us]
+        with self.server("dynbatch", names, repo) as server:
+            for name in names:
+                self.probe(server, name)
+                self.result["systems"].setdefault(name, {"model": name, "batching": "triton"})
+                rows = self.pa_concurrency(server, name, name)
+                if not self.saturation:
+                    self.saturation = max((r["infer_per_s"] for r in rows), default=None)
+                    self.result["saturation_per_s"] = self.saturation
+                    self.note("saturation taken from the dynamic batcher (chorus's scheduler path was not measured)")
+                self.pa_rates(server, name, name)
+            best = max(names, key=lambda n: self.result["systems"][n]["pa_poisson"]["max_rate_at_slo"] or 0)
+            self.result["dynamic_batcher_best"] = best
+            LOG.info("best dynamic-batcher delay: %s", best)
+            self.bursts(server, best, best)
+            if self.fits("dynamic batcher loadgen", 60):
+                self.loadgen_rates(server, lambda t: best, best)
+            if self.fits("dynamic batcher overload", 2 * self.p.overload_s + self.p.recovery_s + 20):
+                self.overload(server, lambda t: best, best)
+
+    def run_per_task(self) -> None:
+        repo = self.out / "repos" / "per_task"
+        best = self.result.get("dynamic_batcher_best")
+        delay = int(best.removeprefix("chorus_db")) if best else self.p.delays_us[0]
+        tasks = dict(list(self.w.tasks.items())[: self.p.per_task_models])
+        models = repos.per_task_models(repo, tasks, delay, **self.w.params)
+        rows = [r for r in self.w.rows if r.task in tasks]
+        with self.server("per_task", list(models.values()), repo) as server:
+            for m in models.values():
+                self.probe(server, m)
+            tag = "triton_per_task"
+            self.result["systems"][tag] = {"models": models, "batching": "triton", "delay_us": delay,
+                                           "tasks": len(tasks)}
+            saved_rows, self.w.rows = self.w.rows, rows
+            try:
+                self.loadgen_rates(server, lambda t: models[t], tag)
+                if self.w.students and self.result.get("students"):
+                    task = self.result["students"]["task"]
+                    if task in models:
+                        res = self.result["students"]
+                        offsets = workload.poisson_offsets(res["rate"], self.p.loadgen_point_s * 2, seed=11)
+                        trows = [r for r in rows if r.task == task]
+                        gen = LoadGenerator(server.grpc_url, lambda t: models[t])
+                        try:
+                            outcomes, _ = gen.run([(t, trows[i % len(trows)]) for i, t in enumerate(offsets)])
+                        finally:
+                            gen.close()
+                        res["triton_per_task_teacher"] = loadgen.summarize(outcomes, self.p.loadgen_point_s * 2)
+            finally:
+                self.w.rows = saved_rows
+
+    # ---- the summary keys
+    def keys(self) -> dict:
+        r, systems = self.result, self.result["systems"]
+        keys: dict = {k: None for k in SUMMARY_KEYS}
+        why: dict[str, str] = {}
+        ip = r.get("inprocess", {})
+        mv = ip.get("mixed_vs_seqs")
+        if mv:
+            keys["mixed_tasks_speedup_vs_seqs"] = mv["mixed_speedup_vs_seqs"]
+            keys["mixed_vs_single_task_ratio"] = mv["mixed_vs_single_task_ratio"]
+        chorus = systems.get("chorus", {})
+        best_db = systems.get(r.get("dynamic_batcher_best") or "", {})
+        per_task = systems.get("triton_per_task", {})
+        pad = chorus.get("pa_poisson", {}).get("padding", {}).get("fraction")
+        keys["padding_fraction"] = pad
+        a = chorus.get("pa_poisson", {}).get("max_rate_at_slo")
+        b = best_db.get("pa_poisson", {}).get("max_rate_at_slo")
+        keys["scheduler_rate_vs_dynamic_batcher"] = a / b if a and b else None
+        a = chorus.get("loadgen_poisson", {}).get("max_rate_at_slo")
+        b = per_task.get("loadgen_poisson", {}).get("max_rate_at_slo")
+        keys["max_rate_at_slo_vs_triton_baseline"] = a / b if a and b else None
+        served = max([x["infer_per_s"] for s in (chorus, best_db)
+                      for x in s.get("pa_concurrency", {}).get("rows", [])] or [0]) or None
+        eng = ip.get("engine", {}).get("rows_per_s")
+        keys["served_vs_inprocess_throughput"] = served / eng if served and eng else None
+        if served and self.w.device == "cuda":
+            name = torch.cuda.get_device_name(0)
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+            if peak:
+                flops = statistics.mean(encoder_flops(self.w, t) for t in self.lengths)
+                keys["model_flops_utilisation"] = served * flops / peak
+                r["mfu"] = {"gpu": name, "peak_flops": peak, "flops_per_row_mean": flops, "served_rows_per_s": served}
+            else:
+                why["model_flops_utilisation"] = f"no peak FLOP/s known for {name}"
+        else:
+            why["model_flops_utilisation"] = "GPU only (a CPU has no comparable tensor-core peak)"
+        cap = ip.get("capacity")
+        if cap:
+            lora = next((c for c in cap["rows"] if c["label"].lower().startswith("lora")), cap["rows"][0])
+            keys["max_tasks_one_gpu"] = lora["tasks"]
+            r["max_tasks_one_gpu_detail"] = {"pet": lora["label"], "memory_gib": cap["memory_gib"],
+                                             "how": "measured bytes per task (chorus.capacity) into 90% of the GPU"}
+        else:
+            why["max_tasks_one_gpu"] = "GPU only"
+        st = r.get("students")
+        if st:
+            t, s = st["teacher"], st["students"]
+            if t["p50_ms"] and s["p50_ms"]:
+                keys["sp_p50_speedup_vs_teacher"] = t["p50_ms"] / s["p50_ms"]
+            base = st.get("triton_per_task_teacher", {})
+            if base.get("p50_ms") and s["p50_ms"]:
+                keys["sp_p50_speedup_vs_triton_baseline"] = base["p50_ms"] / s["p50_ms"]
+            if t["accuracy"] is not None and s["accuracy"] is not None:
+                keys["sp_accuracy_drop_points"] = 100 * (t["accuracy"] - s["accuracy"])
+            keys["burst_p99_ms_with_pruning"] = st.get("burst_with_pruning", {}).get("p99_ms")
+            nop = st.get("burst_without_pruning")
+            if nop and nop.get("switch_effective"):
+                keys["burst_p99_ms_without_pruning"] = nop["p99_ms"]
+            else:
+                why["burst_p99_ms_without_pruning"] = (f"the no-pruning switch {NO_PRUNING_PARAMS} had no effect "
+                                                       "(STUDENTS dropped below K)" if nop else "not measured")
+        else:
+            for k in SUMMARY_KEYS:
+                if k.startswith(("sp_", "burst_")):
+                    why[k] = "students are not served yet (no STUDENTS output)"
+        if self.w.device == "cuda":
+            why.setdefault("sp_accuracy_drop_points", "the GPU run serves random weights: accuracy only on CPU")
+        for k, v in keys.items():
+            if v is None and k not in why:
+                why[k] = "not measured in this run (see skipped)"
+        return {"values": keys, "null_because": {k: v for k, v in why.items() if keys[k] is None}}
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def max_rate_at_slo(points: list[tuple[float, float | None, bool]], slo_ms: float) -> float | None:
+    """Highest rate served within the SLO, from (rate, p99 ms, served: throughput kept up / few refusals) points
+    in increasing rate: the last passing rate, interpolated linearly in p99 towards the first failing one when that
+    one failed on latency alone."""
+    points = sorted(points)
+    best, prev = None, None
+    for rate, p99, served in points:
+        ok = served and p99 is not None and p99 <= slo_ms
+        if ok:
+            best, prev = rate, (rate, p99)
+            continue
+        if prev is not None and served and p99 is not None and p99 > prev[1]:
+            best = prev[0] + (slo_ms - prev[1]) / (p99 - prev[1]) * (rate - prev[0])
+        break
+    return best
+
+
+def expected_padding(lengths: list[int], mean_batch: float, draws: int = 2000, seed: int = 0) -> float:
+    """Padded fraction of batches of ~mean_batch rows drawn from `lengths`, each padded to its longest row."""
+    rng = random.Random(seed)
+    lo = max(1, math.floor(mean_batch))
+    frac_hi = mean_batch - lo
+    pad = tot = 0
+    for _ in range(draws):
+        b = lo + (1 if rng.random() < frac_hi else 0)
+        batch = [rng.choice(lengths) for _ in range(b)]
+        tot += b * max(batch)
+        pad += b * max(batch) - sum(batch)
+    return pad / tot
+
+
+def encoder_flops(world: World, tokens: int) -> float:
+    """Forward FLOPs of one row of `tokens` real tokens through the BERT encoder (matmuls: 2 FLOPs per MAC)."""
+    cfg = json.loads((Path(world.backbone) / "config.json").read_text()) if Path(world.backbone).is_dir() else None
+    C = cfg["hidden_size"] if cfg else 384
+    inter = cfg["intermediate_size"] if cfg else 1536
+    layers = cfg["num_hidden_layers"] if cfg else 6
+    T = tokens
+    return layers * (2 * T * (4 * C * C + 2 * C * inter) + 4 * T * T * C)
+
+
+def write_outcomes(path: Path, outcomes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recs = loadgen.outcome_records(outcomes)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["t_sched", "t_send", "t_done", "task", "status", "correct", "students",
+                                          "error"])
+        w.writeheader()
+        w.writerows(recs)
+
+
+def read_outcomes(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def machine_name(profile: str) -> str:
+    if profile == "gpu" and torch.cuda.is_available():
+        n = torch.cuda.get_device_name(0).lower()
+        return next((g for g in ("h200", "h100", "a100", "l40s", "l4") if g in n), "gpu")
+    return f"cpu{_nproc()}"
+
+
+def _nproc() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    ap.add_argument("--out", type=Path, help="results folder (default perf/results/<machine>-<date>)")
+    ap.add_argument("--bundle", type=Path, default=ROOT / ".gpu", help="GPU profile: the carried .gpu/ folder")
+    ap.add_argument("--only", nargs="+", choices=["inprocess", "chorus", "dynbatch", "per_task"],
+                    help="run only these stages")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    profile = PROFILES[args.profile]
+    date = datetime.datetime.now(datetime.timezone.utc)
+    out = (args.out or ROOT / "perf" / "results" / f"{machine_name(args.profile)}-{date:%Y-%m-%d}").resolve()
+    if out.exists():
+        shutil.rmtree(out / "raw", ignore_errors=True)
+        shutil.rmtree(out / "repos", ignore_errors=True)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    if args.profile == "gpu":
+        work = Path("/tmp/chorus-perf")
+        shutil.rmtree(work, ignore_errors=True)
+        world = gpu_world(args.bundle, work, 64)
+    else:
+        torch.set_num_threads(max(1, _nproc()))
+        world = cpu_world()
+    bench = Bench(profile, world, out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    bench.result.update({
+        "date": date.isoformat(timespec="seconds"), "profile": asdict(profile), "world": world.description,
+        "tasks": len(world.tasks), "rows": len(world.rows), "slo_ms": profile.slo_ms,
+        "commit": commit.stdout.strip() or None, "command": " ".join(["python -m perf.bench", *(argv or sys.argv[1:])]),
+        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "nproc": _nproc(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "lengths": {"mean": statistics.mean(bench.lengths), "p50": float(np.percentile(bench.lengths, 50)),
+                    "p99": float(np.percentile(bench.lengths, 99)), "max": max(bench.lengths)},
+    })
+    stages = [("inprocess", bench.run_inprocess), ("chorus", bench.run_chorus),
+              ("dynbatch", bench.run_dynamic_batcher), ("per_task", bench.run_per_task)]
+    for name, fn in stages:
+        if args.only and name not in args.only:
+            continue
+        if bench.fits(name, 45):
+            with bench.stage(name):
+                fn()
+    bench.result["collect_metrics"] = (
+        "perf_analyzer --collect-metrics runs against this server (tritonserver 2.51 metrics port); it collects only "
+        "nv_gpu_* metrics, so on a CPU-only machine it warns 'Unable to parse nv_gpu_utilization' and reports "
+        "nothing: the CPU profile leaves it off and the GPU profile uses it on the concurrency sweeps")
+    bench.result["summary"] = bench.keys()
+    bench.result["total_seconds"] = round(time.monotonic() - bench.t0, 1)
+    bench.save()
+    shutil.rmtree(out / "repos", ignore_errors=True)
+    LOG.info("results in %s (%.0f s)", out, bench.result["total_seconds"])
+    if not args.no_plots:
+        from perf import report
+
+        report.main([str(out)])
+    print(json.dumps(bench.result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

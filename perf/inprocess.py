@@ -1,0 +1,130 @@
+"""In-process baselines (no server): Hugging Face transformers' BertModel with one task merged into its weights (how a
+task is run without chorus), chorus's engine on the same rows, PetS's mixed batch vs SeqS vs a single-task batch,
+and a latency table for the scheduler measured robustly on a shared machine.
+
+Semantics:
+    hf:       for each task: BertModel(merged weights of that task); rows in batches of `batch`, padded to the longest
+    engine:   Engine.run(batch ids, batch tasks): mixed-task batches of the same rows
+    mixed:    one batch of `rows` rows over all tasks  vs  SeqS: each task's rows as its own batch, one after another
+              vs  one single-task batch of the same rows
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from chorus.backends.encoder import read_hf_checkpoint
+from chorus.backends.engine import Engine, resolve_backbone
+from chorus.backends.reference import merged_state
+from chorus.backends.scheduler import LatencyTable
+from chorus.backends.serving import profile_engine
+from chorus.backends.task_files import load_task
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(fn: Callable[[], object]) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    return seconds
+
+
+def median_s(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    t = timer(device)
+    for _ in range(warmup):
+        t(fn)
+    return statistics.median(t(fn) for _ in range(repeats))
+
+
+def batches(seq: Sequence, size: int) -> list[Sequence]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+@torch.inference_mode()
+def hf_throughput(backbone: str | Path, task_dirs: dict[str, str], texts_by_task: dict[str, list[str]],
+                  batch: int, device: str, dtype: torch.dtype, repeats: int = 3) -> dict:
+    """rows/s of transformers.BertModel (+ the task's mean-pooled head), one merged model per task."""
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertModel
+
+    path = resolve_backbone(backbone)
+    cfg, state = read_hf_checkpoint(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.enable_padding()
+    tok.enable_truncation(128)
+    dev = torch.device(device)
+    total_rows, total_s = 0, 0.0
+    for task, texts in texts_by_task.items():
+        spec = load_task(task_dirs[task], task)
+        model = BertModel(BertConfig(**cfg.to_hf()), add_pooling_layer=False)
+        model.load_state_dict(merged_state(state, spec), strict=False)
+        model = model.to(dev, dtype).eval()
+        head_w = spec.tensors["classifier.weight"].to(dev, dtype)
+        head_b = spec.tensors["classifier.bias"].to(dev, dtype)
+        encoded = []
+        for chunk in batches(texts, batch):
+            enc = tok.encode_batch(list(chunk))
+            encoded.append((torch.tensor([e.ids for e in enc], device=dev),
+                            torch.tensor([e.attention_mask for e in enc], device=dev)))
+
+        def run_all() -> None:
+            for ids, mask in encoded:
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+                w = mask.unsqueeze(-1).to(hidden.dtype)
+                _ = ((hidden * w).sum(1) / w.sum(1)) @ head_w.T + head_b
+
+        total_s += median_s(run_all, dev, repeats)
+        total_rows += len(texts)
+        del model
+    return {"rows": total_rows, "batch": batch, "seconds": total_s, "rows_per_s": total_rows / total_s}
+
+
+@torch.inference_mode()
+def engine_throughput(engine: Engine, ids: list[list[int]], tasks: list[str], batch: int, repeats: int = 3) -> dict:
+    """rows/s of chorus's engine over the rows in mixed-task batches of `batch` (padded to each batch's longest)."""
+    chunks = list(zip(batches(ids, batch), batches(tasks, batch)))
+    s = median_s(lambda: [engine.run(list(i), list(t)) for i, t in chunks], engine.device, repeats)
+    return {"rows": len(ids), "batch": batch, "seconds": s, "rows_per_s": len(ids) / s}
+
+
+@torch.inference_mode()
+def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeats: int = 5) -> dict:
+    """One mixed-task batch vs the same rows one task at a time (SeqS) vs one single-task batch of the same rows."""
+    by_task: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_task.setdefault(t, []).append(i)
+    dev = engine.device
+    mixed = median_s(lambda: engine.run(ids, tasks), dev, repeats)
+    seqs = median_s(lambda: [engine.run([ids[i] for i in r], [t] * len(r)) for t, r in by_task.items()], dev,
+                    max(1, repeats // 2))
+    single = median_s(lambda: engine.run(ids, [tasks[0]] * len(ids)), dev, repeats)
+    return {"rows": len(ids), "tasks_in_mixed_batch": len(by_task), "mixed_ms": mixed * 1000, "seqs_ms": seqs * 1000,
+            "single_task_ms": single * 1000, "mixed_speedup_vs_seqs": seqs / mixed,
+            "mixed_vs_single_task_ratio": single / mixed}
+
+
+def calibrated_latency_table(engine: Engine, tries: int = 3) -> LatencyTable:
+    """PetS's latency tables for the scheduler, the cell-wise minimum of `tries` profiles of this engine.
+
+    The entry model profiles once at load; on a shared 2-core machine one profile can be off by 10-40x (a 1-row batch
+    measured at 0.5 s), and the scheduler then refuses every request whose deadline is under that. The minimum of
+    a few profiles is the engine's cost without the neighbours' load; the harness hands it to the server through the
+    config parameter `latency_table`."""
+    tables = [profile_engine(engine) for _ in range(tries)]
+    best = tables[0].to_dict()
+    for t in tables[1:]:
+        d = t.to_dict()
+        best["shared"] = [[min(a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(best["shared"], d["shared"])]
+        for p in best["pet"]:
+            best["pet"][p] = [[min(a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(best["pet"][p], d["pet"][p])]
+    return LatencyTable.from_dict(best)
