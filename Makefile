@@ -104,3 +104,34 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) build *.egg-info
+
+# ---- benchmarks (issue 6): perf/README.md. `make perf` runs every comparison on this machine's CPU (~15 min) and
+# writes perf/results/<machine>-<date>/ + perf/results/summary-cpu.json + the README's results table;
+# `make perf-gpu` does the same with the GPU profile on a machine with a CUDA GPU (on the device machine:
+# `bash perf/gpu/run.sh perf`); `make perf-import TARBALL=...` takes what that run brought back.
+PERF_ARGS ?=
+.PHONY: perf perf-gpu perf-import perf-report
+perf: venv repository
+	$(BIN)/python -m perf.bench --profile cpu $(PERF_ARGS)
+	$(BIN)/python -m perf.summarize --latest cpu
+
+perf-gpu: venv
+	$(BIN)/python -m perf.bench --profile gpu --bundle .gpu $(PERF_ARGS)
+	$(BIN)/python -m perf.summarize --latest gpu
+
+perf-import: venv
+	@test -n "$(TARBALL)" || { echo "usage: make perf-import TARBALL=/path/to/perf-results.tar.gz" >&2; exit 2; }
+	$(BIN)/python -m perf.summarize --import '$(TARBALL)'
+
+perf-report: venv
+	$(BIN)/python -m perf.summarize --readme
+
+# What `bash perf/gpu/run.sh perf` needs in .gpu/ beyond gpu-bundle: the load generator's gRPC client (tritonclient's
+# Python package, grpcio, protobuf, python-rapidjson for Python 3.12). Carry .gpu as for the GPU check (< 64 MiB).
+.PHONY: perf-gpu-bundle
+perf-gpu-bundle: gpu-bundle
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .gpu \
+	  grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.25
+	tar -C $(SITE) -cJf .gpu/tritonclient.tar.xz --exclude='__pycache__' tritonclient
+	@du -sh .gpu

@@ -24,6 +24,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import platform
 import random
 import shutil
@@ -51,10 +52,10 @@ SUMMARY_KEYS = (
     "mixed_tasks_speedup_vs_seqs", "mixed_vs_single_task_ratio", "max_tasks_one_gpu", "padding_fraction",
     "scheduler_rate_vs_dynamic_batcher", "served_vs_inprocess_throughput", "model_flops_utilisation",
 )
-# Students: the config parameter that turns pruning off for the "without pruning" burst. The entry model's student
-# wiring is in progress; this name is the harness's guess, checked at run time: a no-pruning run whose STUDENTS output
-# ever drops below K is reported as "switch had no effect" and its key stays null.
-NO_PRUNING_PARAMS = {"student_pruning": "false"}
+# Students: the config parameter that turns pruning off for the "without pruning" burst (backends/triton_model.py),
+# checked at run time: a no-pruning run whose STUDENTS output ever drops below K keeps its key null.
+NO_PRUNING_PARAMS = {"pruning": json.dumps({"enabled": False})}
+TEACHER_ONLY_PARAMS = {"students": "{}", "pruning": "{}"}  # Triton as deployed today: no students
 # Dense fp16/bf16 tensor-core peak (FLOP/s) by GPU name, for model FLOPs utilisation.
 PEAK_FLOPS = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.0e12,
               "H200": 989.4e12, "A100": 312.0e12}
@@ -82,7 +83,7 @@ class Profile:
 PROFILES = {
     # 2 shared cores: the server, perf_analyzer and the load generator share them. SLO 300 ms: one row alone takes
     # ~30 ms in the Python backend here and a 64-row batch ~0.4 s, so 300 ms is "a few batches of queueing".
-    "cpu": Profile("cpu", slo_ms=300.0, pa=pa.Measurement(3000, 3), concurrency=(1, 4, 16), rate_grid=(0.3, 1.3, 0.2),
+    "cpu": Profile("cpu", slo_ms=300.0, pa=pa.Measurement(2500, 3), concurrency=(1, 4, 16), rate_grid=(0.3, 1.3, 0.25),
                    loadgen_point_s=6.0, delays_us=(5000, 25000), overload_s=15.0, recovery_s=10.0, burst_cycles=3,
                    per_task_models=4, inprocess_rows=32, metrics_period_s=0.25, budget_s=15 * 60),
     "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(2000, 3), concurrency=(1, 8, 32, 64),
@@ -115,10 +116,12 @@ def cpu_world() -> World:
     tasks = repos.shipped_tasks()
     datasets = {name: ds for name, ds, _, _ in DEFAULT_TASKS if name in tasks}
     rows = workload.task_rows(datasets, limit=300)
-    students = {}
-    for d in sorted((repos.SHIPPED / "students").glob("*/chorus_students.json")):
-        if d.parent.name in tasks:
-            students[d.parent.name] = json.loads(d.read_text())["config"]["num_students"]
+    _, shipped = repos.split_config((repos.SHIPPED / "config.pbtxt").read_text())
+    students = {}  # the shipped config's students that exist on disk: task -> K
+    for task, path in json.loads(shipped.get("students") or "{}").items():
+        meta = repos.SHIPPED / path / "chorus_students.json"
+        if task in tasks and meta.is_file():
+            students[task] = json.loads(meta.read_text())["config"]["num_students"]
     return World("all-MiniLM-L6-v2", tasks, rows, resolve_backbone("all-MiniLM-L6-v2") / "tokenizer.json",
                  {"device": "cpu"}, torch.float32, "cpu",
                  "all-MiniLM-L6-v2 (real weights, fp32), the 4 default tasks, their real test texts", students)
@@ -132,7 +135,7 @@ def gpu_world(bundle: Path, work: Path, n_tasks: int) -> World:
     texts = json.loads((bundle / "rt_texts.json").read_text())
     rows = workload.text_rows(texts, sorted(tasks))
     params = {"backbone": str(work / "bert-base"), "dtype": "float16", "max_length": "128",
-              "task_capacity": str(n_tasks + 1), "device": "auto",
+              "task_capacity": str(n_tasks + 1), "device": "auto", "students": "{}",
               "scheduler": json.dumps({"default_deadline_s": 1.0})}
     return World(str(work / "bert-base"), tasks, rows, bundle / "tokenizer.json", params, torch.float16, "cuda",
                  f"bert-base-shaped backbone (random weights, fp16), {n_tasks} random LoRA/BitFit tasks, "
@@ -359,7 +362,7 @@ class Bench:
         res["mixed_vs_seqs"] = inprocess.mixed_vs_seqs(engine, ids[:n], tasks[:n], repeats=3 if self.p.name == "cpu" else 9)
         res["engine"] = inprocess.engine_throughput(engine, ids, tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
         hf_tasks = list(dict.fromkeys(tasks))[:4]
-        by_task = {t: [r.text for r in rows if r.task == t][:n] for t in hf_tasks}
+        by_task = {t: [r.text for r in rows if r.task == t][: n // 2] for t in hf_tasks}
         res["hf_transformers"] = inprocess.hf_throughput(self.w.backbone, self.w.tasks, by_task, 64,
                                                          self.w.device, self.w.dtype,
                                                          repeats=2 if self.p.name == "cpu" else 5)
@@ -367,9 +370,15 @@ class Bench:
         res["engine_same_rows_as_hf"] = inprocess.engine_throughput(
             engine, [i for i, _ in by_task_ids], [t for _, t in by_task_ids], batch=64,
             repeats=2 if self.p.name == "cpu" else 5)
+        students = None
         if self.w.students:
-            res["students_note"] = "students measured served only (request parameter students)"
-        table = inprocess.calibrated_latency_table(engine, tries=2 if self.p.name == "cpu" else 3)
+            from chorus.backends.students.bank import StudentBank
+
+            students = StudentBank(engine)
+            for task in self.w.students:
+                students.load(task, repos.SHIPPED / json.loads(
+                    repos.split_config((repos.SHIPPED / "config.pbtxt").read_text())[1]["students"])[task])
+        table = inprocess.calibrated_latency_table(engine, students, tries=2 if self.p.name == "cpu" else 3)
         table_path = self.out / "raw" / "latency_table.json"
         table.save(table_path)
         res["latency_table"] = {"path": "raw/latency_table.json", "alpha_1x16_ms": table.alpha(1, 16) * 1000,
@@ -487,7 +496,7 @@ class Bench:
         best = self.result.get("dynamic_batcher_best")
         delay = int(best.removeprefix("chorus_db")) if best else self.p.delays_us[0]
         tasks = dict(list(self.w.tasks.items())[: self.p.per_task_models])
-        models = repos.per_task_models(repo, tasks, delay, **self.w.params)
+        models = repos.per_task_models(repo, tasks, delay, **{**self.w.params, **TEACHER_ONLY_PARAMS})
         rows = [r for r in self.w.rows if r.task in tasks]
         with self.server("per_task", list(models.values()), repo) as server:
             for m in models.values():
@@ -655,8 +664,6 @@ def machine_name(profile: str) -> str:
 
 
 def _nproc() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -682,7 +689,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         world = gpu_world(args.bundle, work, 64)
     else:
-        torch.set_num_threads(max(1, _nproc()))
+        # One intra-op thread, here and in every server (the stubs inherit OMP_NUM_THREADS): the 2 cores are shared
+        # with perf_analyzer, the load generator and other work, and oversubscribed OpenMP threads spin and thrash
+        # (a 64-row batch went from 0.4 s to 9 s with 2 threads under a load average of 8).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
         world = cpu_world()
     bench = Bench(profile, world, out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

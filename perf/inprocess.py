@@ -113,14 +113,14 @@ def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeat
             "mixed_vs_single_task_ratio": single / mixed}
 
 
-def calibrated_latency_table(engine: Engine, tries: int = 3) -> LatencyTable:
+def calibrated_latency_table(engine: Engine, students=None, tries: int = 3) -> LatencyTable:
     """PetS's latency tables for the scheduler, the cell-wise minimum of `tries` profiles of this engine.
 
     The entry model profiles once at load; on a shared 2-core machine one profile can be off by 10-40x (a 1-row batch
     measured at 0.5 s), and the scheduler then refuses every request whose deadline is under that. The minimum of
     a few profiles is the engine's cost without the neighbours' load; the harness hands it to the server through the
     config parameter `latency_table`."""
-    tables = [profile_engine(engine) for _ in range(tries)]
+    tables = [profile_engine(engine, students) for _ in range(tries)]
     best = tables[0].to_dict()
     for t in tables[1:]:
         d = t.to_dict()

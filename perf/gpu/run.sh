@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see perf/README.md): set up tritonserver + perf_analyzer from carried files, install
-# chorus, run perf/gpu_check.py (or, with the argument `probe`, perf/gpu/thread_probe.py), leave results under $OUT. Carried folder `.gpu/` (built by `make gpu-bundle`):
+# chorus, run perf/gpu_check.py (or, with the argument `probe`, perf/gpu/thread_probe.py; with `perf`, the benchmark
+# harness perf/gpu/perf.sh, which also needs `make perf-gpu-bundle`), leave results under $OUT. Carried folder `.gpu/` (built by `make gpu-bundle`):
 #   triton.tar.xz (tritonserver 2.51 binary, Python backend, 3.12 stub, libs from the nvidia-pytriton wheel),
 #   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4 wheel, tokenizer.json, rt_texts.json.
 set -euo pipefail
@@ -29,6 +30,10 @@ export PERF_ANALYZER=/tmp/perf_analyzer PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numpy, tokenizers, safetensors; print('torch', torch.__version__, 'numpy', numpy.__version__)"
 /tmp/np1env/bin/python3 -c "import numpy, torch; print('np1env: numpy', numpy.__version__, 'torch', torch.__version__)"
+if [ "${1:-}" = perf ]; then  # the benchmark harness (issue 6): perf/gpu/perf.sh, results in $OUT/perf-results.tar.gz
+  shift
+  exec bash perf/gpu/perf.sh "$@"
+fi
 if [ "${1:-}" = probe ]; then  # perf/gpu/thread_probe.py: which part of answering from a worker thread breaks here
   exec /tmp/np1env/bin/python3 perf/gpu/thread_probe.py "$OUT"
 fi

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `bash perf/gpu/run.sh perf` ends here, after run.sh has set up tritonserver, perf_analyzer and the numpy-1.26 venv:
+# the benchmark harness (python -m perf.bench --profile gpu) within the device tool's 10 minutes, its results folder
+# tarred into $OUT/perf-results.tar.gz (the tool brings back at most 8 files). Then, on the dev machine:
+#   make perf-import TARBALL=<files_at>/perf-results.tar.gz     (plots, summary.md, perf/results/summary.json, README)
+# Needs from `make perf-gpu-bundle` in .gpu/: grpcio, protobuf and python-rapidjson cp312 wheels and
+# tritonclient.tar.xz (tritonclient's Python package: the load generator speaks gRPC).
+set -euo pipefail
+G=.gpu
+OUT=${OUT:-/tmp/out}
+PERFSITE=/tmp/perf-site
+mkdir -p "$PERFSITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$PERFSITE" $G/grpcio-*.whl $G/protobuf-*.whl \
+  $G/python_rapidjson-*.whl
+tar -C "$PERFSITE" -xJf $G/tritonclient.tar.xz
+FOLDER="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | grep -o 'h[12]00\|a100\|l40s' | head -1 || echo gpu)-$(date -u +%F)"
+RESULTS=/tmp/perf-results/$FOLDER
+# The harness runs under the numpy-1.26 venv: tritonserver's backend stub uses the Python the harness runs with.
+PYTHONPATH=$PERFSITE /tmp/np1env/bin/python3 -m perf.bench --profile gpu --bundle $G --out "$RESULTS" --no-plots "$@" \
+  2>&1 | tee "$OUT/bench.log" || echo "perf.bench exited with $?" | tee -a "$OUT/bench.log"
+PYTHONPATH=$PERFSITE /tmp/np1env/bin/python3 -m perf.report "$RESULTS" || true
+tar -C /tmp/perf-results -czf "$OUT/perf-results.tar.gz" "$FOLDER"
+cp "$RESULTS/summary.md" "$OUT/" 2>/dev/null || true
+ls -la "$OUT"

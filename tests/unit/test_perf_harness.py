@@ -1,0 +1,140 @@
+"""perf/ (the benchmark harness): the pure parts, without a server: workloads, generated configs, metrics parsing,
+load-generator summaries, the SLO-rate search, padding estimate, results summaries and the README section."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+
+from perf import bench, loadgen, repos, summarize, workload
+from perf.loadgen import Outcome
+from perf.workload import Row
+
+
+def test_poisson_offsets_are_seeded_and_have_the_rate():
+    a = workload.poisson_offsets(200.0, 10.0, seed=1)
+    assert a == workload.poisson_offsets(200.0, 10.0, seed=1) != workload.poisson_offsets(200.0, 10.0, seed=2)
+    assert all(0 <= x < 10 for x in a) and a == sorted(a)
+    assert 1800 < len(a) < 2200
+
+
+def test_phases_and_intervals():
+    offs = workload.phased_offsets([(1.0, 10.0), (1.0, 1000.0)], seed=0)
+    assert sum(t < 1 for t in offs) < 40 and sum(t >= 1 for t in offs) > 800
+    us = workload.intervals_us([0.5, 0.75, 0.75])
+    assert us == [500000, 250000, 1]  # never 0: perf_analyzer reads each line as a wait
+
+
+def test_pa_input_data_text_and_ids():
+    rows = [Row("a", "good film", "positive"), Row("b", "bad", "negative")]
+    data = workload.pa_input_data(rows)["data"]
+    assert data[0] == {"TASK": {"content": ["a"], "shape": [1]}, "TEXT": {"content": ["good film"], "shape": [1]}}
+
+    class Tok:
+        def encode(self, text):
+            return type("E", (), {"ids": [101] + [7] * len(text.split()) + [102]})()
+
+    ids = workload.pa_input_data(rows, tokenizer=Tok())["data"]
+    assert ids[0]["INPUT_IDS"] == {"content": [101, 7, 7, 102], "shape": [4]} and "TEXT" not in ids[0]
+
+
+def test_interleave_mixes_every_task_early():
+    out = workload.interleave([[Row("a", str(i), None) for i in range(3)], [Row("b", "x", None)]])
+    assert [r.task for r in out] == ["a", "b", "a", "a"]
+
+
+def test_config_round_trip_keeps_shipped_parameters(tmp_path):
+    shipped = tmp_path / "shipped"
+    (shipped / "1").mkdir(parents=True)
+    (shipped / "1" / "model.py").write_text("# model\n")
+    (shipped / "tasks").mkdir()
+    (shipped / "config.pbtxt").write_text(
+        'name: "chorus"\nbackend: "python"\n# a comment\nmax_batch_size: 64\nparameters [\n'
+        '  { key: "scheduler", value: { string_value: "{\\"default_deadline_s\\": 5.0}" } },\n'
+        '  { key: "batching", value: { string_value: "auto" } }\n]\n')
+    model = repos.write_model(tmp_path / "repo", "chorus_db500", {"batching": "triton"}, 500, shipped=shipped)
+    text = (model / "config.pbtxt").read_text()
+    head, params = repos.split_config(text)
+    assert 'name: "chorus_db500"' in head and "dynamic_batching { max_queue_delay_microseconds: 500 }" in head
+    assert params == {"scheduler": '{"default_deadline_s": 5.0}', "batching": "triton"}
+    assert (model / "tasks").is_symlink() and (model / "1" / "model.py").is_file()
+
+
+def test_prometheus_parsing_sums_labels_and_filters_models():
+    text = ('# HELP x\nnv_inference_count{model="a",version="1"} 10\nnv_inference_count{model="b",version="1"} 5\n'
+            "chorus_queue_depth 3\n")
+    assert loadgen.parse_prometheus(text) == {"nv_inference_count": 15.0, "chorus_queue_depth": 3.0}
+    assert loadgen.parse_prometheus(text, model="b") == {"nv_inference_count": 5.0, "chorus_queue_depth": 3.0}
+
+
+def outcomes(latencies, refused=0, t_step=0.1):
+    out = [Outcome(i * t_step, i * t_step, i * t_step + ms / 1000, "a", "ok", correct=i % 2 == 0)
+           for i, ms in enumerate(latencies)]
+    out += [Outcome(0.0, 0.0, 0.001, "a", "refused") for _ in range(refused)]
+    return out
+
+
+def test_summary_and_slo():
+    s = loadgen.summarize(outcomes([10.0] * 99 + [100.0], refused=1), duration_s=10.0)
+    assert s["sent"] == 101 and s["ok"] == 100 and s["refused"] == 1
+    assert s["p50_ms"] == pytest.approx(10.0) and 10 < s["p99_ms"] <= 100 and s["accuracy"] == 0.5
+    assert loadgen.passes_slo(s, slo_ms=100.0)
+    assert not loadgen.passes_slo(loadgen.summarize(outcomes([10.0] * 50, refused=5), 5.0), slo_ms=100.0)
+
+
+def test_timeline_and_recovery():
+    lat = [50.0] * 10 + [500.0] * 10 + [50.0] * 10  # overload in the middle second
+    bins = loadgen.timeline(outcomes(lat), [{"t": 0.0, "chorus_queue_depth": 4.0}], bin_s=1.0)
+    assert [b["answered"] for b in bins[:3]] == [10, 10, 10] and bins[0]["queue_depth"] == 4.0
+    assert loadgen.recovery_s(bins, after_s=1.0, slo_ms=100.0) == pytest.approx(1.0)
+    assert loadgen.recovery_s(bins, after_s=0.0, slo_ms=10.0) is None
+
+
+def test_max_rate_at_slo_interpolates_on_latency_only():
+    assert bench.max_rate_at_slo([(10, 5.0, True), (20, 15.0, True), (30, 25.0, True)], 20.0) == pytest.approx(25.0)
+    assert bench.max_rate_at_slo([(10, 5.0, True), (20, 15.0, False)], 20.0) == 10  # failed on refusals: no credit
+    assert bench.max_rate_at_slo([(10, 50.0, True)], 20.0) is None
+
+
+def test_expected_padding():
+    assert bench.expected_padding([10, 10, 10], 8) == 0.0
+    assert bench.expected_padding([5, 15], 1.0) == 0.0
+    assert 0.2 < bench.expected_padding([5, 15], 16) < 0.34  # almost always padded to 15: 1 - 10/15
+
+
+def test_summary_files_and_readme_section(tmp_path, monkeypatch):
+    folder = tmp_path / "results" / "cpu2-2026-01-01"
+    folder.mkdir(parents=True)
+    values = {k: None for k in bench.SUMMARY_KEYS} | {"padding_fraction": 0.12}
+    (folder / "results.json").write_text(json.dumps({
+        "profile": {"name": "cpu"}, "date": "2026-01-01T00:00:00+00:00", "commit": "abc", "slo_ms": 300,
+        "summary": {"values": values, "null_because": {"model_flops_utilisation": "GPU only"}}}))
+    monkeypatch.setattr(summarize, "ROOT", tmp_path)
+    monkeypatch.setattr(summarize, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(summarize, "SUMMARY", {"gpu": tmp_path / "s.json", "cpu": tmp_path / "s-cpu.json"})
+    assert summarize.latest("cpu") == folder
+    summarize.write_summary(folder)
+    s = json.loads((tmp_path / "s-cpu.json").read_text())
+    assert s["padding_fraction"] == 0.12 and s["run"] == "results/cpu2-2026-01-01"
+    assert set(bench.SUMMARY_KEYS) <= set(s) and s["null_because"] == {"model_flops_utilisation": "GPU only"}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{summarize.BEGIN}\nSTALE-LINE\n{summarize.END}\n\nafter\n")
+    summarize.update_readme(readme)
+    text = readme.read_text()
+    assert "STALE-LINE" not in text and text.endswith("after\n") and "| `padding_fraction` | null | 0.12 |" in text
+    assert text.count(summarize.BEGIN) == 1
+
+
+def test_import_refuses_unsafe_tarballs(tmp_path, monkeypatch):
+    monkeypatch.setattr(summarize, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bad = tmp_path / "two.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        tar.add(tmp_path / "a", arcname="a")
+        tar.add(tmp_path / "b", arcname="b")
+    with pytest.raises(SystemExit, match="one top folder"):
+        summarize.import_tarball(bad)
