@@ -322,7 +322,7 @@ def build_default_tasks(tasks_dir: Path, progress: bool = True, force: bool = Fa
     done = []
     for name, dataset, pet, epochs in DEFAULT_TASKS:
         target = tasks_dir / name
-        built = _built_as(target, name)
+        built = built_as(target, name)
         if built == (dataset, pet, epochs) and not force:
             log.info("%s: already built at %s", name, target)
             done.append(name)
@@ -336,7 +336,7 @@ def build_default_tasks(tasks_dir: Path, progress: bool = True, force: bool = Fa
     return done
 
 
-def _built_as(target: Path, name: str) -> tuple[str, str, int] | None:
+def built_as(target: Path, name: str) -> tuple[str, str, int] | None:
     """(dataset, method, epochs) a built task directory was trained with, or None when there is none (or unreadable)."""
     from chorus.backends.task_files import load_task
 

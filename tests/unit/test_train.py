@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from chorus.backends.encoder import Encoder, EncoderConfig, init_random
 from chorus.backends.engine import Engine
-from chorus.backends.task_files import load_task, save_task
+from chorus.backends.task_files import random_task, save_task
 from chorus.data import load_dataset
-from chorus.train import PET_CHOICES, TrainConfig, accuracy, lr_factor, train_task
+from chorus.train import PET_CHOICES, TrainConfig, built_as, accuracy, lr_factor, train_task
 
 # the real vocabulary (the real tokenizer reads the real sentences), everything else tiny
 TINY = EncoderConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
@@ -100,3 +100,11 @@ def test_runs_are_seeded(backbone):
     assert a.train_losses == b.train_losses and a.test_accuracy == b.test_accuracy
     for k, t in a.spec.tensors.items():
         torch.testing.assert_close(t, b.spec.tensors[k], rtol=0, atol=0)
+
+
+def test_a_built_default_task_trained_another_way_is_seen_as_stale(tmp_path):
+    spec = random_task("t", TINY.hidden_size, TINY.linear_sites(), {"bitfit": {}}, seed=0)
+    assert built_as(tmp_path / "t", "t") is None
+    spec.meta = {"dataset": "vader_nyt", "train": {"pet": "bitfit", "epochs": 3}}
+    save_task(spec, tmp_path / "t")
+    assert built_as(tmp_path / "t", "t") == ("vader_nyt", "bitfit", 3)  # build-repository retrains it as pfeiffer
