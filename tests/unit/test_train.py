@@ -15,7 +15,7 @@ from chorus.backends.encoder import Encoder, EncoderConfig, init_random
 from chorus.backends.engine import Engine
 from chorus.backends.task_files import random_task, save_task
 from chorus.data import load_dataset
-from chorus.train import PET_CHOICES, TrainConfig, built_as, accuracy, lr_factor, train_task
+from chorus.train import PET_CHOICES, TrainConfig, accuracy, built_as, lr_factor, train_task
 
 # the real vocabulary (the real tokenizer reads the real sentences), everything else tiny
 TINY = EncoderConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
