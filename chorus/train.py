@@ -52,8 +52,8 @@ class TrainConfig:
     adapter_activation: str = "relu"
     diff_density: float = 0.005  # Diff-Pruning keeps this fraction of the targeted weights (Guo et al.: 0.5%)
     mask_init_score: float = 0.01  # MaskBERT: every weight starts kept with this score; pruned once it drops below 0
-    diff_sparse_epochs: int = 1  # Diff-Pruning: the last epochs train only the δ kept by magnitude pruning (Guo et al.'s
-                                 # fixed-mask stage); 0 prunes once after dense training
+    diff_sparse_epochs: int = 1  # Diff-Pruning: the last epochs train only the δ kept by magnitude pruning
+                                 # (Guo et al.'s fixed-mask stage); 0 prunes once, after dense training
     warmup_fraction: float = 0.1  # linear warm-up over this fraction of the steps, then cosine decay to zero
     max_examples: int | None = None  # cap the training split (quick runs and tests)
     max_validation_examples: int | None = None  # cap the validation split (it only picks the epoch; test stays whole)
