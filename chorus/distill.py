@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import sys
@@ -505,6 +506,12 @@ def _cmd_distill(args) -> int:
               + (f", CPU latency batch 1 {lat['batch1_ms']:.2f} ms ({lat['batch1_vs_teacher']:.2f}x teacher), "
                  f"batch 32 {lat['batch32_ms']:.1f} ms ({lat['batch32_vs_teacher']:.2f}x)" if lat else ""))
     print(f"students written to {out}")
+    if args.url:  # hot-load them into the running server (Triton's repository API)
+        from chorus.client import ChorusClient
+
+        with ChorusClient(args.url, protocol=args.protocol, admin_key=args.admin_key) as client:
+            client.set_students(args.task, out)
+        print(f"the server at {args.url} now answers {args.task} through these students")
     return 0
 
 
@@ -528,4 +535,9 @@ def register(sub) -> None:
     p.add_argument("--device", help="default: cuda if present, else cpu")
     p.add_argument("--no-latency", action="store_true", help="skip the per-prefix CPU latency measurement")
     p.add_argument("--out", help="default: model_repository/chorus/students/<task>")
+    p.add_argument("--url", default=os.environ.get("CHORUS_URL"),
+                   help="a running chorus server to hot-load the students into (env CHORUS_URL; default: none)")
+    p.add_argument("--protocol", choices=["http", "grpc"], default=os.environ.get("CHORUS_PROTOCOL", "http"))
+    p.add_argument("--admin-key", default=os.environ.get("CHORUS_ADMIN_KEY"),
+                   help="key for Triton's restricted repository API (env CHORUS_ADMIN_KEY)")
     p.set_defaults(func=_cmd_distill)

@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--truncate", action="store_true",
                    help="classify the first tokens of texts longer than the model reads (default: refuse them)")
+    p.add_argument("--students", type=int, metavar="N",
+                   help="for a task with students: at most N of them (0 = the teacher); default: as load allows")
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.set_defaults(func=classify)
 
@@ -84,12 +86,14 @@ def _one_line(text: str) -> str:
 
 @_command
 def classify(args: argparse.Namespace, client: ChorusClient) -> int:
-    for text, p in zip(args.texts, client.classify(args.texts, args.task, truncate=args.truncate)):
+    for text, p in zip(args.texts, client.classify(args.texts, args.task, truncate=args.truncate,
+                                                   students=args.students)):
         if args.json:
             print(json.dumps({"text": text, **dataclasses.asdict(p)}, ensure_ascii=False))
         else:
             probs = " ".join(f"{label}={prob:.3f}" for label, prob in p.probabilities.items())
-            print(f"{p.label}\t{probs}\t{_one_line(text)}")
+            by = f"\tstudents={p.students}" if p.students else ""
+            print(f"{p.label}\t{probs}{by}\t{_one_line(text)}")
     return 0
 
 

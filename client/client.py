@@ -38,9 +38,11 @@ from .wire import (
     normalize_config,
     plan_add,
     plan_remove,
+    plan_students,
     predictions,
     request_parameters,
     resolve_url,
+    map_from_config,
     tasks_from_config,
     text_requests,
     translate_error,
@@ -155,12 +157,14 @@ class ChorusClient(_ClientBase):
         self._t.client.close()
 
     def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False,
-                 students: int | None = None) -> list[Prediction]:
+                 students: int | None = None, deadline_ms: float | None = None) -> list[Prediction]:
         """One Prediction per text, in order. `task` names one task for all texts, or one per text. A text longer
         than the model reads is refused, unless `truncate` asks the server to classify its first tokens. For a task
         with students, `students=0` asks for the teacher and `students=n` for at most n students (default: as many as
-        the server's load allows); `Prediction.students` says how many answered."""
-        return self._run(text_requests(texts, task, self.max_batch_size), request_parameters(truncate, students))
+        the server's load allows); `Prediction.students` says how many answered. `deadline_ms` replaces the
+        server's default deadline: a request the scheduler cannot answer in time is refused at once (Overloaded)."""
+        return self._run(text_requests(texts, task, self.max_batch_size),
+                         request_parameters(truncate, students, deadline_ms))
 
     def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str],
                      students: int | None = None) -> list[Prediction]:
@@ -178,10 +182,21 @@ class ChorusClient(_ClientBase):
         return tasks
 
     def remove_task(self, name: str) -> dict[str, str]:
-        """Stop serving task `name`. Returns the new task map."""
+        """Stop serving task `name` (and its students). Returns the new task map."""
         config, tasks = plan_remove(self._config(), name)
         self._load(config, f"remove task {name!r}")
         return tasks
+
+    def students(self) -> dict[str, str]:
+        """Tasks served through their students: {task: student directory on the server}."""
+        return map_from_config(self._config(), "students")
+
+    def set_students(self, task: str, path: str | os.PathLike | None) -> dict[str, str]:
+        """Serve `task` through the students in `path` (`chorus distill`; must exist on the server), or with None
+        through its teacher again (hot reload). Returns the new students map."""
+        config, students = plan_students(self._config(), task, path)
+        self._load(config, f"set students of {task!r}")
+        return students
 
     def health(self) -> dict:
         """{url, protocol, server_live, server_ready, model_ready, server_version, task_count (None if not ready)}."""
@@ -247,8 +262,9 @@ class AsyncChorusClient(_ClientBase):
         await self._t.client.close()
 
     async def classify(self, texts: Sequence[str], task: str | Sequence[str], truncate: bool = False,
-                       students: int | None = None) -> list[Prediction]:
-        return await self._run(text_requests(texts, task, self.max_batch_size), request_parameters(truncate, students))
+                       students: int | None = None, deadline_ms: float | None = None) -> list[Prediction]:
+        return await self._run(text_requests(texts, task, self.max_batch_size),
+                               request_parameters(truncate, students, deadline_ms))
 
     async def classify_ids(self, ids: Sequence[Sequence[int]], task: str | Sequence[str],
                            students: int | None = None) -> list[Prediction]:
@@ -266,6 +282,14 @@ class AsyncChorusClient(_ClientBase):
         config, tasks = plan_remove(await self._config(), name)
         await self._load(config, f"remove task {name!r}")
         return tasks
+
+    async def students(self) -> dict[str, str]:
+        return map_from_config(await self._config(), "students")
+
+    async def set_students(self, task: str, path: str | os.PathLike | None) -> dict[str, str]:
+        config, students = plan_students(await self._config(), task, path)
+        await self._load(config, f"set students of {task!r}")
+        return students
 
     async def health(self) -> dict:
         c, call = self._t.client, self._t.call

@@ -93,24 +93,31 @@ def normalize_config(raw: dict) -> dict:
     return config
 
 
-def tasks_from_config(config: dict) -> dict[str, str]:
-    """The served task map {name: path on the server}: model parameter `tasks`, a JSON object string."""
-    param = config.get("parameters", {}).get("tasks")
+def map_from_config(config: dict, key: str = "tasks") -> dict[str, str]:
+    """A JSON-object model parameter: `tasks` (the served task map {name: path on the server}) or `students`
+    ({task: student directory})."""
+    param = config.get("parameters", {}).get(key)
     if param is None:
         return {}
     try:
-        tasks = json.loads(param["string_value"])
+        value = json.loads(param["string_value"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ChorusError(f"model parameter 'tasks' is not a JSON object string ({exc}): {param!r}") from None
-    if not isinstance(tasks, dict):
-        raise ChorusError(f"model parameter 'tasks' must be a JSON object {{name: path}}, got {tasks!r}")
-    return tasks
+        raise ChorusError(f"model parameter {key!r} is not a JSON object string ({exc}): {param!r}") from None
+    if not isinstance(value, dict):
+        raise ChorusError(f"model parameter {key!r} must be a JSON object {{name: path}}, got {value!r}")
+    return value
 
 
-def config_with_tasks(config: dict, tasks: dict[str, str]) -> str:
-    """`config` with its task map replaced, as the JSON string `load_model(config=...)` takes."""
+def tasks_from_config(config: dict) -> dict[str, str]:
+    return map_from_config(config, "tasks")
+
+
+def config_with(config: dict, **maps: dict[str, str]) -> str:
+    """`config` with these JSON-object parameters (tasks=..., students=...) replaced, as the JSON string
+    `load_model(config=...)` takes."""
     new = copy.deepcopy(config)
-    new.setdefault("parameters", {})["tasks"] = {"string_value": json.dumps(tasks, sort_keys=True)}
+    for key, value in maps.items():
+        new.setdefault("parameters", {})[key] = {"string_value": json.dumps(value, sort_keys=True)}
     return json.dumps(new)
 
 
@@ -124,16 +131,35 @@ def plan_add(config: dict, name: str, path: str | os.PathLike, replace: bool = F
     if name in tasks and not replace:
         raise InvalidInput(f"task {name!r} is already served (from {tasks[name]}); use --replace (replace=True) to swap it")
     tasks[name] = os.path.abspath(os.fspath(path))
-    return config_with_tasks(config, tasks), tasks
+    students = map_from_config(config, "students")
+    students.pop(name, None)  # a replaced task's students were distilled from the old one
+    return config_with(config, tasks=tasks, students=students), tasks
 
 
 def plan_remove(config: dict, name: str) -> tuple[str, dict[str, str]]:
-    """(config JSON to load, resulting task map) for removing task `name`."""
+    """(config JSON to load, resulting task map) for removing task `name` (and its students)."""
     tasks = tasks_from_config(config)
     if name not in tasks:
         raise UnknownTask(f"task {name!r} is not served; served tasks: {', '.join(sorted(tasks)) or '(none)'}")
     del tasks[name]
-    return config_with_tasks(config, tasks), tasks
+    students = map_from_config(config, "students")
+    students.pop(name, None)
+    return config_with(config, tasks=tasks, students=students), tasks
+
+
+def plan_students(config: dict, task: str, path: str | os.PathLike | None) -> tuple[str, dict[str, str]]:
+    """(config JSON to load, resulting students map) for serving `task` through the students in `path` (made
+    absolute; must exist on the server), or, with path None, through its teacher again."""
+    tasks, students = tasks_from_config(config), map_from_config(config, "students")
+    if task not in tasks:
+        raise UnknownTask(f"task {task!r} is not served; served tasks: {', '.join(sorted(tasks)) or '(none)'}")
+    if path is None:
+        if task not in students:
+            raise InvalidInput(f"task {task!r} has no students (tasks with students: {sorted(students) or 'none'})")
+        del students[task]
+    else:
+        students[task] = os.path.abspath(os.fspath(path))
+    return config_with(config, students=students), students
 
 
 # ---------------------------------------------------------------- requests
@@ -198,11 +224,16 @@ def softmax(logits: Sequence[float]) -> list[float]:
     return (e / e.sum()).tolist()
 
 
-def request_parameters(truncate: bool = False, students: int | None = None) -> dict | None:
+def request_parameters(truncate: bool = False, students: int | None = None,
+                       deadline_ms: float | None = None) -> dict | None:
     """The `chorus` model's request parameters, None when none is set."""
     params: dict = {}
     if truncate:
         params["truncate"] = True
+    if deadline_ms is not None:
+        if not isinstance(deadline_ms, (int, float)) or isinstance(deadline_ms, bool) or not deadline_ms > 0:
+            raise ChorusError(f"deadline_ms={deadline_ms!r}: expected a positive number of milliseconds")
+        params["deadline_ms"] = deadline_ms
     if students is not None:
         if not isinstance(students, int) or isinstance(students, bool) or students < 0:
             raise ChorusError(f"students={students!r}: expected an integer >= 0 (0 = the teacher)")

@@ -159,7 +159,7 @@ def test_config_round_trip(raw):
     assert config["name"] == "chorus" and "config" not in config
     assert [i["dims"] for i in config["input"]] == [[1], [-1], [1]]  # gRPC's int64 strings become ints
     assert wire.tasks_from_config(config) == {"sst": "/srv/tasks/sst"}
-    sent = json.loads(wire.config_with_tasks(config, {"sst": "/a", "emo": "/b"}))
+    sent = json.loads(wire.config_with(config, tasks={"sst": "/a", "emo": "/b"}))
     assert json.loads(sent["parameters"]["tasks"]["string_value"]) == {"sst": "/a", "emo": "/b"}
     assert {k: v for k, v in sent.items() if k != "parameters"} == {k: v for k, v in config.items() if k != "parameters"}
     assert wire.tasks_from_config(wire.normalize_config(sent)) == {"sst": "/a", "emo": "/b"}
@@ -187,6 +187,23 @@ def test_plan_add_and_remove(tmp_path, monkeypatch):
     with pytest.raises(UnknownTask, match="served tasks: sst") as e:
         wire.plan_remove(config, "emo")
     assert str(e.value).startswith("task 'emo' is not served")  # not KeyError's quoted form
+
+
+def test_plan_students_and_a_removed_or_replaced_task_loses_its_students():
+    config = wire.normalize_config(HTTP_CONFIG)
+    sent, students = wire.plan_students(config, "sst", "/srv/students/sst")
+    assert students == {"sst": "/srv/students/sst"}
+    with_students = json.loads(sent)
+    assert wire.map_from_config(with_students, "students") == students
+    assert wire.tasks_from_config(with_students) == {"sst": "/srv/tasks/sst"}  # the task map is untouched
+    assert wire.map_from_config(json.loads(wire.plan_remove(with_students, "sst")[0]), "students") == {}
+    replaced = json.loads(wire.plan_add(with_students, "sst", "/x", replace=True)[0])
+    assert wire.map_from_config(replaced, "students") == {}  # distilled from the old task: dropped
+    assert wire.map_from_config(json.loads(wire.plan_students(with_students, "sst", None)[0]), "students") == {}
+    with pytest.raises(UnknownTask, match="'emo' is not served"):
+        wire.plan_students(config, "emo", "/x")
+    with pytest.raises(InvalidInput, match="'sst' has no students"):
+        wire.plan_students(config, "sst", None)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
