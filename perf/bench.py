@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chorus.backends.scheduler import LatencyTable
 from chorus.server import TritonServer
 from perf import loadgen, pa, repos, workload
 from perf.loadgen import LoadGenerator
@@ -89,7 +90,7 @@ PROFILES = {
     "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(2000, 3), concurrency=(1, 8, 32, 64),
                    rate_grid=(0.3, 1.3, 0.2), loadgen_point_s=4.0, delays_us=(500, 2000, 5000), overload_s=30.0,
                    recovery_s=10.0, burst_cycles=3, per_task_models=8, inprocess_rows=64, metrics_period_s=0.1,
-                   budget_s=8.5 * 60),
+                   budget_s=7 * 60),
 }
 
 
@@ -152,6 +153,8 @@ class Bench:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(world.tokenizer_path))
+        self.tokenizer.no_padding()  # the packaged tokenizer.json pads every text to 128
+        self.tokenizer.no_truncation()
         self.lengths = workload.token_lengths(world.rows, self.tokenizer)
         self.pa_input = workload.write_json(out / "raw" / "pa_input_text.json", workload.pa_input_data(world.rows))
 
@@ -203,11 +206,13 @@ class Bench:
         k = random.Random(seed).randrange(len(rows))
         return [(t, rows[(k + i) % len(rows)]) for i, t in enumerate(offsets)]
 
-    def probe(self, server: TritonServer, model: str, timeout_s: float = 60) -> list[str]:
-        """One real request to `model` (a server whose answer path crashes is caught here); returns its outputs."""
+    def probe(self, server: TritonServer, model: str, task: str | None = None, timeout_s: float = 60) -> list[str]:
+        """Real requests to `model` (of `task` only, if given); a server whose answer path crashes is caught here.
+        Returns the model's outputs."""
         gen = LoadGenerator(server.grpc_url, lambda t: model, timeout_s=timeout_s)
+        rows = [r for r in self.w.rows if task is None or r.task == task]
         try:
-            outcomes, _ = gen.run(self.arrivals([0.0, 0.01, 0.02]))
+            outcomes, _ = gen.run(self.arrivals([0.0, 0.01, 0.02], rows=rows))
             if any(o.status != "ok" for o in outcomes):
                 raise RuntimeError(f"probe of {model} failed: {[(o.status, o.error) for o in outcomes]}")
             meta = gen.client.get_model_metadata(model, as_json=True)
@@ -220,7 +225,7 @@ class Bench:
         for c in self.p.concurrency:
             r = pa.run(model, server.grpc_url, self.pa_input, self.out / "raw" / f"pa-{tag}-c{c}.csv",
                        pa.concurrency_mode(c), self.p.pa,
-                       collect_metrics_url=server.metrics_url if self.p.name == "gpu" else None)
+                       collect_metrics_url=server.metrics_url.removeprefix("http://") if self.p.name == "gpu" else None)
             runs.append({k: v for k, v in r.items() if k != "rows"})
             if r["returncode"] != 0:
                 LOG.warning("perf_analyzer %s c=%d failed: %s", tag, c, r["output_tail"][-600:])
@@ -235,8 +240,7 @@ class Bench:
                    pa.rate_mode(start, end, step), self.p.pa, latency_threshold_ms=2 * self.p.slo_ms)
         after = loadgen.scrape_text(server.metrics_url)
         res = {"rows": r["rows"], "command": r["command"], "returncode": r["returncode"], "seconds": r["seconds"],
-               "max_rate_at_slo": max_rate_at_slo([(x["request_rate"], x["p99_ms"], x["infer_per_s"] >= 0.9 *
-                                                   x["request_rate"]) for x in r["rows"]], self.p.slo_ms),
+               "max_rate_at_slo": pa_max_rate(r["rows"], self.p.slo_ms),
                "padding": self.padding(before, after, model)}
         if r["returncode"] != 0:
             res["output_tail"] = r["output_tail"]
@@ -358,9 +362,12 @@ class Bench:
             engine.load_task(name, path)
         ids = engine.tokenize([r.text for r in rows])
         tasks = [r.task for r in rows]
+        # The engine's best offline: rows sorted by length into batches of 64 (as little padding as batching allows)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        sorted_ids, sorted_tasks = [ids[i] for i in order], [tasks[i] for i in order]
         res: dict = {"device": str(engine.device), "dtype": str(self.w.dtype)}
         res["mixed_vs_seqs"] = inprocess.mixed_vs_seqs(engine, ids[:n], tasks[:n], repeats=3 if self.p.name == "cpu" else 9)
-        res["engine"] = inprocess.engine_throughput(engine, ids, tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
+        res["engine"] = inprocess.engine_throughput(engine, sorted_ids, sorted_tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
         hf_tasks = list(dict.fromkeys(tasks))[:4]
         by_task = {t: [r.text for r in rows if r.task == t][: n // 2] for t in hf_tasks}
         res["hf_transformers"] = inprocess.hf_throughput(self.w.backbone, self.w.tasks, by_task, 64,
@@ -378,9 +385,12 @@ class Bench:
             for task in self.w.students:
                 students.load(task, repos.SHIPPED / json.loads(
                     repos.split_config((repos.SHIPPED / "config.pbtxt").read_text())[1]["students"])[task])
-        table = inprocess.calibrated_latency_table(engine, students, tries=2 if self.p.name == "cpu" else 3)
         table_path = self.out / "raw" / "latency_table.json"
-        table.save(table_path)
+        if "latency_table" in self.w.params and table_path.is_file():  # --only: the servers of this run used it
+            table = LatencyTable.load(table_path)
+        else:
+            table = inprocess.calibrated_latency_table(engine, students, tries=2 if self.p.name == "cpu" else 3)
+            table.save(table_path)
         res["latency_table"] = {"path": "raw/latency_table.json", "alpha_1x16_ms": table.alpha(1, 16) * 1000,
                                 "alpha_64x64_ms": table.alpha(64, 64) * 1000}
         self.w.params["latency_table"] = str(table_path.resolve())
@@ -420,15 +430,11 @@ class Bench:
             if self.fits("chorus loadgen", 60):
                 self.loadgen_rates(server, lambda t: name, "chorus")
             has_students = "STUDENTS" in outputs
-            if self.fits("chorus burst timeline", 30):
-                kw = {}
-                if has_students and self.w.students:
-                    task, k = next(iter(self.w.students.items()))
-                    kw = {"parameters": {"students": k}, "want_students": True,
-                          "rows": [r for r in self.w.rows if r.task == task]}
+            if self.fits("chorus burst timeline", 30):  # every task mixed, students as the load allows
                 x = self.saturation
                 sysres["burst_timeline"] = self.phased(server, lambda t: name, "chorus", "burst",
-                                                       [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles, **kw)
+                                                       [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles,
+                                                       want_students=has_students)
             if self.fits("chorus overload", self.p.overload_s + self.p.recovery_s + 20):
                 self.overload(server, lambda t: name, "chorus")
             if not has_students:
@@ -476,8 +482,8 @@ class Bench:
             for name in names:
                 self.probe(server, name)
                 self.result["systems"].setdefault(name, {"model": name, "batching": "triton"})
-                rows = self.pa_concurrency(server, name, name)
-                if not self.saturation:
+                if not self.saturation:  # chorus's scheduler path was not measured: saturate this one instead
+                    rows = self.pa_concurrency(server, name, name)
                     self.saturation = max((r["infer_per_s"] for r in rows), default=None)
                     self.result["saturation_per_s"] = self.saturation
                     self.note("saturation taken from the dynamic batcher (chorus's scheduler path was not measured)")
@@ -485,6 +491,8 @@ class Bench:
             best = max(names, key=lambda n: self.result["systems"][n]["pa_poisson"]["max_rate_at_slo"] or 0)
             self.result["dynamic_batcher_best"] = best
             LOG.info("best dynamic-batcher delay: %s", best)
+            if "pa_concurrency" not in self.result["systems"][best]:
+                self.pa_concurrency(server, best, best)
             self.bursts(server, best, best)
             if self.fits("dynamic batcher loadgen", 60):
                 self.loadgen_rates(server, lambda t: best, best)
@@ -499,8 +507,8 @@ class Bench:
         models = repos.per_task_models(repo, tasks, delay, **{**self.w.params, **TEACHER_ONLY_PARAMS})
         rows = [r for r in self.w.rows if r.task in tasks]
         with self.server("per_task", list(models.values()), repo) as server:
-            for m in models.values():
-                self.probe(server, m)
+            for task, m in models.items():
+                self.probe(server, m, task)
             tag = "triton_per_task"
             self.result["systems"][tag] = {"models": models, "batching": "triton", "delay_us": delay,
                                            "tasks": len(tasks)}
@@ -617,6 +625,62 @@ def max_rate_at_slo(points: list[tuple[float, float | None, bool]], slo_ms: floa
     return best
 
 
+def pa_max_rate(rows: list[dict], slo_ms: float) -> float | None:
+    """`max_rate_at_slo` of a perf_analyzer Poisson sweep. perf_analyzer stops at any failed request, so every row
+    was answered; a row counts as served when its throughput kept within 30% of the offered rate (a short Poisson
+    window measures +-15%; less means the client or server fell behind)."""
+    return max_rate_at_slo([(x["request_rate"], x.get("p99_ms"), x["infer_per_s"] >= 0.7 * x["request_rate"])
+                            for x in rows if "request_rate" in x], slo_ms)
+
+
+def rederive(folder: Path) -> dict:
+    """Recompute the derived figures (rates at the SLO, summary keys) of a results folder from its raw rows."""
+    result = json.loads((folder / "results.json").read_text())
+    prof = Profile(**{**result["profile"], "pa": pa.Measurement(**result["profile"]["pa"])})
+    world = World("all-MiniLM-L6-v2" if prof.name == "cpu" else "/nonexistent", {}, [], Path("/nonexistent"), {},
+                  torch.float32, "cpu" if prof.name == "cpu" else "cuda", result.get("world", ""))
+    bench = Bench.__new__(Bench)
+    bench.p, bench.w, bench.out, bench.result = prof, world, folder, result
+    if prof.name == "cpu":  # the real length distribution again (cheap on the CPU world)
+        from tokenizers import Tokenizer
+
+        cpu = cpu_world()
+        tok = Tokenizer.from_file(str(cpu.tokenizer_path))
+        tok.no_padding()
+        tok.no_truncation()
+        bench.lengths = workload.token_lengths(cpu.rows, tok)
+        result["lengths"] = lengths_summary(bench.lengths)
+        for s in result["systems"].values():
+            pad = s.get("pa_poisson", {}).get("padding", {})
+            if pad.get("mean_batch_rows"):
+                pad["fraction"] = expected_padding(bench.lengths, pad["mean_batch_rows"])
+    else:
+        bench.lengths = [int(result.get("lengths", {}).get("mean", 30))]
+    for s in result["systems"].values():
+        if "pa_poisson" in s:
+            s["pa_poisson"]["max_rate_at_slo"] = pa_max_rate(s["pa_poisson"]["rows"], prof.slo_ms)
+        lg = s.get("loadgen_poisson")
+        if lg:
+            lg["max_rate_at_slo"] = max_rate_at_slo([(x["rate"], x["p99_ms"], x["passes_slo"] or (
+                x["p99_ms"] is not None and x["p99_ms"] > prof.slo_ms)) for x in lg["points"]], prof.slo_ms)
+    if prof.name == "gpu" and result.get("mfu"):
+        pass  # MFU needs the GPU's name and the lengths: kept as measured
+    keys = bench.keys()
+    if prof.name == "gpu":  # keys() cannot see the GPU from here: keep what the run measured
+        for k in ("model_flops_utilisation", "max_tasks_one_gpu"):
+            keys["values"][k] = result.get("summary", {}).get("values", {}).get(k)
+            if keys["values"][k] is not None:
+                keys["null_because"].pop(k, None)
+    result["summary"] = keys
+    (folder / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    return keys
+
+
+def lengths_summary(lengths: list[int]) -> dict:
+    return {"mean": statistics.mean(lengths), "p50": float(np.percentile(lengths, 50)),
+            "p99": float(np.percentile(lengths, 99)), "max": max(lengths)}
+
+
 def expected_padding(lengths: list[int], mean_batch: float, draws: int = 2000, seed: int = 0) -> float:
     """Padded fraction of batches of ~mean_batch rows drawn from `lengths`, each padded to its longest row."""
     rng = random.Random(seed)
@@ -675,14 +739,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=["inprocess", "chorus", "dynbatch", "per_task"],
                     help="run only these stages")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--rederive", type=Path, metavar="FOLDER",
+                    help="recompute the derived figures and summary keys of a results folder from its raw rows")
     args = ap.parse_args(argv)
+    if args.rederive:
+        print(json.dumps(rederive(args.rederive.resolve()), indent=2))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     profile = PROFILES[args.profile]
     date = datetime.datetime.now(datetime.timezone.utc)
     out = (args.out or ROOT / "perf" / "results" / f"{machine_name(args.profile)}-{date:%Y-%m-%d}").resolve()
-    if out.exists():
+    previous = json.loads((out / "results.json").read_text()) if args.only and (out / "results.json").is_file() else None
+    if out.exists() and previous is None:  # a full run starts clean; --only adds to the folder's earlier run
         shutil.rmtree(out / "raw", ignore_errors=True)
-        shutil.rmtree(out / "repos", ignore_errors=True)
+    shutil.rmtree(out / "repos", ignore_errors=True)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     if args.profile == "gpu":
         work = Path("/tmp/chorus-perf")
@@ -696,16 +766,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         world = cpu_world()
     bench = Bench(profile, world, out)
+    if previous is not None:
+        bench.result = previous
+        bench.result["skipped"] = [x for x in previous.get("skipped", []) if x["what"] not in args.only]
+        bench.saturation = previous.get("saturation_per_s")
+        if (out / "raw" / "latency_table.json").is_file():
+            world.params["latency_table"] = str((out / "raw" / "latency_table.json").resolve())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    bench.result.update({
+    if previous is not None:
+        bench.result.setdefault("reruns", []).append({"stages": args.only, "date": date.isoformat(timespec="seconds")})
+    bench.result.update({} if previous is not None else {
         "date": date.isoformat(timespec="seconds"), "profile": asdict(profile), "world": world.description,
         "tasks": len(world.tasks), "rows": len(world.rows), "slo_ms": profile.slo_ms,
         "commit": commit.stdout.strip() or None, "command": " ".join(["python -m perf.bench", *(argv or sys.argv[1:])]),
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "nproc": _nproc(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "python": platform.python_version()},
-        "lengths": {"mean": statistics.mean(bench.lengths), "p50": float(np.percentile(bench.lengths, 50)),
-                    "p99": float(np.percentile(bench.lengths, 99)), "max": max(bench.lengths)},
+        "lengths": lengths_summary(bench.lengths),
     })
     stages = [("inprocess", bench.run_inprocess), ("chorus", bench.run_chorus),
               ("dynbatch", bench.run_dynamic_batcher), ("per_task", bench.run_per_task)]

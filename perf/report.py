@@ -150,7 +150,7 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
     if ip:
         mv = ip.get("mixed_vs_seqs", {})
         lines += ["", "## In process", "",
-                  f"- chorus engine, mixed-task batches of 64: {_f(ip.get('engine', {}).get('rows_per_s'))} rows/s; "
+                  f"- chorus engine, mixed-task batches of 64 (rows sorted by length): {_f(ip.get('engine', {}).get('rows_per_s'))} rows/s; "
                   f"same rows, chorus engine {_f(ip.get('engine_same_rows_as_hf', {}).get('rows_per_s'))} rows/s vs "
                   f"Hugging Face BertModel (task merged, per task) "
                   f"{_f(ip.get('hf_transformers', {}).get('rows_per_s'))} rows/s",

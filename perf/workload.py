@@ -55,7 +55,8 @@ def text_rows(texts: Sequence[str], tasks: Sequence[str]) -> list[Row]:
 
 def pa_input_data(rows: Sequence[Row], tokenizer=None, limit: int = 1000) -> dict:
     """perf_analyzer `--input-data` JSON for `-b 1`: one entry per request, TEXT (or INPUT_IDS when a `tokenizers`
-    tokenizer is given: its real per-entry shape, so padding in the server follows the real length distribution)."""
+    tokenizer is given: its real per-entry shape, so padding in the server follows the real length distribution;
+    call its `no_padding()` first, as the packaged tokenizer.json pads to 128)."""
     data = []
     for row in rows[:limit]:
         entry = {"TASK": {"content": [row.task], "shape": [1]}}
