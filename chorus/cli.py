@@ -11,8 +11,9 @@ from chorus.errors import ChorusError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chorus import capacity, distill, server, train
+    from chorus import capacity, distill, profile, server, train
     from chorus.client import cli as client_cli
+    from chorus.export import cli as export_cli
 
     parser = argparse.ArgumentParser(prog="chorus", description="Many BERT-like tasks on one backbone, on Triton.")
     parser.add_argument("--version", action="version", version=f"chorus {__version__}")
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(sub)
     distill.register(sub)
     capacity.register(sub)
-    __import__("chorus.export.cli", fromlist=["register"]).register(sub)  # chorus export
+    profile.register(sub)
+    export_cli.register(sub)
     return parser
 
 

@@ -30,7 +30,7 @@ def model_parameters(model_dir: str | Path) -> dict[str, str]:
     return {k: json.loads(f'"{v}"') for k, v in _PARAM.findall(text)}
 
 
-def _backbone(params: dict[str, str], model_dir: Path) -> str:
+def backbone_of(params: dict[str, str], model_dir: Path) -> str:
     from chorus.backends.engine import DEFAULT_BACKBONE
 
     name = params.get("backbone", DEFAULT_BACKBONE)
@@ -41,7 +41,7 @@ def _backbone(params: dict[str, str], model_dir: Path) -> str:
 def _cmd_export(args) -> int:
     model_dir = Path(args.model_dir)
     params = model_parameters(model_dir)
-    backbone = _backbone(params, model_dir)
+    backbone = backbone_of(params, model_dir)
     out = Path(args.out)
     if args.students:
         written = _export_students(args, model_dir, backbone, out)

@@ -101,3 +101,25 @@ def test_close_answers_what_waits_and_then_refuses(engine):
     late = []
     loop.submit(requests(1, seed=5)[0], late.append)
     assert isinstance(late[0], Overloaded)
+
+
+def test_chorus_profile_writes_the_tables_the_entry_model_reads(engine, tmp_path):
+    from chorus.backends.scheduler import LatencyTable
+    from chorus.backends.task_files import save_task
+    from chorus.cli import main
+
+    model = tmp_path / "chorus"
+    tasks = {}
+    for i, pet in enumerate([{"lora": {"r": 4}}, {"bitfit": {}}]):
+        save_task(random_task(f"p{i}", TINY.hidden_size, TINY.linear_sites(), pet, seed=i), model / "tasks" / f"p{i}")
+        tasks[f"p{i}"] = f"tasks/p{i}"
+    (model / "config.pbtxt").write_text(
+        'name: "chorus"\nparameters [\n'
+        f'  {{ key: "backbone", value: {{ string_value: "{engine.backbone_path}" }} }},\n'
+        f'  {{ key: "tasks", value: {{ string_value: {json.dumps(json.dumps(tasks))} }} }}\n]\n')
+    out = tmp_path / "latency.json"
+    assert main(["profile", "--model-dir", str(model), "--out", str(out), "--device", "cpu", "--batch-sizes", "1",
+                 "4", "--seq-lens", "8", "16", "--repeats", "1"]) == 0
+    table = LatencyTable.load(out)
+    assert table.batch_sizes == (1, 4) and table.seq_lens == (8, 16)
+    assert set(table.pet) == {"lora", "bitfit"} and all(t > 0 for row in table.shared for t in row)
