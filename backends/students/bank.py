@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chorus.backends.students.cuda_graphs import GraphedStudents
 from chorus.backends.students.embeddings import SharedEmbeddings
 from chorus.backends.students.files import read_students
 from chorus.backends.students.group import StudentGroup
@@ -27,6 +28,7 @@ class ServedStudents:
     group: StudentGroup
     labels: list[str]
     prefixes: list[dict]  # prefixes[k-1]: accuracy / latency of the first k students, as measured at distillation
+    runner: GraphedStudents  # the group as CUDA graphs per (k, shape bucket) on a GPU; the group itself elsewhere
 
     @property
     def num_students(self) -> int:
@@ -51,7 +53,7 @@ class StudentBank:
             raise TaskFileError(f"students in {path} answer with labels {files.labels}, but task {task!r} has {want}")
         param = self.embeddings.word
         group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
-        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes))
+        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes), GraphedStudents(group))
         log.info("students for %s: K=%d, %d layers each", task, group.num_students, files.config.num_layers)
         return self.tasks[task]
 
@@ -77,5 +79,5 @@ class StudentBank:
             raise InvalidInput(f"task {task!r} has {served.num_students} students; cannot run {k}")
         input_ids, mask = self.engine.pad(ids)
         device = self.embeddings.word.device
-        logits = served.group(input_ids.to(device), mask.to(device), k=k)
+        logits = served.runner(input_ids.to(device), mask.to(device), k=k)
         return logits.float().cpu().numpy()

@@ -147,3 +147,36 @@ def test_under_a_burst_the_policy_prunes_student_batches(engine, bank):  # noqa:
     ran = [k for g in got for k in g.students]
     assert min(ran) < K and all(1 <= k <= K for k in ran)
     assert loop.scheduler.metrics.student_batches >= 1
+
+
+# ---- CUDA graphs ----------------------------------------------------------------------------------------------------
+def test_graphed_students_fall_back_to_the_group_off_the_gpu(bank):
+    from chorus.backends.students.cuda_graphs import GraphedStudents
+
+    group = bank.tasks["t0"].group
+    graphed = GraphedStudents(group)
+    ids = torch.tensor([[101, 5, 6, 102], [101, 7, 102, 0]])
+    mask = (ids != 0).long()
+    assert torch.equal(graphed(ids, mask, k=2), group(ids, mask, k=2)) and graphed.captured == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graphed_students_match_the_eager_group_for_every_k_and_shape(bank, dtype):
+    from chorus.backends.students.cuda_graphs import GraphedStudents
+
+    group = bank.tasks["t0"].group
+    cuda = StudentGroup(group.cfg, bank.embeddings, {k: v.cuda() for k, v in group.tensors().items()},
+                        group.boosting_weights.cuda()).to(dtype=dtype)
+    graphed = GraphedStudents(cuda)
+    g = torch.Generator().manual_seed(0)
+    for B, T in [(1, 5), (3, 17), (8, 16), (33, 40)]:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        ids = (torch.randint(1, 100, (B, T), generator=g) * mask).cuda()
+        for k in range(1, K + 1):
+            torch.testing.assert_close(graphed(ids, mask.cuda(), k=k), cuda(ids, mask.cuda(), k=k),
+                                       **({"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32
+                                          else {"rtol": 2e-2, "atol": 2e-2}))
+    assert graphed.captured == 4 * K

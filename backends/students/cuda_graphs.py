@@ -1,0 +1,74 @@
+"""CUDA graphs of a `StudentGroup`: one captured forward per (k, batch bucket, length bucket).
+
+Shallow students are launch-bound on a GPU (a 2-layer student at batch 1 is ~1.3 ms eager, ~0.2 ms as a graph on an
+H100: ../shared/FIELD_NOTES.md), so replaying a captured graph is most of Student Parallelism's latency gain there.
+
+Semantics (what `GraphedStudents(ids, mask, k)` returns, the same as `group(ids, mask, k=k)`):
+    B, T = ids.shape;  b, t = the smallest buckets >= B, T    (larger than every bucket: run eagerly)
+    static_ids[:b, :t] = pad(ids to (b, t) with pad id 0);  static_mask = pad(mask with 0), every padding row keeps
+                         one real position so its softmax / mean stays finite (its result is dropped)
+    replay graph[(k, b, t)];  return static_out[:B].clone()
+Rows never interact in a student (attention is within a row), so padding rows and positions change nothing for the
+real rows. On the CPU, or for any tensor not on the group's CUDA device, the eager group runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from chorus.backends.students.group import StudentGroup
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+LENGTH_BUCKETS = (16, 32, 64, 128, 256)
+
+
+class GraphedStudents:
+    def __init__(self, group: StudentGroup, batch_buckets=BATCH_BUCKETS, length_buckets=LENGTH_BUCKETS):
+        self.group = group
+        self.batch_buckets, self.length_buckets = tuple(batch_buckets), tuple(length_buckets)
+        self.device = group.boosting_weights.device
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+
+    @staticmethod
+    def _bucket(buckets: tuple[int, ...], n: int) -> int | None:
+        i = bisect.bisect_left(buckets, n)
+        return buckets[i] if i < len(buckets) else None
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def _capture(self, k: int, b: int, t: int):
+        ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        mask = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        mask[:, 0] = 1
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm up kernels / allocator outside the graph
+                self.group(ids, mask, k=k)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            out = self.group(ids, mask, k=k)
+        self._graphs[(k, b, t)] = (graph, ids, mask, out)
+        return self._graphs[(k, b, t)]
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        k = self.group.num_students if k is None else k
+        B, T = input_ids.shape
+        b, t = self._bucket(self.batch_buckets, B), self._bucket(self.length_buckets, T)
+        if self.device.type != "cuda" or b is None or t is None or input_ids.device != self.device:
+            return self.group(input_ids, attention_mask, k=k)
+        graph, ids, mask, out = self._graphs.get((k, b, t)) or self._capture(k, b, t)
+        ids.zero_()
+        mask.zero_()
+        mask[:, 0] = 1
+        ids[:B, :T].copy_(input_ids)
+        mask[:B, :T].copy_(attention_mask)
+        graph.replay()
+        return out[:B].clone()
