@@ -755,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out / "repos", ignore_errors=True)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     if args.profile == "gpu":
+        # perf/gpu/perf.sh puts the load generator's gRPC client on PYTHONPATH for this process only: the servers'
+        # backend stubs must not import its protobuf ahead of their own environment's
+        os.environ.pop("PYTHONPATH", None)
         work = Path("/tmp/chorus-perf")
         shutil.rmtree(work, ignore_errors=True)
         world = gpu_world(args.bundle, work, 64)

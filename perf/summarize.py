@@ -60,6 +60,14 @@ def summary_of(folder: Path) -> dict:
             "notes": r.get("notes", [])}
 
 
+def empty_summary(profile: str) -> dict:
+    """Every key null: no run of this profile yet."""
+    how = "make perf" if profile == "cpu" else "make perf-gpu-bundle, then bash perf/gpu/run.sh perf (device tool)"
+    return {**{k: None for k in SUMMARY_KEYS}, "run": None, "date": None, "commit": None, "machine": None,
+            "slo_ms": None, "null_because": {k: f"no {profile} run of the harness yet ({how})" for k in SUMMARY_KEYS},
+            "notes": []}
+
+
 def write_summary(folder: Path) -> Path:
     profile = profile_of(folder)
     path = SUMMARY[profile]
@@ -86,7 +94,7 @@ def readme_section() -> str:
     for p in ("gpu", "cpu"):
         s = sums.get(p)
         runs.append(f"{p.upper()}: " + (f"`{s['run']}` ({s['date']}, commit {s['commit']}, SLO {s['slo_ms']} ms)"
-                                       if s else "no run yet"))
+                                       if s and s.get("run") else "no run yet"))
     lines += ["Runs — " + "; ".join(runs) + ".", "", "| key | GPU | CPU | what |", "| --- | ---: | ---: | --- |"]
     for k in SUMMARY_KEYS:
         lines.append(f"| `{k}` | {_cell(sums.get('gpu', {}).get(k))} | {_cell(sums.get('cpu', {}).get(k))} | "
@@ -144,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give a results folder, --latest cpu|gpu, --import TARBALL or --readme")
     if folder is not None:
         print(f"{write_summary(folder)} <- {folder}")
+    for profile, path in SUMMARY.items():
+        if not path.is_file():
+            path.write_text(json.dumps(empty_summary(profile), indent=2) + "\n")
     update_readme()
     print("README.md results section rewritten")
     return 0

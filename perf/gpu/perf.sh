@@ -20,6 +20,6 @@ RESULTS=/tmp/perf-results/$FOLDER
 PYTHONPATH=$PERFSITE timeout 500 /tmp/np1env/bin/python3 -m perf.bench --profile gpu --bundle $G --out "$RESULTS" --no-plots "$@" \
   2>&1 | tee "$OUT/bench.log" || echo "perf.bench exited with $?" | tee -a "$OUT/bench.log"
 PYTHONPATH=$PERFSITE /tmp/np1env/bin/python3 -m perf.report "$RESULTS" || true
-tar -C /tmp/perf-results -czf "$OUT/perf-results.tar.gz" "$FOLDER"
+tar -C /tmp/perf-results --exclude=repos -czf "$OUT/perf-results.tar.gz" "$FOLDER"
 cp "$RESULTS/summary.md" "$OUT/" 2>/dev/null || true
 ls -la "$OUT"
