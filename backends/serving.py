@@ -43,10 +43,23 @@ def pet_type(engine: Engine, task: str) -> str:
 
 
 def students_for(students: StudentBank | None, task: str, asked: int | None) -> int:
-    """At most how many students answer a row of `task`: 0 (the teacher) when the task has none or the request asked
-    for the teacher (`students=0`); else K, or fewer if the request asked for at most n."""
+    """At most how many students answer a row of `task`: 0 (the teacher) when the task has none, the request asked
+    for the teacher (`students=0`), or it asked for nothing and no prefix is within the accuracy budget; else K, or
+    fewer if the request asked for at most n."""
     K = 0 if students is None else students.num_students(task)
-    return K if asked is None else min(asked, K)
+    if asked is None:
+        return K if K and students.floor(task) is not None else 0
+    return min(asked, K)
+
+
+def row_students(students: StudentBank | None, task: str, asked: int | None, batch_k: int | None) -> int:
+    """Students for one row of a batch: 0 on the backbone path; in a student batch, the batch's k (the pruning
+    policy's) capped by what the request allows, and, when the request left it to the server, no fewer than the
+    task's accuracy floor."""
+    if batch_k is None:
+        return 0
+    k = min(batch_k, students_for(students, task, asked))
+    return k if asked is not None else max(k, students.floor(task))
 
 
 def classify_rows(engine: Engine, students: StudentBank | None, ids: list[list[int]], tasks: list[str],
@@ -227,9 +240,7 @@ class ServingLoop:
         live = [r for r in batch.requests if not r.payload[0].failed]
         if not live:
             return
-        # a student batch: each row runs min(the batch's k, what its request allows, its task's K) students
-        ks = [0 if batch.k is None else min(batch.k, students_for(self.students, r.task, r.payload[0].students))
-              for r in live]
+        ks = [row_students(self.students, r.task, r.payload[0].students, batch.k) for r in live]
         try:
             out = classify_rows(self.engine, self.students, [r.payload[0].decoded.ids[r.payload[1]] for r in live],
                                 [r.task for r in live], ks)

@@ -16,7 +16,8 @@
 - `students`: JSON object {task name: student directory} (Student Parallelism, `chorus distill`): such a task is
   answered by its students unless a request sets the parameter `students=0` (the teacher) or `students=n` (at most
   n); `pruning`: JSON of `PruningPolicy` knobs (`utilisation`, `min_students`, `grow_step`) or {"enabled": false}
-  (always all K). The output STUDENTS says per row how many students answered (0: the teacher).
+  (always all K), and `max_accuracy_drop` (points, default 1.0: the students' accuracy budget, see
+  `chorus.backends.students.bank`). The output STUDENTS says per row how many students answered (0: the teacher).
 """
 
 from __future__ import annotations
@@ -199,15 +200,16 @@ class TritonPythonModel:
         if runtime == "onnxruntime":
             self.engine.refresh()  # export and bind now, not on the first request
         student_dirs = _json_param(params, "students", "{}")
-        self.students = StudentBank(self.engine) if student_dirs else None
+        pruning = _json_param(params, "pruning", "{}")
+        self.students = StudentBank(self.engine, pruning.pop("max_accuracy_drop", 1.0)) if student_dirs else None
         for name, path in student_dirs.items():
             self.students.load(name, model_dir / path)
-        pruning = _json_param(params, "pruning", "{}")
         try:
             policy = (PruningPolicy(self.students.max_students, **pruning)
                       if self.students is not None and pruning.pop("enabled", True) else None)
         except TypeError as e:
-            raise ValueError(f"parameter pruning: {e}; known keys: enabled, utilisation, min_students, grow_step") from None
+            raise ValueError(f"parameter pruning: {e}; known keys: enabled, utilisation, min_students, grow_step, "
+                             "max_accuracy_drop") from None
         self.batching = _param(params, "batching", "auto")
         if self.batching not in BATCHING + ("auto",):
             raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")

@@ -3,6 +3,12 @@ has students (Student Parallelism), instead of backbone + PET.
 
 A task's students answer with the task's labels (checked at load); `run(ids, task, k)` runs the first k of them fused
 (`StudentGroup`), on the engine's device and dtype.
+
+Accuracy budget (Student Parallelism: "pruning reads" the accuracy stored with every prefix): a prefix k is *allowed*
+when its validation accuracy is at most `max_accuracy_drop` points below the teacher's (both recorded by `chorus
+distill`; validation, never test, decides). `floor(task)` is the smallest allowed k: by default a task is answered by
+its students only if some prefix is allowed, and pruning never goes below that floor. A student directory without
+accuracy records is taken as allowed from k=1.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class ServedStudents:
     labels: list[str]
     prefixes: list[dict]  # prefixes[k-1]: accuracy / latency of the first k students, as measured at distillation
     runner: GraphedStudents  # the group as CUDA graphs per (k, shape bucket) on a GPU; the group itself elsewhere
+    floor: int | None = 1  # the smallest prefix within the accuracy budget; None: no prefix is
 
     @property
     def num_students(self) -> int:
@@ -38,8 +45,8 @@ class ServedStudents:
 class StudentBank:
     """{task: its students}, sharing `engine`'s embedding tables (never copied)."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, max_accuracy_drop: float = 1.0):
+        self.engine, self.max_accuracy_drop = engine, max_accuracy_drop
         self.embeddings = SharedEmbeddings.from_encoder(engine.model.encoder)
         self.tasks: dict[str, ServedStudents] = {}
 
@@ -53,9 +60,26 @@ class StudentBank:
             raise TaskFileError(f"students in {path} answer with labels {files.labels}, but task {task!r} has {want}")
         param = self.embeddings.word
         group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
-        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes), GraphedStudents(group))
-        log.info("students for %s: K=%d, %d layers each", task, group.num_students, files.config.num_layers)
+        floor = self._floor(files.prefixes, files.meta.get("teacher_accuracy", {}).get("validation"))
+        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes), GraphedStudents(group), floor)
+        log.info("students for %s: K=%d, %d layers each; %s", task, group.num_students, files.config.num_layers,
+                 f"answering by default with at least {floor}" if floor else
+                 f"no prefix within {self.max_accuracy_drop} points of the teacher's validation accuracy: the teacher "
+                 "answers unless a request asks for students")
         return self.tasks[task]
+
+    def _floor(self, prefixes: list[dict], teacher: float | None) -> int | None:
+        if teacher is None or not prefixes:
+            return 1
+        allowed = [p["k"] for p in prefixes
+                   if p.get("validation_accuracy") is not None
+                   and 100 * (teacher - p["validation_accuracy"]) <= self.max_accuracy_drop]
+        return min(allowed, default=None)
+
+    def floor(self, task: str) -> int | None:
+        """The smallest k the task's students answer with by default (None: its teacher answers by default)."""
+        served = self.tasks.get(task)
+        return None if served is None else served.floor
 
     def remove(self, task: str) -> None:
         self.tasks.pop(task, None)

@@ -180,3 +180,26 @@ def test_graphed_students_match_the_eager_group_for_every_k_and_shape(bank, dtyp
                                        **({"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32
                                           else {"rtol": 2e-2, "atol": 2e-2}))
     assert graphed.captured == 4 * K
+
+
+def test_the_accuracy_budget_sets_the_default_and_the_floor_of_pruning(engine, tmp_path):  # noqa: F811
+    from chorus.backends.serving import row_students, students_for
+
+    def load(name, val_accuracies):
+        cfg = StudentConfig(num_students=K, num_layers=1, hidden_size=TINY.hidden_size, num_heads=4,
+                            intermediate_size=48, num_labels=2, dropout=0.0)
+        files = StudentFiles(cfg, list(engine.bank.tasks[name].labels),
+                             stack_students([Student(cfg).eval() for _ in range(K)]), torch.ones(K),
+                             prefixes=[{"k": k + 1, "validation_accuracy": a} for k, a in enumerate(val_accuracies)],
+                             meta={"teacher_accuracy": {"validation": 0.80}})
+        bank.load(name, save_students(files, tmp_path / name))
+
+    bank = StudentBank(engine, max_accuracy_drop=1.0)
+    load("t0", [0.75, 0.795, 0.80])  # k=1 is 5 points below the teacher: k >= 2 only
+    load("t1", [0.70, 0.71, 0.72])  # no prefix within 1 point: the teacher answers unless asked
+    assert bank.floor("t0") == 2 and bank.floor("t1") is None
+    assert students_for(bank, "t0", None) == K and students_for(bank, "t1", None) == 0
+    assert students_for(bank, "t1", 2) == 2  # a request may still ask for them
+    assert row_students(bank, "t0", None, batch_k=1) == 2  # pruning stops at the floor
+    assert row_students(bank, "t0", 1, batch_k=3) == 1  # the request's own cap wins
+    assert row_students(bank, "t0", None, batch_k=None) == 0  # a backbone batch
