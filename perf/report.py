@@ -162,8 +162,17 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                   f"{_f(ip.get('latency_table', {}).get('alpha_64x64_ms'))} ms"]
     st = r.get("students")
     if st:
-        lines += ["", "## Students", "", "```json", json.dumps({k: v for k, v in st.items()
-                                                                 if not isinstance(v, dict)}, indent=1), "```"]
+        lines += ["", "## Students", "", f"Task {st.get('task')}, K = {st.get('K')}; p50/accuracy runs at "
+                  f"{_f(st.get('rate'))} req/s (0.4x saturation), same rows for each; bursts as above.", "",
+                  "| run | sent | refused | p50 ms | p99 ms | accuracy | students in use (mean) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for key, label in (("teacher", "chorus, students=0 (teacher)"), ("students", f"chorus, students={st.get('K')}"),
+                           ("triton_per_task_teacher", "the task's own Triton model (teacher)"),
+                           ("burst_with_pruning", "bursts, pruning on"), ("burst_without_pruning", "bursts, pruning off")):
+            x = st.get(key)
+            if x:
+                lines.append(f"| {label} | {x.get('sent')} | {x.get('refused')} | {_f(x.get('p50_ms'))} | "
+                             f"{_f(x.get('p99_ms'))} | {_f(x.get('accuracy'))} | {_f(x.get('students_mean'))} |")
     if r.get("notes") or r.get("skipped"):
         lines += ["", "## Notes and skipped", ""] + [f"- {n}" for n in r.get("notes", [])]
         lines += [f"- skipped {s['what']}: {s['why']}" for s in r.get("skipped", [])]

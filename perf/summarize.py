@@ -80,7 +80,7 @@ def _cell(v) -> str:
         return "null"
     if isinstance(v, int):
         return f"{v:,}"
-    return f"{v:.3g}"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:,.0f}"
 
 
 def readme_section() -> str:
@@ -101,8 +101,12 @@ def readme_section() -> str:
                      f"{DESCRIPTIONS[k]} |")
     nulls = {}
     for p, s in sums.items():
-        for k, why in s.get("null_because", {}).items():
-            nulls.setdefault(why, []).append(f"{k} ({p})")
+        reasons = s.get("null_because", {})
+        if len(reasons) == len(SUMMARY_KEYS) and len(set(reasons.values())) == 1:
+            nulls.setdefault(next(iter(reasons.values())), []).append(f"every {p.upper()} key")
+            continue
+        for k, why in reasons.items():
+            nulls.setdefault(why, []).append(f"`{k}` ({p.upper()})")
     if nulls:
         lines += ["", "Null: " + "; ".join(f"{', '.join(ks)}: {why}" for why, ks in nulls.items()) + "."]
     lines += ["", "Reproduce: `make perf` (CPU, ~15 min) or `bash perf/gpu/run.sh perf` on a GPU machine; plots and "
