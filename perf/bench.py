@@ -368,15 +368,16 @@ class Bench:
         res: dict = {"device": str(engine.device), "dtype": str(self.w.dtype)}
         res["mixed_vs_seqs"] = inprocess.mixed_vs_seqs(engine, ids[:n], tasks[:n], repeats=3 if self.p.name == "cpu" else 9)
         res["engine"] = inprocess.engine_throughput(engine, sorted_ids, sorted_tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
+        # Hugging Face BertModel, one merged model per task, on 4 tasks' rows; chorus's engine on the same rows
         hf_tasks = list(dict.fromkeys(tasks))[:4]
-        by_task = {t: [r.text for r in rows if r.task == t][: n // 2] for t in hf_tasks}
+        by_task = {t: [r.text for r in self.w.rows if r.task == t][: n // 2] for t in hf_tasks}
         res["hf_transformers"] = inprocess.hf_throughput(self.w.backbone, self.w.tasks, by_task, 64,
                                                          self.w.device, self.w.dtype,
                                                          repeats=2 if self.p.name == "cpu" else 5)
-        by_task_ids = [(i, t) for i, t in zip(ids, tasks) if t in by_task]
+        hf_ids = engine.tokenize([text for texts in by_task.values() for text in texts])
+        hf_row_tasks = [t for t, texts in by_task.items() for _ in texts]
         res["engine_same_rows_as_hf"] = inprocess.engine_throughput(
-            engine, [i for i, _ in by_task_ids], [t for _, t in by_task_ids], batch=64,
-            repeats=2 if self.p.name == "cpu" else 5)
+            engine, hf_ids, hf_row_tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
         students = None
         if self.w.students:
             from chorus.backends.students.bank import StudentBank

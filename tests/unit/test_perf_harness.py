@@ -138,3 +138,12 @@ def test_import_refuses_unsafe_tarballs(tmp_path, monkeypatch):
         tar.add(tmp_path / "b", arcname="b")
     with pytest.raises(SystemExit, match="one top folder"):
         summarize.import_tarball(bad)
+
+
+def test_encoder_flops_counts_matmuls(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8, "intermediate_size": 32,
+                                                      "num_hidden_layers": 2}))
+    world = bench.World(str(tmp_path), {}, [], tmp_path, {}, None, "cpu", "")
+    T, C, inter = 4, 8, 32
+    per_layer = 2 * T * (4 * C * C + 2 * C * inter) + 4 * T * T * C  # q, k, v, o + FFN; scores and mixing
+    assert bench.encoder_flops(world, T) == 2 * per_layer
