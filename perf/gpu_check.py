@@ -43,10 +43,24 @@ def make_backbone(path: Path, tokenizer: Path) -> EncoderConfig:
     return cfg
 
 
+# Every PET type (issue 3's mixed batch): LoRA of two ranks, BitFit, Houlsby and Pfeiffer adapters, IA3, MaskBERT
+# and Diff-Pruning (5% of each adapted weight).
+PET_MIX = [
+    {"lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]}},
+    {"bitfit": {}},
+    {"adapter": {"placement": "houlsby", "bottleneck": 64}},
+    {"ia3": {}},
+    {"lora": {"r": 16, "alpha": 32, "target_modules": ["query", "value"]}},
+    {"adapter": {"placement": "pfeiffer", "bottleneck": 48}},
+    {"maskbert": {"density": 0.05, "target_modules": ["query", "value"]}},
+    {"diff_pruning": {"density": 0.05, "target_modules": ["query", "value"]}},
+]
+
+
 def make_tasks(cfg: EncoderConfig, tasks_dir: Path, n: int) -> dict[str, str]:
     tasks = {}
     for i in range(n):
-        pet = {"lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]}} if i % 2 == 0 else {"bitfit": {}}
+        pet = PET_MIX[i % len(PET_MIX)]
         name = f"task{i:03d}_{next(iter(pet))}"
         save_task(random_task(name, cfg.hidden_size, cfg.linear_sites(), pet, seed=i, scale=0.02), tasks_dir / name)
         tasks[name] = str(tasks_dir / name)

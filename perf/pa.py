@@ -71,9 +71,18 @@ def read_csv(path: Path) -> list[dict]:
                     row[f"{p}_ms"] = float(rec[f"{p} latency"]) / 1000
             for key in ("Avg GPU Utilization", "Avg GPU Power Usage", "Max GPU Memory Usage"):
                 if rec.get(key):
-                    row[key.lower().replace(" ", "_")] = float(rec[key])
+                    row[key.lower().replace(" ", "_")] = gpu_metric(rec[key])
             out.append(row)
     return out
+
+
+def gpu_metric(value: str) -> float:
+    """`--collect-metrics` columns: a number, or `GPU-<uuid>:<number>;` per GPU (the mean over GPUs)."""
+    try:
+        return float(value)
+    except ValueError:
+        per_gpu = [float(part.rsplit(":", 1)[1]) for part in value.split(";") if ":" in part]
+        return sum(per_gpu) / len(per_gpu) if per_gpu else float("nan")
 
 
 def concurrency_mode(level: int) -> list[str]:
