@@ -189,7 +189,7 @@ def lr_factor(step: int, steps: int, warmup_fraction: float = 0.1) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _trainable(engine: Engine, name: str, cfg: TrainConfig, initial: TaskSpec) -> tuple[list, int]:
+def _trainable(engine: Engine, cfg: TrainConfig, initial: TaskSpec) -> tuple[list, int]:
     """The parameters to train and how many values of them belong to this task (the bank's other slots and MaskBERT's
     and Diff-Pruning's position lists are not trained)."""
     bank = engine.bank
@@ -238,12 +238,11 @@ def train_task(name: str, dataset: str, cfg: TrainConfig, backbone: str = DEFAUL
     gold = {split: [e.label for e in examples] for split, examples in splits.items()}
 
     bank = engine.bank
-    params, trainable = _trainable(engine, name, cfg, initial)
+    params, trainable = _trainable(engine, cfg, initial)
     for p in params:
         p.requires_grad_(True)
     head_ids = {id(bank.head_weight), id(bank.head_bias)}
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.default_lr},
-              {"params": [bank.head_weight, bank.head_bias], "lr": cfg.head_lr}]
+    body = [p for p in params if id(p) not in head_ids]
     entry = bank.tasks[name]
     n_labels = len(data.labels)
     per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -259,7 +258,9 @@ def train_task(name: str, dataset: str, cfg: TrainConfig, backbone: str = DEFAUL
                 bank.methods[method].finish_training(slot, entry.pet[method])
             best = accuracy(engine, name, tokens["validation"], gold["validation"])
             log.info("%s: %.4f validation accuracy after finishing stage %d", name, best, stage)
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.default_lr},
+                                       {"params": [bank.head_weight, bank.head_bias], "lr": cfg.head_lr}],
+                                      weight_decay=0.0)
         steps = epochs * per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, steps, cfg.warmup_fraction))
