@@ -75,7 +75,7 @@ class TrainConfig:
     @property
     def default_lr(self) -> float:
         # IA3 and Diff-Pruning: the best of {3e-3, 1e-2} and {2e-4, 5e-4, 1e-3} by validation accuracy on Rotten
-        # Tomatoes (1,000 examples, 2 epochs; perf/results/pet-types-accuracy-2026-11-22.md)
+        # Tomatoes (the first 1,000 train examples, 2 epochs, seed 0: 0.716 / 0.778 and 0.682 / 0.704 / 0.676)
         return self.lr or {"lora": 1e-3, "bitfit": 3e-3, "houlsby": 1e-3, "pfeiffer": 1e-3, "ia3": 1e-2,
                            "maskbert": 1e-3, "diff_pruning": 5e-4, "full": 5e-5}[self.pet]
 
