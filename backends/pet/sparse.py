@@ -231,9 +231,32 @@ class SparseDelta(PetMethod):
     def make_op(self, site: str):
         key = self._key(site)
 
+        in_f = self.site_shapes[site][1]
+
+        def scatter(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            """Every row of a sparse task at once, straight from the bank (no ΔW built): each stored entry (r, c, v)
+            of the row's slot adds v·x[:, c] to output r. Padding entries are zeros."""
+            idx = rows.active[self.name]
+            if idx is not None and len(idx) == 0:
+                return y
+            slots = rows.slots[self.name] if idx is None else rows.slots[self.name][idx]  # (n,)
+            xs = x if idx is None else x[idx]  # (n, T, in)
+            index = self.indices[key].index[slots]  # (n, max_nnz) flat positions r * in + c
+            vals = self.delta_values(site, index, self.banks[key]["value"][slots]).to(x.dtype)  # (n, max_nnz)
+            n, T, _ = xs.shape
+            cols = (index % in_f).unsqueeze(1).expand(n, T, -1)  # (n, T, max_nnz)
+            outs = torch.div(index, in_f, rounding_mode="floor").unsqueeze(1).expand(n, T, -1)
+            delta = y.new_zeros((n, T, y.shape[-1])).scatter_add_(2, outs, xs.gather(2, cols) * vals.unsqueeze(1))
+            if self.bias_name:
+                delta = delta + self.banks[key]["bias"][slots].unsqueeze(1)
+            return y + delta if idx is None else y.index_add(0, idx, delta)
+
         def sparse_delta(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-            # CSR products only in float32 without autograd; otherwise the dense scatter (bf16/fp16, training)
-            sparse = not torch.is_grad_enabled() and x.dtype == torch.float32
+            # Serving: CSR products per task in float32 (CPU), the gather-scatter over all sparse rows in half
+            # precision (GPU: one kernel pair per site, no ΔW densified per call); training: the dense ΔW (autograd)
+            if not torch.is_grad_enabled() and x.dtype != torch.float32:
+                return scatter(x, y, rows)
+            sparse = not torch.is_grad_enabled()
             for g in self.row_groups(rows):  # one group per task
                 slot, idx = g.key, g.rows
                 if slot not in self.nnz_host[key]:
