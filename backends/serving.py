@@ -6,9 +6,9 @@ Semantics:
     submit(request rows, done):  every row -> Scheduler.submit (refused: no row of the request runs, done(Overloaded))
     worker:  loop { batches = scheduler.schedule(now); for b in batches: engine.run(b) -> rows' results;
                     a request whose rows are all done -> answers queue }
-    answerer: loop { done(result) }  (sending a response is a blocking IPC round trip in Triton's Python backend:
-              on its own thread it overlaps the next batch's compute)
-    close(): stop taking requests, run what waits (flush), stop the worker, then the answerer once it has sent all.
+    answerers (ANSWER_THREADS): loop { done(result) }  (sending a response is a blocking IPC round trip in Triton's
+              Python backend that releases the GIL: on their own threads sends overlap each other and the next batch)
+    close(): stop taking requests, run what waits (flush), stop the worker, then the answerers once all is sent.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from chorus.errors import ChorusError, Overloaded
 log = logging.getLogger(__name__)
 
 Done = Callable[[Classified | Exception], None]
+ANSWER_THREADS = 4  # threads sending responses (Triton's backend takes sends from several threads at once)
 STUDENTS = "students"  # the scheduler's PET type of rows answered by a task's students (a standalone path)
 
 
@@ -153,9 +154,11 @@ class ServingLoop:
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._closing = False
-        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result); None stops the answerer
-        self._answerer = threading.Thread(target=self._answer_loop, name="chorus-answers", daemon=True)
-        self._answerer.start()
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result); None stops an answerer
+        self._answerers = [threading.Thread(target=self._answer_loop, name=f"chorus-answers-{i}", daemon=True)
+                           for i in range(ANSWER_THREADS)]
+        for t in self._answerers:
+            t.start()
         self._worker = threading.Thread(target=self._run, name="chorus-serving", daemon=True)
         self._worker.start()
 
@@ -186,8 +189,10 @@ class ServingLoop:
             self._closing = True
             self._wake.notify()
         self._worker.join(timeout)
-        self._answers.put(None)
-        self._answerer.join(timeout)
+        for _ in self._answerers:
+            self._answers.put(None)
+        for t in self._answerers:
+            t.join(timeout)
 
     def _answer_loop(self) -> None:
         while (item := self._answers.get()) is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -153,12 +154,14 @@ class Metrics:
         self.student_family = pb_utils.MetricFamily("chorus_student_rows_total",
                                                     "rows answered by k students (k=0: the teacher)", counter)
         self.student_rows: dict[int, object] = {}
+        self._lock = threading.Lock()  # responses are sent (and counted) from several threads
 
     def answered(self, ks: list[int]) -> None:
-        for k, n in Counter(ks).items():
-            if k not in self.student_rows:
-                self.student_rows[k] = self.student_family.Metric(labels={"k": str(k)})
-            self.student_rows[k].increment(n)
+        with self._lock:
+            for k, n in Counter(ks).items():
+                if k not in self.student_rows:
+                    self.student_rows[k] = self.student_family.Metric(labels={"k": str(k)})
+                self.student_rows[k].increment(n)
 
     def observe(self, batch, queue_depth: int) -> None:
         if batch.k is not None:
