@@ -486,11 +486,13 @@ class Bench:
             res[label] = loadgen.summarize(outcomes, offsets[-1] if offsets else 1.0)
         x = self.saturation
         phases = [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles
+        # the burst's requests carry the SLO as their deadline: pruning keeps the queue within it (Student Parallelism)
+        burst_params = {"students": k, "deadline_ms": self.p.slo_ms}
         res["burst_with_pruning"] = self.phased(server, lambda t: name, "students", "burst-pruning", phases,
-                                                parameters={"students": k}, want_students=True, rows=rows)
+                                                parameters=burst_params, want_students=True, rows=rows)
         if no_prune:
             s = self.phased(server, lambda t: no_prune, "students", "burst-no-pruning", phases,
-                            parameters={"students": k}, want_students=True, rows=rows)
+                            parameters=burst_params, want_students=True, rows=rows)
             times = [int(o["students"]) for o in read_outcomes(self.out / "raw" / "loadgen-students-burst-no-pruning.csv")
                      if o.get("students") not in (None, "")]
             s["switch_effective"] = bool(times) and min(times) == k
