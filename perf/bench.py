@@ -90,7 +90,9 @@ PROFILES = {
                    per_task_models=4, per_task_delay_us=5000, inprocess_rows=32, metrics_period_s=0.25, budget_s=15 * 60),
     # The device tool allows 10 minutes a command; perf/gpu/run.sh's setup takes about one, the tarball seconds.
     "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(1500, 3), concurrency=(1, 8, 32, 64),
-                   rate_grid=(0.3, 1.3, 0.25), loadgen_point_s=3.0, delays_us=(500, 2000, 5000), overload_s=30.0,
+                   # low rates: through the Python backend a mixed all-PET bert-base batch is p99 ~ 20 ms already
+                   # at ~0.2x saturation (perf/results/h100-2026-11-22), so the 20 ms SLO is met, if at all, down here
+                   rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000, 5000), overload_s=30.0,
                    recovery_s=10.0, burst_cycles=3, per_task_models=8, per_task_delay_us=2000, inprocess_rows=64,
                    metrics_period_s=0.1, budget_s=460),
 }
@@ -571,6 +573,9 @@ class Bench:
         a = chorus.get("pa_poisson", {}).get("max_rate_at_slo")
         b = best_db.get("pa_poisson", {}).get("max_rate_at_slo")
         keys["scheduler_rate_vs_dynamic_batcher"] = a / b if a and b else None
+        if chorus.get("pa_poisson") and not (a and b):
+            why["scheduler_rate_vs_dynamic_batcher"] = (f"no Poisson rate tried met p99 <= {self.p.slo_ms:g} ms for "
+                                                        f"{'chorus' if not a else 'the dynamic batcher'}")
         a = chorus.get("loadgen_poisson", {}).get("max_rate_at_slo")
         b = per_task.get("loadgen_poisson", {}).get("max_rate_at_slo")
         keys["max_rate_at_slo_vs_triton_baseline"] = a / b if a and b else None
