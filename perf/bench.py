@@ -145,7 +145,7 @@ def gpu_world(bundle: Path, work: Path, n_tasks: int) -> World:
               "task_capacity": str(n_tasks + 1), "device": "auto", "students": json.dumps(students),
               "scheduler": json.dumps({"default_deadline_s": 1.0})}
     return World(str(work / "bert-base"), tasks, rows, bundle / "tokenizer.json", params, torch.float16, "cuda",
-                 f"bert-base-shaped backbone (random weights, fp16), {n_tasks} random LoRA/BitFit tasks, K=4 "
+                 f"bert-base-shaped backbone (random weights, fp16), {n_tasks} random tasks of every PET type, K=4 "
                  f"random two-layer students for {student_task} (latency only: their accuracy means nothing), "
                  "1,000 Rotten Tomatoes test sentences (labels not meaningful: random weights)", {student_task: 4})
 
