@@ -11,6 +11,9 @@ the students.
 - `reference.py`   `Student` / `ReferenceStudentGroup`: plain nn.Modules, one student at a time (training, tests)
 - `group.py`       `StudentGroup`: the fused inference path, all students at once over stacked (K, ...) weights
 - `files.py`       the `chorus-students/1` directory format (safetensors + JSON)
+- `cuda_graphs.py` `GraphedStudents`: the group as CUDA graphs per (k, batch bucket, length bucket) on a GPU
+- `bank.py`        `StudentBank`: the students of served tasks over the serving backbone's embeddings; accuracy budget
+- `pruning.py`     `PruningPolicy`: how many students a batch runs, from load and deadline (the scheduler's choose_k)
 """
 
 from chorus.backends.students.config import StudentConfig
@@ -18,6 +21,9 @@ from chorus.backends.students.embeddings import SharedEmbeddings
 from chorus.backends.students.files import (StudentFiles, load_students, read_students, save_students)
 from chorus.backends.students.group import StudentGroup
 from chorus.backends.students.reference import ReferenceStudentGroup, Student, stack_students, unstack_students
+from chorus.backends.students.bank import StudentBank
+from chorus.backends.students.pruning import PruningPolicy
 
 __all__ = ["StudentConfig", "SharedEmbeddings", "Student", "ReferenceStudentGroup", "StudentGroup", "StudentFiles",
-           "stack_students", "unstack_students", "save_students", "read_students", "load_students"]
+           "stack_students", "unstack_students", "save_students", "read_students", "load_students", "StudentBank",
+           "PruningPolicy"]
