@@ -26,7 +26,7 @@ def test_measured_bytes_agree_with_the_slot_shapes():
     assert backbone == 2 * (22_713_216 - 384 * 385)  # all-MiniLM-L6-v2's 22.7M parameters less its pooler
     houlsby = next(s for s in capacity.SETTINGS if s.label.startswith("Houlsby"))
     _, pet, _ = capacity.measure(cfg, torch.float32, houlsby)
-    assert pet == 2_380_800  # the table in chorus.backends.pet
+    assert pet == 2_380_800 + 1  # the table in chorus.backends.pet, plus the slot's activation flag (bool)
 
 
 def test_capacity_command(capsys):
