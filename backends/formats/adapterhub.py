@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from chorus.backends.formats.files import check_against_backbone, read_json, read_tensors
+from chorus.backends.formats.files import check_against_backbone, read_adapter_dir, read_tensors
 from chorus.backends.formats.head import TaskHead, resolve_head
 from chorus.backends.pet.adapter import ACTIVATIONS
 from chorus.backends.task_bank import TaskSpec, check_task_name
@@ -127,11 +127,7 @@ def load_adapterhub(path: str | Path, name: str, head: TaskHead | None = None,
     """An AdapterHub bottleneck adapter directory as a chorus `adapter` task (head: `chorus.backends.formats.head`)."""
     check_task_name(name)
     path = Path(path)
-    cfg_file = path / CONFIG
-    meta = read_json(cfg_file, name)
-    weights = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
-    if weights is None:
-        raise TaskFileError(f"task {name!r}: {path} has {CONFIG} but neither of {list(WEIGHTS)}")
+    cfg_file, meta, weights = read_adapter_dir(path, name, CONFIG, WEIGHTS)
     placement, activation, scaling = _options(meta, cfg_file, name)
 
     adapter_name = meta.get("name")

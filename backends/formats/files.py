@@ -27,6 +27,16 @@ def read_json(path: Path, task: str) -> dict:
     return data
 
 
+def read_adapter_dir(path: Path, task: str, config: str, weights: tuple[str, ...]) -> tuple[Path, dict, Path]:
+    """A PEFT / AdapterHub directory: (its config file, the config, the first weights file that exists)."""
+    cfg_file = path / config
+    cfg = read_json(cfg_file, task)
+    found = next((path / w for w in weights if (path / w).is_file()), None)
+    if found is None:
+        raise TaskFileError(f"task {task!r}: {path} has {config} but neither of {list(weights)}")
+    return cfg_file, cfg, found
+
+
 def read_tensors(path: Path, task: str) -> dict[str, torch.Tensor]:
     """A safetensors file, or a PyTorch `.bin` state dict read with `weights_only=True` (no code is unpickled)."""
     if path.suffix == ".safetensors":

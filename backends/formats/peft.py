@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from chorus.backends.formats.files import check_against_backbone, check_site, read_json, read_tensors
+from chorus.backends.formats.files import check_against_backbone, check_site, read_adapter_dir, read_tensors
 from chorus.backends.formats.head import TaskHead, resolve_head
 from chorus.backends.pet.base import layer_site
 from chorus.backends.task_bank import TaskSpec, check_task_name
@@ -95,11 +95,7 @@ def load_peft(path: str | Path, name: str, head: TaskHead | None = None,
     """
     check_task_name(name)
     path = Path(path)
-    cfg_file = path / CONFIG
-    cfg = read_json(cfg_file, name)
-    weights = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
-    if weights is None:
-        raise TaskFileError(f"task {name!r}: {path} has {CONFIG} but neither of {list(WEIGHTS)}")
+    cfg_file, cfg, weights = read_adapter_dir(path, name, CONFIG, WEIGHTS)
     peft_type = cfg.get("peft_type")
     if peft_type not in ("LORA", "IA3"):
         raise TaskFileError(f"task {name!r}: {cfg_file} has peft_type {peft_type!r}; chorus loads PEFT's LORA and "
