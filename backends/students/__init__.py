@@ -12,6 +12,7 @@ the students.
 - `group.py`       `StudentGroup`: the fused inference path, all students at once over stacked (K, ...) weights
 - `files.py`       the `chorus-students/1` directory format (safetensors + JSON)
 - `cuda_graphs.py` `GraphedStudents`: the group as CUDA graphs per (k, batch bucket, length bucket) on a GPU
+- `placement.py`   `PlacedStudents`: a group's students over several devices in contiguous ranges, the sum gathered once
 - `bank.py`        `StudentBank`: the students of served tasks over the serving backbone's embeddings; accuracy budget
 - `pruning.py`     `PruningPolicy`: how many students a batch runs, from load and deadline (the scheduler's choose_k)
 """
@@ -21,9 +22,10 @@ from chorus.backends.students.embeddings import SharedEmbeddings
 from chorus.backends.students.files import (StudentFiles, load_students, read_students, save_students)
 from chorus.backends.students.group import StudentGroup
 from chorus.backends.students.reference import ReferenceStudentGroup, Student, stack_students, unstack_students
+from chorus.backends.students.placement import PlacedStudents
 from chorus.backends.students.bank import StudentBank
 from chorus.backends.students.pruning import PruningPolicy
 
 __all__ = ["StudentConfig", "SharedEmbeddings", "Student", "ReferenceStudentGroup", "StudentGroup", "StudentFiles",
            "stack_students", "unstack_students", "save_students", "read_students", "load_students", "StudentBank",
-           "PruningPolicy"]
+           "PlacedStudents", "PruningPolicy"]

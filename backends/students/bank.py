@@ -2,7 +2,10 @@
 has students (Student Parallelism), instead of backbone + PET.
 
 A task's students answer with the task's labels (checked at load); `run(ids, task, k)` runs the first k of them fused
-(`StudentGroup`), on the engine's device and dtype.
+(`StudentGroup`), on the engine's device and dtype. With `devices` (e.g. ["cuda:0", "cuda:1"]) every task's students
+are placed over those devices instead (`PlacedStudents`: contiguous ranges, the boosting sum gathered on the first
+device; one copy of the embeddings per device, shared by all tasks); a task with fewer students than devices uses the
+first K of them. Without (the default), or with just the serving device, the single-device path runs.
 
 Accuracy budget (Student Parallelism: "pruning reads" the accuracy stored with every prefix): a prefix k is *allowed*
 when its validation accuracy is at most `max_accuracy_drop` points below the teacher's (both recorded by `chorus
@@ -24,6 +27,7 @@ from chorus.backends.students.cuda_graphs import GraphedStudents
 from chorus.backends.students.embeddings import SharedEmbeddings
 from chorus.backends.students.files import read_students
 from chorus.backends.students.group import StudentGroup
+from chorus.backends.students.placement import PlacedStudents, as_device
 from chorus.errors import InvalidInput, TaskFileError, UnknownTask
 
 log = logging.getLogger(__name__)
@@ -31,10 +35,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServedStudents:
-    group: StudentGroup
+    group: StudentGroup | PlacedStudents
     labels: list[str]
     prefixes: list[dict]  # prefixes[k-1]: accuracy / latency of the first k students, as measured at distillation
-    runner: GraphedStudents  # the group as CUDA graphs per (k, shape bucket) on a GPU; the group itself elsewhere
+    # the group as CUDA graphs per (k, shape bucket) on a GPU, the group itself elsewhere; or the placed group
+    runner: GraphedStudents | PlacedStudents
     floor: int | None = 1  # the smallest prefix within the accuracy budget; None: no prefix is
 
     @property
@@ -43,12 +48,20 @@ class ServedStudents:
 
 
 class StudentBank:
-    """{task: its students}, sharing `engine`'s embedding tables (never copied)."""
+    """{task: its students}, sharing `engine`'s embedding tables (never copied; with `devices`, copied once to each
+    other device and shared there)."""
 
-    def __init__(self, engine, max_accuracy_drop: float = 1.0):
+    def __init__(self, engine, max_accuracy_drop: float = 1.0, devices: list[str | torch.device] | None = None):
         self.engine, self.max_accuracy_drop = engine, max_accuracy_drop
         self.embeddings = SharedEmbeddings.from_encoder(engine.model.encoder)
         self.tasks: dict[str, ServedStudents] = {}
+        here = self.embeddings.word.device
+        self.devices = None if devices is None else [as_device(d) for d in devices]
+        if self.devices is not None and not self.devices:
+            raise InvalidInput("StudentBank devices: expected at least one device (or None: the serving device)")
+        if self.devices == [here]:
+            self.devices = None  # the serving device alone: the single-device path
+        self._embeddings_on = {here: self.embeddings}  # {device: the tables there}, for every task's placement
 
     def load(self, task: str, path: str | Path) -> ServedStudents:
         """Load a task's student directory (chorus-students/1); the task must be served, with the same labels."""
@@ -59,9 +72,17 @@ class StudentBank:
         if list(files.labels) != want:
             raise TaskFileError(f"students in {path} answer with labels {files.labels}, but task {task!r} has {want}")
         param = self.embeddings.word
-        group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
+        if self.devices is None:
+            group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
+            runner = GraphedStudents(group)
+        else:  # built on the CPU (checking the embeddings' fingerprint), sliced onto the devices, then dropped
+            source = files.group(self.embeddings, device="cpu", dtype=param.dtype)
+            group = runner = PlacedStudents(source, self.devices[: source.num_students],
+                                            embeddings=self._embeddings_on)
+            log.info("students for %s placed: %s", task,
+                     ", ".join(f"{d}: {r.start}..{r.stop - 1}" for d, r in zip(group.devices, group.ranges)))
         floor = self._floor(files.prefixes, files.meta.get("teacher_accuracy", {}).get("validation"))
-        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes), GraphedStudents(group), floor)
+        self.tasks[task] = ServedStudents(group, list(files.labels), list(files.prefixes), runner, floor)
         log.info("students for %s: K=%d, %d layers each; %s", task, group.num_students, files.config.num_layers,
                  f"answering by default with at least {floor}" if floor else
                  f"no prefix within {self.max_accuracy_drop} points of the teacher's validation accuracy: the teacher "
@@ -102,6 +123,6 @@ class StudentBank:
         if not 1 <= k <= served.num_students:
             raise InvalidInput(f"task {task!r} has {served.num_students} students; cannot run {k}")
         input_ids, mask = self.engine.pad(ids)
-        device = self.embeddings.word.device
+        device = served.runner.device  # the serving device; a placement's first device
         logits = served.runner(input_ids.to(device), mask.to(device), k=k)
         return logits.float().cpu().numpy()

@@ -47,13 +47,17 @@ class GraphedStudents:
         mask[:, 0] = 1
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm up kernels / allocator outside the graph
-                self.group(ids, mask, k=k)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-            out = self.group(ids, mask, k=k)
+        # On the group's own device, with a capture stream there: torch.cuda.graph's default capture stream is one
+        # for the whole process, made on whichever device was current first (a group on another GPU would then
+        # launch outside the capture; see placement.py).
+        with torch.cuda.device(self.device):
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):  # warm up kernels / allocator outside the graph
+                    self.group(ids, mask, k=k)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream), torch.inference_mode():
+                out = self.group(ids, mask, k=k)
         self._graphs[(k, b, t)] = (graph, ids, mask, out)
         return self._graphs[(k, b, t)]
 
