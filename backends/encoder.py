@@ -1,7 +1,8 @@
 """A compact BERT encoder whose every linear is PetS's shared op plus task-specific PET ops.
 
 The backbone weights are shared by all tasks and frozen; each `PetLinear` computes the shared `X·Wᵀ + b` once for the
-whole batch and then adds the PET ops of whatever tasks the rows belong to (see `chorus.backends.pet`). Loads Hugging
+whole batch and then adds the PET ops of whatever tasks the rows belong to (see `chorus.backends.pet`), and each
+`PetLayerNorm` normalises the whole batch once and gives the rows of tasks that tune it their own affine. Loads Hugging
 Face BERT checkpoints (`config.json` + `model.safetensors` or `pytorch_model.bin`).
 """
 
@@ -26,6 +27,17 @@ LAYER_LINEARS = (
     "intermediate.dense",
     "output.dense",
 )
+# The LayerNorms ("norm sites"), by their Hugging Face module path: the embeddings' and, per layer, these two.
+EMBEDDINGS_NORM = "embeddings.LayerNorm"
+LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
+
+
+def norm_sites(num_layers: int, hidden: int) -> dict[str, tuple[int, int]]:
+    """Every LayerNorm a task may tune: its site name (Hugging Face path) -> (hidden, hidden), the shape of a linear
+    site (a LayerNorm maps hidden features to hidden features; its weight and bias are (hidden,))."""
+    sites = {EMBEDDINGS_NORM: (hidden, hidden)}
+    sites.update({f"encoder.layer.{n}.{name}": (hidden, hidden) for n in range(num_layers) for name in LAYER_NORMS})
+    return sites
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,10 @@ class EncoderConfig:
                   "attention.output.dense": (h, h), "intermediate.dense": (i, h), "output.dense": (h, i)}
         return {f"encoder.layer.{n}.{name}": shapes[name] for n in range(self.num_layers) for name in LAYER_LINEARS}
 
+    def norm_sites(self) -> dict[str, tuple[int, int]]:
+        """Every LayerNorm a task may tune (see `norm_sites`)."""
+        return norm_sites(self.num_layers, self.hidden_size)
+
 
 class PetLinear(nn.Module):
     """PetS's unified PET linear: `y = X·Wᵀ + b` shared by every row, plus each PET op gathered per row.
@@ -108,6 +124,30 @@ class PetLinear(nn.Module):
         return y
 
 
+class PetLayerNorm(nn.LayerNorm):
+    """A shared LayerNorm whose affine a task may override (`chorus.backends.pet.layer_norm`).
+
+    The task bank may add one op, `op(x, rows) -> y | None`, to `ops`: it normalises the batch once and gives each row
+    the affine of its task's slot, or returns None when no row of the batch overrides this norm; then (and whenever
+    no op is hooked, or `rows` is None) the plain `F.layer_norm` with the backbone's weight and bias runs, exactly as
+    an `nn.LayerNorm` (same parameters and state-dict names). Given `GatheredRows` (export), the op's `gathered` form
+    runs.
+    """
+
+    def __init__(self, site: str, hidden: int, eps: float):
+        super().__init__(hidden, eps=eps)
+        self.site = site
+        self.ops: list = []  # at most one: an op replaces the affine, it does not add to it
+
+    def forward(self, x: torch.Tensor, rows=None) -> torch.Tensor:
+        if rows is not None:
+            for op in self.ops:
+                y = (op.gathered if getattr(rows, "gathered", False) else op)(x, rows)
+                if y is not None:
+                    return y
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig, prefix: str):
         super().__init__()
@@ -117,7 +157,7 @@ class SelfAttention(nn.Module):
         self.key = PetLinear(f"{prefix}.attention.self.key", h, h)
         self.value = PetLinear(f"{prefix}.attention.self.value", h, h)
         self.dense = PetLinear(f"{prefix}.attention.output.dense", h, h)
-        self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.norm = PetLayerNorm(f"{prefix}.attention.output.LayerNorm", h, cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rows) -> torch.Tensor:
         B, T, C = x.shape
@@ -126,7 +166,7 @@ class SelfAttention(nn.Module):
                    for lin in (self.query, self.key, self.value))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, C // heads)
         a = a.transpose(1, 2).reshape(B, T, C)
-        return self.norm(x + self.dense(a, rows))
+        return self.norm(x + self.dense(a, rows), rows)
 
 
 class FeedForward(nn.Module):
@@ -134,10 +174,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.intermediate = PetLinear(f"{prefix}.intermediate.dense", cfg.intermediate_size, cfg.hidden_size)
         self.output = PetLinear(f"{prefix}.output.dense", cfg.hidden_size, cfg.intermediate_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = PetLayerNorm(f"{prefix}.output.LayerNorm", cfg.hidden_size, cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:
-        return self.norm(x + self.output(F.gelu(self.intermediate(x, rows)), rows))
+        return self.norm(x + self.output(F.gelu(self.intermediate(x, rows)), rows), rows)
 
 
 class Layer(nn.Module):
@@ -160,19 +200,22 @@ class Encoder(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.embeddings_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.embeddings_norm = PetLayerNorm(EMBEDDINGS_NORM, cfg.hidden_size, cfg.layer_norm_eps)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.requires_grad_(False)
 
     def pet_linears(self) -> dict[str, PetLinear]:
         return {m.site: m for m in self.modules() if isinstance(m, PetLinear)}
 
+    def pet_norms(self) -> dict[str, PetLayerNorm]:
+        return {m.site: m for m in self.modules() if isinstance(m, PetLayerNorm)}
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=None) -> torch.Tensor:
         """input_ids, attention_mask: (B, T) -> pooled (B, hidden)."""
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
-        x = self.embeddings_norm(x)  # (B, T, C)
+        x = self.embeddings_norm(x, rows)  # (B, T, C)
         keep = attention_mask.bool()
         mask = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=x.device)  # additive, broadcast over heads and queries
         mask.masked_fill_(~keep[:, None, None, :], torch.finfo(x.dtype).min)
@@ -188,15 +231,9 @@ class Encoder(nn.Module):
             "embeddings.word_embeddings.weight": self.word_embeddings.weight,
             "embeddings.position_embeddings.weight": self.position_embeddings.weight,
             "embeddings.token_type_embeddings.weight": self.token_type_embeddings.weight,
-            "embeddings.LayerNorm.weight": self.embeddings_norm.weight,
-            "embeddings.LayerNorm.bias": self.embeddings_norm.bias,
         }
-        for site, lin in self.pet_linears().items():
-            out[f"{site}.weight"], out[f"{site}.bias"] = lin.weight, lin.bias
-        for i, layer in enumerate(self.layers):
-            p = f"encoder.layer.{i}"
-            for name, norm in (("attention.output.LayerNorm", layer.attention.norm), ("output.LayerNorm", layer.ffn.norm)):
-                out[f"{p}.{name}.weight"], out[f"{p}.{name}.bias"] = norm.weight, norm.bias
+        for site, module in (self.pet_linears() | self.pet_norms()).items():  # sites are Hugging Face module paths
+            out[f"{site}.weight"], out[f"{site}.bias"] = module.weight, module.bias
         return out
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

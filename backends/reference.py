@@ -1,8 +1,9 @@
 """The plain per-task reference: merge one task's PET into the backbone weights and run Hugging Face's own BertModel.
 
 Independent of chorus's encoder and bank, so tests that compare the two check the fast mixed-batch path end to end.
-Weight-space methods are merged (LoRA, BitFit, IA3 — rows or columns of W scaled —, MaskBERT, Diff-Pruning); adapters
-cannot be merged and run as forward hooks on the Hugging Face output linears, one plain bottleneck MLP per site.
+Weight-space methods are merged (LoRA, BitFit, IA3 — rows or columns of W scaled —, MaskBERT, Diff-Pruning), and a
+task's LayerNorms replace the backbone's; adapters cannot be merged and run as forward hooks on the Hugging Face output
+linears, one plain bottleneck MLP per site. `layer_norm_rows` is the plain form of one per-task LayerNorm op.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def merged_state(backbone: dict[str, torch.Tensor], spec: TaskSpec) -> dict[str,
             state[f"{site}.weight"].view(-1)[t.long()] += spec.tensors[f"{site}.diff_value"]
         elif name == "diff_bias":
             state[f"{site}.bias"] += t
+        elif name in ("weight", "bias") and site.endswith(".LayerNorm"):  # the task's own LayerNorm at that site
+            state[key] = t.detach().float().clone()
     for key, t in spec.tensors.items():  # IA3 last: it scales the linear, deltas included (its op runs after theirs)
         site, _, name = key.rpartition(".")
         if name == "ia3_l":
@@ -48,6 +51,14 @@ def merged_state(backbone: dict[str, torch.Tensor], spec: TaskSpec) -> dict[str,
                 state[f"{site}.weight"] *= (1 + t)[:, None]
                 state[f"{site}.bias"] *= 1 + t
     return state
+
+
+def layer_norm_rows(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                    eps: float) -> torch.Tensor:
+    """Row by row, `F.layer_norm(x[r], weight=weights[r], bias=biases[r])` in float64: x (B, T, C) -> float64."""
+    C = x.shape[-1]
+    return torch.stack([F.layer_norm(x[r].double(), (C,), weights[r].double(), biases[r].double(), eps)
+                        for r in range(len(x))])
 
 
 def _adapter_hook(spec: TaskSpec, site: str):

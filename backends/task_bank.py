@@ -42,8 +42,8 @@ class TaskSpec:
     meta: dict = field(default_factory=dict)  # free-form: dataset, metrics, base model
 
     def method_tensors(self, method: str) -> dict[str, torch.Tensor]:
-        names = PET_METHODS[method].tensor_names
-        return {k: v for k, v in self.tensors.items() if k.rpartition(".")[2] in names}
+        owns = PET_METHODS[method].owns
+        return {k: v for k, v in self.tensors.items() if owns(k)}
 
 
 @dataclass
@@ -66,15 +66,15 @@ class TaskBank(nn.Module):
         p = encoder.word_embeddings.weight
         self.device, self.dtype = p.device, p.dtype
         self.hidden = encoder.cfg.hidden_size
-        sites = encoder.cfg.linear_sites()
         options = method_options or {}
         unknown = sorted(set(options) - set(PET_METHODS))
         if unknown:
             raise ValueError(f"options for unknown PET methods {unknown}; known: {sorted(PET_METHODS)}")
-        self.methods = nn.ModuleDict({name: cls(sites, capacity, self.device, self.dtype, **options.get(name, {}))
+        self.methods = nn.ModuleDict({name: cls(cls.backbone_sites(encoder.cfg), capacity, self.device, self.dtype,
+                                                **options.get(name, {}))
                                       for name, cls in PET_METHODS.items()})
         for m in self.methods.values():
-            m.attach(encoder.pet_linears())
+            m.attach(m.backbone_modules(encoder))
         self.max_labels = max_labels
         self.head_capacity = capacity
         self.head_weight = nn.Parameter(torch.zeros(capacity, max_labels, self.hidden, device=self.device,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from chorus.backends.encoder import LAYER_LINEARS, norm_sites
 from chorus.backends.task_bank import TaskSpec, check_task_name
 from chorus.errors import TaskFileError
 
@@ -92,7 +93,8 @@ def random_task(name: str, hidden: int, sites: dict[str, tuple[int, int]], pet: 
 
     Every method's options as its class documents; `target_modules` (suffixes of site names) limits the sites, and
     adapters take their sites from `placement`. MaskBERT prunes, and Diff-Pruning keeps, a random `density` fraction
-    of each site's weights (default 0.05).
+    of each site's weights (default 0.05). `layer_norm` tunes every LayerNorm of the backbone `sites` belong to (or the
+    `target_modules` ones): weight 1 + noise, bias noise.
     """
     g = torch.Generator().manual_seed(seed)
     labels = labels or ["negative", "positive"]
@@ -105,6 +107,11 @@ def random_task(name: str, hidden: int, sites: dict[str, tuple[int, int]], pet: 
     tensors = {"classifier.weight": rand(len(labels), hidden), "classifier.bias": rand(len(labels))}
     for method, options in pet.items():
         targets = options.get("target_modules")
+        if method == "layer_norm":
+            for site in norm_sites(len(sites) // len(LAYER_LINEARS), hidden):
+                if not targets or any(site.endswith(t) for t in targets):
+                    tensors[f"{site}.weight"], tensors[f"{site}.bias"] = 1 + rand(hidden), rand(hidden)
+            continue
         for site, (out_f, in_f) in sites.items():
             if targets and not any(site.endswith(t) for t in targets):
                 continue

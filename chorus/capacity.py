@@ -3,8 +3,9 @@
 Bytes per task are measured, not computed from a formula: for each PET type with its usual settings, a task bank is
 built on the `meta` device (shapes and dtypes only, no memory) around the backbone, one task with random tensors of that
 type is registered, and the bytes of one slot are summed over every tensor the bank keeps per slot — the method's
-per-site slot tensors and per-slot buffers (LoRA scalings, sparse positions as int64 and their counts) and the
-classifier head's slot (padded to the bank's `max_labels`). Tasks that fit = (memory − backbone) // bytes per task.
+per-site (linear or LayerNorm) slot tensors and per-slot buffers (LoRA scalings, sparse positions as int64 and their
+counts) and the classifier head's slot (padded to the bank's `max_labels`). Tasks that fit = (memory − backbone) //
+bytes per task.
 
 Not counted: activations and workspace of the batches being served, the CUDA context, and the transient copy while a
 bank grows (slots double when full, so preallocate `capacity` near the number you need).
@@ -54,6 +55,7 @@ SETTINGS = (
     PetSetting("BitFit (all linears)", {"bitfit": {}}, {}),
     PetSetting("MaskBERT 0.5% pruned", {"maskbert": {"density": 0.005}}, {}),
     PetSetting("Diff-Pruning 0.5% + biases", {"diff_pruning": {"density": 0.005}}, {}),
+    PetSetting("LayerNorm (all, LN-tuning)", {"layer_norm": {}}, {}),
 )
 
 

@@ -3,7 +3,7 @@
 | format | detected by | loads | see |
 | --- | --- | --- | --- |
 | `chorus-task/1` | `chorus_task.json` | everything chorus serves | `chorus.backends.task_files` |
-| Hugging Face PEFT | `adapter_config.json` with `peft_type` | LoRA (incl. rsLoRA, rank/alpha patterns), IA3 | `peft.py` |
+| Hugging Face PEFT | `adapter_config.json` with `peft_type` | LoRA (incl. rsLoRA, rank/alpha patterns), IA3, LN tuning | `peft.py` |
 | AdapterHub `adapters` | `adapter_config.json` with `config` | bottleneck adapters: Houlsby (`double_seq_bn`), and `seq_bn` with `original_ln_before=False` | `adapterhub.py` |
 
 PEFT and AdapterHub checkpoints carry no labels, and their classifiers read BERT's pooler / the [CLS] token, while

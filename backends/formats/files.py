@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
-from chorus.backends.encoder import LAYER_LINEARS
+from chorus.backends.encoder import EMBEDDINGS_NORM, LAYER_LINEARS, LAYER_NORMS, norm_sites
 from chorus.errors import TaskFileError
 
 LAYER_SITE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+NORM_SITE = re.compile(rf"^(?:{re.escape(EMBEDDINGS_NORM)}|encoder\.layer\.\d+\.(?:"
+                       rf"{'|'.join(map(re.escape, LAYER_NORMS))}))$")
 
 
 def read_json(path: Path, task: str) -> dict:
@@ -69,6 +71,8 @@ def check_site(site: str, key: str, file: Path, task: str) -> str:
 
 def _chorus_shape(site: str, name: str, out_f: int, in_f: int, t: torch.Tensor) -> tuple[int, ...]:
     """The shape chorus's bank needs for tensor `name` at a site of (out_f, in_f); ranks and bottlenecks from `t`."""
+    if NORM_SITE.match(site):
+        return (out_f,)  # a LayerNorm's weight or bias
     within = LAYER_SITE.match(site).group(2)
     return {"lora_A": lambda: (t.shape[0], in_f), "lora_B": lambda: (out_f, t.shape[-1]),
             "ia3_l": lambda: (in_f,) if within == "output.dense" else (out_f,),
@@ -78,11 +82,13 @@ def _chorus_shape(site: str, name: str, out_f: int, in_f: int, t: torch.Tensor) 
 
 def check_against_backbone(origin: dict[str, str], tensors: dict[str, torch.Tensor],
                            sites: dict[str, tuple[int, int]] | None, file: Path, task: str) -> None:
-    """With the backbone's `sites` (site -> (out, in)), check every converted PET tensor's shape, naming the file and
-    the tensor's key there. `origin`: chorus key -> the key in `file` it came from."""
+    """With the backbone's `sites` (its linears, site -> (out, in)), check every converted PET tensor's shape (linears'
+    and LayerNorms'), naming the file and the tensor's key there. `origin`: chorus key -> the key in `file` it came
+    from."""
     if sites is None:
         return
     layers = len(sites) // len(LAYER_LINEARS)
+    sites = {**sites, **norm_sites(layers, sites["encoder.layer.0.attention.self.query"][0])}
     for key, original in origin.items():
         t = tensors[key]
         site, _, name = key.rpartition(".")
@@ -91,7 +97,8 @@ def check_against_backbone(origin: dict[str, str], tensors: dict[str, torch.Tens
                                 f"{layers} layers (encoder.layer.0..{layers - 1})")
         out_f, in_f = sites[site]
         want = _chorus_shape(site, name, out_f, in_f, t)
+        what = f"a LayerNorm of {out_f} features" if NORM_SITE.match(site) else f"{out_f} out x {in_f} in"
         if tuple(t.shape) != tuple(want):
             raise TaskFileError(f"task {task!r}: {file} tensor {original!r} (as chorus's {name}: shape "
-                                f"{tuple(t.shape)}) does not fit the backbone: {site} is {out_f} out x {in_f} in, "
+                                f"{tuple(t.shape)}) does not fit the backbone: {site} is {what}, "
                                 f"so chorus needs {tuple(want)}")

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | LoRA `…encoder.layer.N.<linear>.lora_A.weight` (r, in) / `lora_B.weight` (out, r) | `lora` `lora_A` / `lora_B` | as is; `r`, `lora_alpha` from the config, `use_rslora` (scaling α/√r) as chorus `alpha = lora_alpha·√r`; `rank_pattern`/`alpha_pattern`: ranks zero-padded to the largest and each site's scaling folded into `lora_B` |
 | IA3 `…<linear>.ia3_l` (out, 1) scales the output, (1, in) the input (`feedforward_modules`) | `ia3` `ia3_l` (l − 1) | output scaling anywhere but `output.dense`; input scaling at `output.dense` only (chorus's IA3 sites) |
+| LN tuning (`LN_TUNING`) `…<LayerNorm>.ln_tuning_layers.weight` / `.bias` (hidden,) | `layer_norm` `{site}.weight` / `.bias` | as is (the tuned values); the encoder's LayerNorms only (`embeddings.LayerNorm`, `encoder.layer.N.{attention.output,output}.LayerNorm`) |
 | `modules_to_save` `classifier.weight`/`.bias` | head | only with `chorus_head.json` (see `chorus.backends.formats.head`) |
 
 Refused by name: DoRA (`use_dora`), `lora_bias`, `bias != "none"` (trained base biases), PiSSA/OLoRA/CorDA/LoftQ
@@ -11,7 +12,8 @@ initialisations (they change the base weights), layer replication, `target_param
 LoRA on anything but the encoder's linears (embeddings, pooler), other `modules_to_save`, other PEFT methods, and any
 option chorus does not know set to a non-default value. PEFT's default IA3 targets for BERT are refused too: its
 `feedforward_modules=["output.dense"]` also matches `attention.output.dense`, whose input PEFT scales but chorus's IA3
-scales that linear's output.
+scales that linear's output. LN tuning of anything but a LayerNorm (PEFT trains a copy of whatever module it targets:
+of a linear, that is a full fine-tune of it) is refused by name.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from chorus.errors import TaskFileError
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
-PET_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<lora>lora_A|lora_B)\.weight|(?P<ia3>ia3_l))$")
+PET_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<lora>lora_A|lora_B)\.weight|(?P<ia3>ia3_l)|"
+                     r"ln_tuning_layers\.(?P<ln>weight|bias))$")
+NORM_MODULE = re.compile(r"^(?:[A-Za-z_]\w*\.)?(?P<site>embeddings\.LayerNorm|"
+                         r"encoder\.layer\.\d+\.(?:attention\.output|output)\.LayerNorm)$")
+# per PEFT type: the tensor kinds its file holds (PET_KEY's group) and what their keys look like, for messages
+KINDS = {"LORA": (("lora_A", "lora_B"), "…encoder.layer.N.<linear>.lora_A.weight"),
+         "IA3": (("ia3_l",), "…encoder.layer.N.<linear>.ia3_l"),
+         "LN_TUNING": (("weight", "bias"), "…<LayerNorm>.ln_tuning_layers.weight / .bias")}
 
 # Options that do not change what a trained adapter computes (bookkeeping, dropout, which modules were targeted —
 # the tensors say that —, initialisations of A/B only).
@@ -42,6 +51,7 @@ LORA_OPTIONS = COMMON_OPTIONS | {"r", "lora_alpha", "use_rslora", "rank_pattern"
                                  "init_lora_weights", "lora_dropout", "loftq_config", "eva_config", "corda_config",
                                  "megatron_core", "qalora_group_size", "ensure_weight_tying"}
 IA3_OPTIONS = COMMON_OPTIONS | {"feedforward_modules", "init_ia3_weights"}
+OPTIONS = {"LORA": LORA_OPTIONS, "IA3": IA3_OPTIONS, "LN_TUNING": COMMON_OPTIONS}
 UNSUPPORTED = {  # option -> why chorus cannot serve it (refused when set to anything truthy)
     "use_dora": "DoRA rescales every adapted weight's columns by a learned magnitude (lora_magnitude_vector); "
                 "chorus's LoRA is a plain low-rank delta",
@@ -86,9 +96,21 @@ def _site_of(module: str, key: str, file: Path, task: str) -> str:
     return check_site(module[at:], key, file, task)
 
 
+def _norm_site_of(module: str, key: str, file: Path, task: str) -> str:
+    """`bert.encoder.layer.0.output.LayerNorm` -> `encoder.layer.0.output.LayerNorm`; LN tuning of anything else is
+    refused."""
+    m = NORM_MODULE.match(module)
+    if m is None:
+        raise TaskFileError(f"task {task!r}: {file} tensor {key!r} is PEFT's LN tuning of {module!r}, which is not "
+                            "one of the encoder's LayerNorms (embeddings.LayerNorm, encoder.layer.N.attention.output."
+                            "LayerNorm, encoder.layer.N.output.LayerNorm): PEFT then trains a whole copy of that "
+                            "module, which chorus does not serve (target_modules=['LayerNorm'] keeps to them)")
+    return m.group("site")
+
+
 def load_peft(path: str | Path, name: str, head: TaskHead | None = None,
               sites: dict[str, tuple[int, int]] | None = None) -> TaskSpec:
-    """A PEFT LoRA or IA3 checkpoint directory as a chorus task (its head: see `chorus.backends.formats.head`).
+    """A PEFT LoRA, IA3 or LN tuning checkpoint directory as a chorus task (its head: `chorus.backends.formats.head`).
 
     `sites`: the backbone's linears (site -> (out, in), `EncoderConfig.linear_sites()`), to check shapes here and name
     the file's tensors in errors; without it the bank checks them when the task is added.
@@ -97,10 +119,11 @@ def load_peft(path: str | Path, name: str, head: TaskHead | None = None,
     path = Path(path)
     cfg_file, cfg, weights = read_adapter_dir(path, name, CONFIG, WEIGHTS)
     peft_type = cfg.get("peft_type")
-    if peft_type not in ("LORA", "IA3"):
-        raise TaskFileError(f"task {name!r}: {cfg_file} has peft_type {peft_type!r}; chorus loads PEFT's LORA and "
-                            "IA3 checkpoints (for bottleneck adapters, AdapterHub's format)")
-    _check_options(cfg, LORA_OPTIONS if peft_type == "LORA" else IA3_OPTIONS, cfg_file, name)
+    if peft_type not in KINDS:
+        raise TaskFileError(f"task {name!r}: {cfg_file} has peft_type {peft_type!r}; chorus loads PEFT's LORA, IA3 "
+                            "and LN_TUNING checkpoints (for bottleneck adapters, AdapterHub's format)")
+    _check_options(cfg, OPTIONS[peft_type], cfg_file, name)
+    kinds, form = KINDS[peft_type]
 
     pet_tensors: dict[str, tuple[str, str, torch.Tensor]] = {}  # file key -> (site, tensor name, tensor)
     classifier: dict[str, torch.Tensor] = {}
@@ -110,21 +133,24 @@ def load_peft(path: str | Path, name: str, head: TaskHead | None = None,
             classifier[inner] = t
             continue
         m = PET_KEY.match(inner)
-        kind = m and (m.group("lora") or m.group("ia3"))
-        if not kind or (kind == "ia3_l") != (peft_type == "IA3"):
+        kind = m and (m.group("lora") or m.group("ia3") or m.group("ln"))
+        if kind not in kinds:
             raise TaskFileError(f"task {name!r}: {weights} tensor {key!r} is not a {peft_type} tensor chorus knows "
-                                f"(…encoder.layer.N.<linear>.{'ia3_l' if peft_type == 'IA3' else 'lora_A.weight'}) "
-                                "nor the classifier (modules_to_save=['classifier'])")
-        pet_tensors[key] = (_site_of(m.group("module"), key, weights, name), kind, t)
+                                f"({form}) nor the classifier (modules_to_save=['classifier'])")
+        site_of = _norm_site_of if peft_type == "LN_TUNING" else _site_of
+        pet_tensors[key] = (site_of(m.group("module"), key, weights, name), kind, t)
     if not pet_tensors:
         raise TaskFileError(f"task {name!r}: {weights} holds no {peft_type} tensors")
 
     if peft_type == "LORA":
         options, tensors, origin = _lora(cfg, pet_tensors, cfg_file, weights, name)
         method = "lora"
-    else:
+    elif peft_type == "IA3":
         options, tensors, origin = _ia3(pet_tensors, weights, name)
         method = "ia3"
+    else:
+        options, tensors, origin = _ln_tuning(pet_tensors, weights, name)
+        method = "layer_norm"
     check_against_backbone(origin, tensors, sites, weights, name)
 
     hidden = sites["encoder.layer.0.attention.self.query"][0] if sites else None
@@ -213,3 +239,17 @@ def _ia3(pet_tensors, weights, task):
         tensors[f"{site}.ia3_l"] = t.reshape(-1) - 1  # chorus stores l - 1: zeros are the identity
         origin[f"{site}.ia3_l"] = key
     return {"target_modules": sorted({layer_site(k.rpartition('.')[0]) for k in tensors})}, tensors, origin
+
+
+def _ln_tuning(pet_tensors, weights, task):
+    """PEFT keeps the tuned LayerNorm's weight and bias whole: chorus's `layer_norm` files hold them the same way."""
+    tensors, origin, by_site = {}, {}, {}
+    for key, (site, kind, t) in pet_tensors.items():
+        tensors[f"{site}.{kind}"], origin[f"{site}.{kind}"] = t, key
+        by_site.setdefault(site, {})[kind] = key
+    for site, group in sorted(by_site.items()):
+        if len(group) == 1:
+            (have, key), = group.items()
+            raise TaskFileError(f"task {task!r}: {weights} has {key!r} but lacks the "
+                                f"{'bias' if have == 'weight' else 'weight'} of {site}")
+    return {"target_modules": sorted({layer_site(s) for s in by_site})}, tensors, origin

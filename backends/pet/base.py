@@ -91,6 +91,8 @@ class PetMethod(nn.Module):
     op_order: int = 0  # a PetLinear runs its post ops in this order: weight deltas (0), then scalings of the whole
                        # output (IA3, 1), then ops on the finished output (adapters, 2) — what merging into W means
 
+    site_kind: str = "linear"  # what the method's sites are: the encoder's linears, or its LayerNorms ("LayerNorm")
+
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
         super().__init__()
         self.site_shapes = sites  # site -> (out, in) of the shared linear
@@ -103,6 +105,21 @@ class PetMethod(nn.Module):
 
 
     # -- what a subclass defines ------------------------------------------------------------------------------------
+    @classmethod
+    def backbone_sites(cls, cfg) -> dict[str, tuple[int, int]]:
+        """The sites this method may adapt, from the backbone's `EncoderConfig`: site -> (out, in)."""
+        return cfg.linear_sites()
+
+    @classmethod
+    def backbone_modules(cls, encoder) -> dict[str, nn.Module]:
+        """The encoder's modules at those sites, which `attach` hooks this method's ops into."""
+        return encoder.pet_linears()
+
+    @classmethod
+    def owns(cls, key: str) -> bool:
+        """Whether a task tensor `{site}.{name}` is this method's (see `TaskSpec.method_tensors`)."""
+        return key.rpartition(".")[2] in cls.tensor_names
+
     def site_tensors(self, site: str, options: dict) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
@@ -208,10 +225,10 @@ class PetMethod(nn.Module):
         """Grow per-slot buffers that are not per-site tensors."""
 
     def split_key(self, task: str, key: str) -> tuple[str, str]:
-        """`{site}.{tensor name}` -> (site, name); a site that is no linear of the backbone is refused."""
+        """`{site}.{tensor name}` -> (site, name); a site that is no linear (LayerNorm) of the backbone is refused."""
         site, _, name = key.rpartition(".")
         if site not in self.site_shapes:
-            raise TaskFileError(f"task {task!r}: tensor {key!r} names no linear of the backbone "
+            raise TaskFileError(f"task {task!r}: tensor {key!r} names no {self.site_kind} of the backbone "
                                 f"(sites look like {next(iter(self.site_shapes))!r})")
         return site, name
 

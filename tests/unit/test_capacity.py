@@ -27,6 +27,9 @@ def test_measured_bytes_agree_with_the_slot_shapes():
     houlsby = next(s for s in capacity.SETTINGS if s.label.startswith("Houlsby"))
     _, pet, _ = capacity.measure(cfg, torch.float32, houlsby)
     assert pet == 2_380_800 + 1  # the table in chorus.backends.pet, plus the slot's activation flag (bool)
+    layer_norm = next(s for s in capacity.SETTINGS if s.label.startswith("LayerNorm"))
+    _, pet, _ = capacity.measure(cfg, torch.float32, layer_norm)
+    assert pet == (1 + 2 * L) * 2 * h * 4 == 39_936  # weight and bias of every LayerNorm, fp32: the same table
 
 
 def test_capacity_command(capsys):
@@ -44,7 +47,8 @@ def test_capacity_command(capsys):
 # -- 10,000 tasks -----------------------------------------------------------------------------------------------------
 PETS = [{"lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}}, {"bitfit": {}}, {"ia3": {}},
         {"adapter": {"bottleneck": 4, "placement": "pfeiffer"}}, {"lora": {"r": 4, "alpha": 4}, "bitfit": {}},
-        {"diff_pruning": {"density": 0.01}}, {"maskbert": {"density": 0.01}}]
+        {"diff_pruning": {"density": 0.01}}, {"maskbert": {"density": 0.01}}, {"layer_norm": {}},
+        {"adapter": {"bottleneck": 4, "placement": "houlsby"}, "layer_norm": {"target_modules": ["output.LayerNorm"]}}]
 
 
 def spec(i: int, generation: int = 0):

@@ -23,7 +23,8 @@ from tests.unit.tiny import write_tiny_bert
 
 TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
-# Every PET type, with mixed LoRA ranks, both adapter placements and activations, and a task of three methods.
+# Every PET type, with mixed LoRA ranks, both adapter placements and activations, a task of three methods, and
+# per-task LayerNorms (every norm, some norms, and beside an adapter).
 PETS = {
     "lora_r2": {"lora": {"r": 2, "alpha": 4}},
     "lora_r8_q": {"lora": {"r": 8, "alpha": 8, "target_modules": ["query"]}},
@@ -34,6 +35,10 @@ PETS = {
     "maskbert": {"maskbert": {"density": 0.1}},
     "diff_pruning": {"diff_pruning": {"density": 0.05}},
     "lora_ia3_bitfit": {"lora": {"r": 4, "alpha": 4}, "ia3": {}, "bitfit": {}},
+    "layer_norm": {"layer_norm": {}},
+    "layer_norm_some": {"layer_norm": {"target_modules": ["embeddings.LayerNorm", "layer.1.output.LayerNorm"]}},
+    "houlsby_layer_norm": {"adapter": {"bottleneck": 4, "activation": "relu", "placement": "houlsby"},
+                           "layer_norm": {}},
 }
 LABELS = {name: [f"l{j}" for j in range(2 + i % 3)] for i, name in enumerate(PETS)}  # 2-4 labels
 
@@ -129,6 +134,8 @@ def test_exported_files_run_in_plain_onnxruntime(engine, tmp_path):
     graph = onnx.load(str(exported.model_path))
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
     assert dims["input_ids"] == ["batch", "sequence"] and dims["slots.lora"] == ["batch"]
+    assert dims["slots.layer_norm"] == ["batch"]
+    assert dims["layer_norm.embeddings__LayerNorm.weight"] == ["layer_norm_capacity", TINY.hidden_size]
     assert dims["head.weight"][0] == "head_capacity" and dims["lora.scaling"] == ["lora_capacity"]
     assert not graph.graph.initializer or all(not i.name.startswith(("lora.", "head.")) for i in graph.graph.initializer)
     session = ort.InferenceSession(str(exported.model_path), providers=["CPUExecutionProvider"])
@@ -168,6 +175,13 @@ def test_tasks_added_replaced_and_removed_after_binding_are_reflected(backbone_d
     e.add_task(task("diff_pruning", seed=5, pet={"diff_pruning": {"density": 0.3}}), replace=True)  # max_nnz grows
     check(["diff_pruning"] * 6)
     assert e.ort.exports == 2, "a wider sparse site must only re-bind"
+
+    e.add_task(task("layer_norm", seed=6))  # LayerNorm overrides: a new method, exported again
+    check(["layer_norm", "lora_r2", "diff_pruning", "layer_norm", "other", "maskbert"])
+    assert e.ort.exports == 3
+    e.add_task(task("houlsby_layer_norm", seed=7))  # its norm sites are in the graph; the adapter's are not
+    check(["houlsby_layer_norm", "layer_norm", "other", "houlsby_layer_norm", "lora_r2", "maskbert"])
+    assert e.ort.exports == 4
 
     e.bank.remove("lora_r8_q")
     with pytest.raises(UnknownTask, match="unknown task 'lora_r8_q'"):

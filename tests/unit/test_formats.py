@@ -124,6 +124,62 @@ def test_peft_ia3_matches_peft_model(tmp_path, backbone):
     check_mixed_batch(backbone, spec, lambda ids, mask: mean_pooled_logits(model.eval(), ids, mask, W, b), seed=6)
 
 
+@pytest.mark.parametrize("targets,sites", [
+    (["LayerNorm"], 1 + 2 * TINY.num_layers),  # every LayerNorm: LN-tuning as its paper does it
+    (["attention.output.LayerNorm"], TINY.num_layers),  # some: the rest stay the backbone's for its rows
+])
+def test_peft_ln_tuning_matches_peft_model(tmp_path, backbone, targets, sites):
+    model = peft.get_peft_model(hf_bert(backbone), peft.LNTuningConfig(target_modules=targets))
+    randomize(model, ["ln_tuning_layers.default.weight"], seed=11, offset=1.0)
+    randomize(model, ["ln_tuning_layers.default.bias"], seed=12)
+    model.save_pretrained(tmp_path)
+    W, b = random_head(13)
+    write_head(tmp_path, LABELS, W, b)
+    spec = load_any(tmp_path, "peft_ln", sites=SITES)
+    assert list(spec.pet) == ["layer_norm"]
+    assert len([k for k in spec.tensors if k.endswith("LayerNorm.weight")]) == sites
+    check_mixed_batch(backbone, spec, lambda ids, mask: mean_pooled_logits(model.eval(), ids, mask, W, b), seed=14)
+
+
+@pytest.fixture
+def peft_ln_dir(tmp_path, backbone):
+    model = peft.get_peft_model(hf_bert(backbone), peft.LNTuningConfig(target_modules=["LayerNorm"]))
+    model.save_pretrained(tmp_path)
+    write_head(tmp_path, LABELS, *random_head(0))
+    return tmp_path
+
+
+LN = "base_model.model.encoder.layer.1.output.LayerNorm.ln_tuning_layers"
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s.__setitem__(f"{LN}.weight", torch.ones(31)),
+     r"adapter_model.safetensors tensor '.*layer.1.output.LayerNorm.ln_tuning_layers.weight' \(as chorus's weight: "
+     r"shape \(31,\)\).*LayerNorm of 32 features.*needs \(32,\)"),
+    (lambda s: s.__setitem__(f"{LN}.bias", torch.zeros(1, 32)), r"ln_tuning_layers.bias.*shape \(1, 32\).*\(32,\)"),
+    (lambda s: s.pop(f"{LN}.bias"), r"layer.1.output.LayerNorm.ln_tuning_layers.weight' but lacks the bias"),
+    (lambda s: s.update({k.replace("layer.1", "layer.4"): v.clone() for k, v in s.items() if "layer.1.output" in k}),
+     r"layer.4.output.LayerNorm.ln_tuning_layers.*adapts 'encoder.layer.4.output.LayerNorm'.*backbone has 2 layers"),
+    (lambda s: s.update({"base_model.model.encoder.layer.0.attention.self.query.ln_tuning_layers.weight":
+                         torch.ones(32, 32)}), r"LN tuning of 'encoder.layer.0.attention.self.query'.*not one of"),
+    (lambda s: s.update({"base_model.model.encoder.layer.0.intermediate.LayerNorm.ln_tuning_layers.weight":
+                         torch.ones(32)}), r"LN tuning of 'encoder.layer.0.intermediate.LayerNorm'"),
+    (lambda s: s.update({f"{Q}.lora_A.weight": torch.zeros(4, 32)}), r"lora_A.weight.*not a LN_TUNING tensor"),
+])
+def test_malformed_peft_ln_tuning_checkpoints_are_refused(peft_ln_dir, mutate, match):
+    edit_tensors(peft_ln_dir, mutate)
+    with pytest.raises(TaskFileError, match=match):
+        load_any(peft_ln_dir, "bad", sites=SITES)
+
+
+def test_peft_ln_tuning_shapes_are_checked_by_the_bank_without_sites(peft_ln_dir, backbone):
+    edit_tensors(peft_ln_dir, lambda s: s.__setitem__(f"{LN}.weight", torch.ones(31)))
+    spec = load_any(peft_ln_dir, "bad")  # no backbone given: the bank checks when the task is added
+    model = build_model(config=TINY, capacity=2)
+    with pytest.raises(TaskFileError, match=r"'encoder.layer.1.output.LayerNorm.weight' has shape \(31,\).*\(32,\)"):
+        model.bank.add(spec)
+
+
 def test_peft_default_ia3_for_bert_is_refused_by_site(tmp_path, backbone):
     model = peft.get_peft_model(hf_bert(backbone), peft.IA3Config())  # also scales attention.output.dense's input
     model.save_pretrained(tmp_path)

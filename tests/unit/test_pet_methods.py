@@ -1,12 +1,15 @@
 """Every PET method's fast mixed-batch path against its plain per-task reference (Hugging Face BertModel with the
-task merged into its weights, or with adapter hooks), plus slot bookkeeping and refusal of malformed tensors."""
+task merged into its weights, or with adapter hooks), plus slot bookkeeping and refusal of malformed tensors; the
+per-task LayerNorm op alone against its plain per-row form, over dtypes and batch mixes."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import build_model
-from chorus.backends.reference import reference_logits
+from chorus.backends.pet import GatheredRows
+from chorus.backends.reference import layer_norm_rows, reference_logits
 from chorus.backends.task_files import load_task, random_task, save_task
 from chorus.errors import TaskFileError
 
@@ -26,6 +29,10 @@ PETS = {
     "diff_2pct": {"diff_pruning": {"density": 0.02}},
     "diff_50pct": {"diff_pruning": {"density": 0.5}},
     "lora_ia3_bitfit": {"lora": {"r": 4, "alpha": 4}, "ia3": {}, "bitfit": {}},
+    "layer_norm": {"layer_norm": {}},
+    "layer_norm_some": {"layer_norm": {"target_modules": ["embeddings.LayerNorm", "layer.1.output.LayerNorm"]}},
+    "houlsby_layer_norm": {"adapter": {"bottleneck": 4, "activation": "gelu", "placement": "houlsby"},
+                           "layer_norm": {}},
 }
 
 
@@ -224,6 +231,14 @@ FO = "encoder.layer.1.output.dense"
     ("diff_2pct", f"{Q}.diff_bias", torch.zeros(31), r"diff_bias.*\(31,\).*\(32,\)"),
     ("diff_2pct", f"{Q}.diff_index", torch.zeros(2, 2), r"diff_index.*shape \(2, 2\).*\(nnz,\)"),
     ("diff_2pct", "encoder.layer.7.output.dense.diff_index", torch.zeros(2), "names no linear"),
+    ("layer_norm", "embeddings.LayerNorm.weight", torch.ones(31),
+     r"'embeddings.LayerNorm.weight' has shape \(31,\), but the backbone needs \(32,\) for layer_norm"),
+    ("layer_norm", "encoder.layer.1.output.LayerNorm.bias", torch.zeros(1, 32), r"LayerNorm.bias.*\(1, 32\).*\(32,\)"),
+    ("layer_norm", "encoder.layer.7.output.LayerNorm.bias", torch.zeros(32), "names no LayerNorm of the backbone"),
+    ("layer_norm", "encoder.layer.0.attention.LayerNorm.weight", torch.ones(32), "names no LayerNorm of the backbone"),
+    ("layer_norm_some", "encoder.layer.0.output.LayerNorm.weight", torch.ones(32),
+     r"site 'encoder.layer.0.output.LayerNorm' has \['weight'\] but lacks \['bias'\]"),
+    ("layer_norm", "embeddings.LayerNorm.bias", torch.full((32,), float("nan")), "NaN"),
 ])
 def test_malformed_tensors_are_refused_naming_tensor_and_shapes(name, key, value, match):
     model, _ = make_model()
@@ -252,3 +267,78 @@ def test_a_diff_pruning_site_without_positions_is_refused():
     del spec.tensors[f"{Q}.diff_index"]
     with pytest.raises(TaskFileError, match="lacks 'diff_index'"):
         model.bank.add(spec)
+
+
+# -- the per-task LayerNorm op alone ----------------------------------------------------------------------------------
+LN_TASKS = ("layer_norm", "layer_norm_some", "houlsby_layer_norm", "bitfit", "lora_r2")
+LN_MIXES = {  # rows of tasks with and without overrides, several LayerNorm tasks, other PET methods beside them
+    "some_rows": ["bitfit", "layer_norm", "lora_r2", "layer_norm_some", "houlsby_layer_norm", "bitfit", "layer_norm"],
+    "one_row": ["lora_r2", "bitfit", "houlsby_layer_norm"],
+    "every_row": ["layer_norm", "layer_norm_some", "houlsby_layer_norm", "layer_norm"],
+    "no_row": ["bitfit", "lora_r2", "bitfit"],
+}
+LN_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+
+
+def ln_bank(dtype):
+    model, backbone = make_model(capacity=2, dtype=dtype)  # grows on the way
+    specs = {n: task(n, seed=i) for i, n in enumerate(LN_TASKS)}
+    for spec in specs.values():
+        model.bank.add(spec)
+    return model, backbone, specs
+
+
+def ln_reference(site, norm, backbone, specs, names, x):
+    """Each row's LayerNorm with its task's weight and bias at `site` (the backbone's where it tunes none), float64."""
+    pick = lambda n, p: specs[n].tensors.get(f"{site}.{p}", backbone[f"{site}.{p}"])  # noqa: E731
+    return layer_norm_rows(x, [pick(n, "weight") for n in names], [pick(n, "bias") for n in names], norm.eps)
+
+
+@pytest.mark.parametrize("dtype", list(LN_TOLERANCE), ids=str)
+@pytest.mark.parametrize("mix", list(LN_MIXES))
+def test_layer_norm_op_fast_and_gathered_forms_match_the_plain_reference(dtype, mix):
+    model, backbone, specs = ln_bank(dtype)
+    names = LN_MIXES[mix]
+    rows = model.bank.row_tasks(names)
+    gathered_rows = GatheredRows(rows.slots, rows.head_slots, model.bank.bank_tensors())
+    rtol, atol = LN_TOLERANCE[dtype]
+    g = torch.Generator().manual_seed(0)
+    plain_rows = [i for i, n in enumerate(names) if "layer_norm" not in specs[n].pet]
+    for site, norm in model.encoder.pet_norms().items():
+        x = (torch.randn(len(names), 9, TINY.hidden_size, generator=g) * 3 + 0.5).to(dtype)
+        want = ln_reference(site, norm, backbone, specs, names, x)
+        with torch.no_grad():
+            fast, gathered = norm(x, rows), norm(x, gathered_rows)
+        assert fast.dtype == gathered.dtype == dtype
+        for got, form in ((fast, "fast"), (gathered, "gathered")):
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, msg=lambda m: f"{site} {form}: {m}")
+        # rows of tasks that tune no LayerNorm are bit for bit the backbone's LayerNorm, whatever shares their batch
+        plain = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        assert all(torch.equal(fast[i], plain[i]) for i in plain_rows), site
+        if mix == "no_row":
+            assert model.bank.methods["layer_norm"].make_op(site)(x, rows) is None  # the plain LayerNorm runs
+
+
+@pytest.mark.parametrize("mix", ["some_rows", "every_row"])
+def test_layer_norm_op_gradients_match_the_plain_reference(mix):
+    """Training reads gradients through the op: to its input and to the task's slot (the bank keeps deltas)."""
+    model, backbone, specs = ln_bank(torch.float32)
+    names = LN_MIXES[mix]
+    method = model.bank.methods["layer_norm"]
+    method.requires_grad_(True)
+    site = "encoder.layer.1.attention.output.LayerNorm"
+    norm = model.encoder.pet_norms()[site]
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(len(names), 7, TINY.hidden_size, generator=g) * 2).requires_grad_(True)
+    upstream = torch.randn(len(names), 7, TINY.hidden_size, generator=g)
+    (norm(x, model.bank.row_tasks(names)) * upstream).sum().backward()
+
+    slot = model.bank.tasks["layer_norm"].slots["layer_norm"]
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = specs["layer_norm"].tensors[f"{site}.weight"].double().requires_grad_(True)
+    pick = lambda n, p: specs[n].tensors.get(f"{site}.{p}", backbone[f"{site}.{p}"])  # noqa: E731
+    weights = [w64 if n == "layer_norm" else pick(n, "weight") for n in names]
+    (layer_norm_rows(x64, weights, [pick(n, "bias") for n in names], norm.eps) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.tensor(site, "weight").grad[slot].double(), w64.grad, rtol=1e-5, atol=1e-5)
+    assert not method.tensor(site, "weight").grad[0].any()  # the null slot is the backbone's: never trained

@@ -10,6 +10,7 @@ from chorus.backends.encoder import Encoder, EncoderConfig
 from chorus.backends.engine import Engine
 from chorus.backends.task_files import random_task, save_task
 from chorus.data import load_dataset
+from chorus.errors import InvalidInput
 from chorus.train import PET_CHOICES, TrainConfig, accuracy, built_as, lr_factor, train_task
 from tests.unit.tiny import write_tiny_bert
 
@@ -17,7 +18,8 @@ from tests.unit.tiny import write_tiny_bert
 TINY = EncoderConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                      max_positions=128)
 PET_TENSOR = {"lora": "lora_B", "bitfit": "bias_delta", "houlsby": "adapter_up", "pfeiffer": "adapter_up",
-              "ia3": "ia3_l", "maskbert": "mask_index", "diff_pruning": "diff_value"}  # zero (or absent) untrained
+              "ia3": "ia3_l", "maskbert": "mask_index", "diff_pruning": "diff_value",  # zero (or absent) untrained
+              "layer_norm": "LayerNorm.weight"}  # the backbone's untrained (see `moved`)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +56,7 @@ def test_the_schedule_gives_every_step_a_positive_rate_for_any_run_length(steps)
 def test_every_method_trains_and_its_file_serves_what_was_tested(pet, backbone, tmp_path):
     result = train_task("t", "rotten_tomatoes", quick(pet), backbone=str(backbone), progress=False)
     assert len(result.train_losses) == 3 and result.train_losses[-1] < result.train_losses[0]
-    learned = [t for k, t in result.spec.tensors.items() if k.endswith(PET_TENSOR[pet])]
+    learned = [moved(backbone, k, t) for k, t in result.spec.tensors.items() if k.endswith(PET_TENSOR[pet])]
     assert learned and any(t.numel() and t.abs().sum() > 0 for t in learned), f"{pet}: its tensors did not learn"
     assert result.trainable_parameters > 0 and result.task_bytes == 4 * result.stored_parameters
     assert result.stored_parameters == sum(t.numel() for t in result.spec.tensors.values())
@@ -65,6 +67,35 @@ def test_every_method_trains_and_its_file_serves_what_was_tested(pet, backbone, 
     test = load_dataset("rotten_tomatoes").test
     assert accuracy(engine, "t", engine.tokenize([e.text for e in test]), [e.label for e in test]) == pytest.approx(
         result.test_accuracy, abs=1 / len(test))  # at most one borderline row may flip between code paths
+
+
+def moved(backbone, key, t):
+    """A trained tensor less what it started from: LayerNorms start as the backbone's, the others at zero."""
+    if not key.endswith(("LayerNorm.weight", "LayerNorm.bias")):
+        return t
+    from safetensors.torch import load_file
+
+    return t - load_file(backbone / "model.safetensors")[key]
+
+
+def test_adapters_can_tune_the_layer_norms_too(backbone, tmp_path):
+    """Houlsby et al. train the LayerNorms beside their adapters: `tune_layer_norm` adds the `layer_norm` method."""
+    result = train_task("t", "rotten_tomatoes", quick("houlsby", tune_layer_norm=True), backbone=str(backbone),
+                        progress=False)
+    assert set(result.spec.pet) == {"adapter", "layer_norm"}
+    norms = {k: moved(backbone, k, t) for k, t in result.spec.tensors.items() if ".LayerNorm." in k}
+    assert len(norms) == 2 * (1 + 2 * TINY.num_layers) and all(t.abs().sum() > 0 for t in norms.values())
+    assert any(t.abs().sum() > 0 for k, t in result.spec.tensors.items() if k.endswith("adapter_up"))
+    plain = train_task("t", "rotten_tomatoes", quick("houlsby"), backbone=str(backbone), progress=False)
+    assert result.trainable_parameters == plain.trainable_parameters + 2 * 32 * (1 + 2 * TINY.num_layers)
+    save_task(result.spec, tmp_path / "t")
+    engine = Engine(backbone, max_length=128)
+    engine.load_task("t", tmp_path / "t")
+    test = load_dataset("rotten_tomatoes").test
+    assert accuracy(engine, "t", engine.tokenize([e.text for e in test]), [e.label for e in test]) == pytest.approx(
+        result.test_accuracy, abs=1 / len(test))
+    with pytest.raises(InvalidInput, match="full fine-tune already trains the LayerNorms"):
+        quick("full", tune_layer_norm=True)
 
 
 def test_sparse_methods_end_at_their_sparsity(backbone):
