@@ -117,10 +117,16 @@ class PetLinear(nn.Module):
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:  # x: (B, T, in)
         gathered = getattr(rows, "gathered", False)
         for op in self.pre_ops:
-            x = (op.gathered if gathered else op)(x, rows)
+            if not gathered:
+                x = op(x, rows)
+            elif op.method in rows.slots:  # a method the batch's rows do not use is left out of the gathered form
+                x = op.gathered(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
         for op in self.ops:
-            y = (op.gathered if gathered else op)(x, y, rows)
+            if not gathered:
+                y = op(x, y, rows)
+            elif op.method in rows.slots:
+                y = op.gathered(x, y, rows)
         return y
 
 
@@ -141,8 +147,11 @@ class PetLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, rows=None) -> torch.Tensor:
         if rows is not None:
+            gathered = getattr(rows, "gathered", False)
             for op in self.ops:
-                y = (op.gathered if getattr(rows, "gathered", False) else op)(x, rows)
+                if gathered and op.method not in rows.slots:
+                    continue
+                y = (op.gathered if gathered else op)(x, rows)
                 if y is not None:
                     return y
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from chorus.backends.encoder import Encoder, EncoderConfig, init_random, read_hf_checkpoint
+from chorus.backends.graphs import GraphedForward
 from chorus.backends.task_bank import TaskBank, TaskSpec
 from chorus.backends.formats import load_any
 from chorus.errors import ChorusError, InvalidInput
@@ -90,7 +91,7 @@ class Engine:
     """Tokenizer + multi-task model: what the Triton model (and tests, and benchmarks) call."""
 
     def __init__(self, backbone: str | Path = DEFAULT_BACKBONE, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 capacity: int = 16, max_length: int | None = None, max_rank: int = 16):
+                 capacity: int = 16, max_length: int | None = None, max_rank: int = 16, cuda_graphs: bool = True):
         from tokenizers import Tokenizer
 
         path = resolve_backbone(backbone)
@@ -102,6 +103,8 @@ class Engine:
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()  # `tokenize` truncates, or `decode_request` refuses, over-long rows
+        # On a GPU, batches up to MAX_GRAPH_TOKENS run as CUDA graphs of the gathered forward (chorus.backends.graphs)
+        self.graphs = GraphedForward(self.model) if cuda_graphs and self.device.type == "cuda" else None
 
     @property
     def bank(self) -> TaskBank:
@@ -139,9 +142,10 @@ class Engine:
             raise InvalidInput(f"{len(ids)} rows of tokens but {len(tasks)} task names")
         if not ids:
             raise InvalidInput("no rows to classify")
-        rows = self.bank.row_tasks(tasks)
         input_ids, mask = self.pad(ids)
-        logits = self.logits(input_ids, mask, rows)
+        logits = self.graphs(input_ids, mask, tasks) if self.graphs is not None else None
+        if logits is None:  # on the CPU, or a batch larger than every graph
+            logits = self.logits(input_ids, mask, self.bank.row_tasks(tasks))
         names = [self.bank.tasks[t].labels for t in tasks]
         labels = [n[int(np.argmax(row[: len(n)]))] for n, row in zip(names, logits)]
         return Classified(logits, labels, names)

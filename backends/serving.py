@@ -106,6 +106,14 @@ def profile_engine(engine: Engine, students: StudentBank | None = None, batch_si
             sync()
             return time.perf_counter() - start
         task = by_type[p] if p is not None else next(iter(engine.bank.tasks))
+        if engine.graphs is not None and engine.graphs.shape(n, L) is not None:  # what serving replays
+            x = torch.tensor(ids)
+            entry = engine.bank.tasks[task]
+            slots = {} if p is None else {m: [s] * n for m, s in entry.slots.items()}  # α: the backbone alone
+            engine.graphs.forward(x, torch.ones_like(x), [entry.head_slot] * n, slots)  # captures once
+            start = time.perf_counter()
+            engine.graphs.forward(x, torch.ones_like(x), [entry.head_slot] * n, slots)  # returns on the host
+            return time.perf_counter() - start
         rows = engine.bank.row_tasks([task] * n)
         if p is None:  # the backbone alone: every method's null slot
             rows = type(rows).build({m: torch.zeros_like(s) for m, s in rows.slots.items()}, rows.head_slots)
@@ -246,6 +254,7 @@ class ServingLoop:
         if not live:
             return
         ks = [row_students(self.students, r.task, r.payload[0].students, batch.k) for r in live]
+        start = time.perf_counter()
         try:
             out = classify_rows(self.engine, self.students, [r.payload[0].decoded.ids[r.payload[1]] for r in live],
                                 [r.task for r in live], ks)
@@ -274,4 +283,7 @@ class ServingLoop:
                 result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
                                     [names for _, names in pending.labels], pending.ran)
                 self._answers.put((pending.done, result))
+        if batch.k is not None:  # the measured service rate, scaled to all K (`cost(k)`: the policy's model)
+            cost = getattr(self.scheduler.choose_k, "cost", None)
+            self.scheduler.observe_service(len(live), (time.perf_counter() - start) / (cost(batch.k) if cost else 1.0))
 

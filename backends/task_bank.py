@@ -122,7 +122,8 @@ class TaskBank(nn.Module):
     def add(self, spec: TaskSpec, replace: bool = False) -> TaskEntry:
         """Register a task (validated first: a bad task changes nothing). `replace` swaps an existing task's weights."""
         groups = self.validate(spec)
-        with self._lock:
+        # a bank that grows here must not become inference tensors (callers may be under torch.inference_mode)
+        with self._lock, torch.inference_mode(False):
             if spec.name in self.tasks and not replace:
                 raise InvalidInput(f"task {spec.name!r} is already registered; replace it explicitly")
             slots = {m: self.methods[m].write(g, spec.pet[m]) for m, g in groups.items()}

@@ -11,13 +11,18 @@
 - `batching`: `scheduler` (chorus's length-bucket scheduler, the default; `scheduler` and `latency_table` configure
   it) or `triton` (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config);
   `auto` is `scheduler`;
+- `cuda_graphs` (true | false, default true): on a GPU, batches up to 64 x 128 tokens run as CUDA graphs of the
+  gathered mixed-task forward (`chorus.backends.graphs`); false runs the eager fast path;
 - `runtime`: `torch` (default) or `onnxruntime` (the backbone with its PET operators exported to ONNX, the task bank
   bound once as device-resident inputs: `chorus.export.ort.OrtEngine`);
 - `students`: JSON object {task name: student directory} (Student Parallelism, `chorus distill`): such a task is
   answered by its students unless a request sets the parameter `students=0` (the teacher) or `students=n` (at most
   n); `pruning`: JSON of `PruningPolicy` knobs (`utilisation`, `min_students`, `grow_step`) or {"enabled": false}
   (always all K), and `max_accuracy_drop` (points, default 1.0: the students' accuracy budget, see
-  `chorus.backends.students.bank`). The output STUDENTS says per row how many students answered (0: the teacher).
+  `chorus.backends.students.bank`); `student_devices`: "" (the serving device), "all" (every GPU, the serving one
+  first) or a list like "cuda:0,cuda:1": a task's students are split over them in contiguous ranges and their
+  boosting sum gathered once on the first (`chorus.backends.students.PlacedStudents`; run one model instance then).
+  The output STUDENTS says per row how many students answered (0: the teacher).
 """
 
 from __future__ import annotations
@@ -63,8 +68,11 @@ def _device(choice: str, args: dict) -> str:
     return choice
 
 
-def _parameters(request) -> dict:
-    return json.loads(request.parameters() or "{}")
+def _flag(params: dict, key: str, default: str = "true") -> bool:
+    value = _param(params, key, default).lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"parameter {key}={value!r}: expected true or false")
+    return value == "true"
 
 
 def _json_param(params: dict, key: str, default: str) -> dict:
@@ -77,26 +85,26 @@ def _json_param(params: dict, key: str, default: str) -> dict:
     return value
 
 
-def _students(request) -> int | None:
-    """The request parameter `students`: 0 = the teacher, n = at most n students; absent = as many as load allows."""
-    value = _parameters(request).get("students")
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidInput(f"request parameter students={value!r}: expected an integer >= 0 (0 = the teacher)")
-    return value
-
-
-def _truncate(request) -> bool:
-    """The request parameter `truncate` (true/false; a bool, or a string from clients that only send strings)."""
-    value = _parameters(request).get("truncate", False)
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise InvalidInput(f"request parameter truncate={value!r}: expected true or false")
-        return value.lower() in ("true", "1")
-    return bool(value)
+def _request_options(request) -> tuple[bool, float | None, int | None]:
+    """The request parameters chorus reads, parsed once: `truncate` (true/false; a bool, or a string from clients
+    that only send strings), `deadline_ms` (a positive number; returned in seconds) and `students` (0 = the teacher,
+    n = at most n students; absent = as many as load allows)."""
+    params = json.loads(request.parameters() or "{}")
+    truncate = params.get("truncate", False)
+    if isinstance(truncate, str):
+        if truncate.lower() not in ("true", "false", "1", "0"):
+            raise InvalidInput(f"request parameter truncate={truncate!r}: expected true or false")
+        truncate = truncate.lower() in ("true", "1")
+    deadline_ms = params.get("deadline_ms")
+    if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or isinstance(deadline_ms, bool)
+                                    or deadline_ms <= 0):
+        raise InvalidInput(f"request parameter deadline_ms={deadline_ms!r}: expected a positive number")
+    students = params.get("students")
+    if isinstance(students, str) and students.strip().isdigit():
+        students = int(students)
+    if students is not None and (not isinstance(students, int) or isinstance(students, bool) or students < 0):
+        raise InvalidInput(f"request parameter students={students!r}: expected an integer >= 0 (0 = the teacher)")
+    return bool(truncate), None if deadline_ms is None else deadline_ms / 1000, students
 
 
 def _check_numpy() -> None:
@@ -131,7 +139,11 @@ def _route_logging() -> None:
 
 
 class Metrics:
-    """Custom metric families on Triton's metrics port: what the scheduler batches, how padded, what it refuses."""
+    """Custom metric families on Triton's metrics port: what the scheduler batches, how padded, what it refuses, how
+    many students answer. Each update of a `pb_utils` metric is an IPC round trip to the server, so the serving
+    threads only add to plain counters here and one thread publishes them every FLUSH_S seconds (and at unload)."""
+
+    FLUSH_S = 0.25
 
     def __init__(self) -> None:
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -141,38 +153,72 @@ class Metrics:
             self.families.append(pb_utils.MetricFamily(name, text, kind))
             return self.families[-1].Metric(labels={})
 
-        self.batches = family("chorus_batches_total", counter, "mixed-task batches run by the chorus scheduler")
-        self.rows = family("chorus_batch_rows_total", counter, "rows in those batches")
-        self.tokens = family("chorus_batch_tokens_total", counter, "rows x padded length of those batches")
-        self.padding = family("chorus_padding_tokens_total", counter, "padding tokens in those batches")
-        self.refused = family("chorus_refused_total", counter, "requests refused (UNAVAILABLE): queue full or deadline")
-        self.queue = family("chorus_queue_depth", gauge, "rows waiting in the scheduler")
-        self.last_rows = family("chorus_last_batch_rows", gauge, "rows of the latest batch")
-        self.last_len = family("chorus_last_batch_padded_length", gauge, "padded length of the latest batch")
-        self.students_in_use = family("chorus_students_in_use", gauge,
-                                      "students run by the latest student batch (Student Parallelism pruning)")
+        self.counters = {  # name -> (metric, value not yet published)
+            "batches": family("chorus_batches_total", counter, "mixed-task batches run by the chorus scheduler"),
+            "rows": family("chorus_batch_rows_total", counter, "rows in those batches"),
+            "tokens": family("chorus_batch_tokens_total", counter, "rows x padded length of those batches"),
+            "padding": family("chorus_padding_tokens_total", counter, "padding tokens in those batches"),
+            "refused": family("chorus_refused_total", counter, "requests refused (UNAVAILABLE): queue full or deadline"),
+        }
+        self.gauges = {
+            "queue": family("chorus_queue_depth", gauge, "rows waiting in the scheduler"),
+            "last_rows": family("chorus_last_batch_rows", gauge, "rows of the latest batch"),
+            "last_len": family("chorus_last_batch_padded_length", gauge, "padded length of the latest batch"),
+            "students_in_use": family("chorus_students_in_use", gauge,
+                                      "students run by the latest student batch (Student Parallelism pruning)"),
+        }
         self.student_family = pb_utils.MetricFamily("chorus_student_rows_total",
                                                     "rows answered by k students (k=0: the teacher)", counter)
+        self.families.append(self.student_family)
         self.student_rows: dict[int, object] = {}
-        self._lock = threading.Lock()  # responses are sent (and counted) from several threads
+        self._pending: Counter = Counter()  # counter name or ("k", k) -> increments not yet published
+        self._values: dict[str, float] = {}  # gauge name -> latest value not yet published
+        self._lock = threading.Lock()  # responses are counted from several threads
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._publish_loop, name="chorus-metrics", daemon=True)
+        self._thread.start()
 
     def answered(self, ks: list[int]) -> None:
         with self._lock:
-            for k, n in Counter(ks).items():
-                if k not in self.student_rows:
-                    self.student_rows[k] = self.student_family.Metric(labels={"k": str(k)})
-                self.student_rows[k].increment(n)
+            self._pending.update(("k", k) for k in ks)
+
+    def refused(self) -> None:
+        with self._lock:
+            self._pending["refused"] += 1
 
     def observe(self, batch, queue_depth: int) -> None:
-        if batch.k is not None:
-            self.students_in_use.set(batch.k)
-        self.batches.increment(1)
-        self.rows.increment(batch.size)
-        self.tokens.increment(batch.size * batch.padded_len)
-        self.padding.increment(batch.padding_tokens)
-        self.queue.set(queue_depth)
-        self.last_rows.set(batch.size)
-        self.last_len.set(batch.padded_len)
+        with self._lock:
+            self._pending.update({"batches": 1, "rows": batch.size, "tokens": batch.size * batch.padded_len,
+                                  "padding": batch.padding_tokens})
+            self._values.update(queue=queue_depth, last_rows=batch.size, last_len=batch.padded_len)
+            if batch.k is not None:
+                self._values["students_in_use"] = batch.k
+
+    def publish(self) -> None:
+        with self._lock:
+            pending, values = self._pending, self._values
+            self._pending, self._values = Counter(), {}
+        for key, n in pending.items():
+            if isinstance(key, tuple):
+                if key[1] not in self.student_rows:
+                    self.student_rows[key[1]] = self.student_family.Metric(labels={"k": str(key[1])})
+                self.student_rows[key[1]].increment(n)
+            else:
+                self.counters[key].increment(n)
+        for key, value in values.items():
+            self.gauges[key].set(value)
+
+    def _publish_loop(self) -> None:
+        while not self._stop.wait(self.FLUSH_S):
+            try:
+                self.publish()
+            except Exception as e:  # noqa: BLE001 - metrics must never stop serving
+                pb_utils.Logger.log_warn(f"chorus: publishing metrics failed: {e!r}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.publish()
 
 
 class TritonPythonModel:
@@ -195,7 +241,8 @@ class TritonPythonModel:
         self.engine = engine_class(_param(params, "backbone", DEFAULT_BACKBONE), device=device, dtype=DTYPES[dtype],
                                    capacity=int(_param(params, "task_capacity", "16")),
                                    max_length=int(_param(params, "max_length", "0")) or None,
-                                   max_rank=int(_param(params, "max_rank", "16")))
+                                   max_rank=int(_param(params, "max_rank", "16")),
+                                   **({} if runtime == "onnxruntime" else {"cuda_graphs": _flag(params, "cuda_graphs")}))
         tasks = _json_param(params, "tasks", "{}")
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
@@ -204,7 +251,13 @@ class TritonPythonModel:
             self.engine.refresh()  # export and bind now, not on the first request
         student_dirs = _json_param(params, "students", "{}")
         pruning = _json_param(params, "pruning", "{}")
-        self.students = StudentBank(self.engine, pruning.pop("max_accuracy_drop", 1.0)) if student_dirs else None
+        student_devices = _param(params, "student_devices", "")  # "": the serving device; "all"; "cuda:0,cuda:1"
+        if student_devices == "all":
+            devices = [device] + [f"cuda:{i}" for i in range(torch.cuda.device_count()) if f"cuda:{i}" != device]
+        else:
+            devices = [d.strip() for d in student_devices.split(",") if d.strip()] or None
+        self.students = (StudentBank(self.engine, pruning.pop("max_accuracy_drop", 1.0), devices=devices)
+                         if student_dirs else None)
         for name, path in student_dirs.items():
             self.students.load(name, model_dir / path)
         try:
@@ -234,7 +287,8 @@ class TritonPythonModel:
                                     students=self.students, choose_k=policy)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {device} serves {len(tasks)} tasks: {sorted(tasks)} "
                                  f"(numpy {np.__version__}, torch {torch.__version__}); batching {self.batching}; "
-                                 f"students for {sorted(student_dirs)}")
+                                 f"students for {sorted(student_dirs)} on {devices or [device]}; "
+                                 f"CUDA graphs {'on' if getattr(self.engine, 'graphs', None) is not None else 'off'}")
 
     def execute(self, requests: list) -> list | None:
         """Decode each request; `scheduler`: hand its rows to the scheduler, whose worker answers through the response
@@ -244,11 +298,8 @@ class TritonPythonModel:
             try:
                 arrays = {n.lower(): pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
                 arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}  # copies: inputs are
-                d = decode_request(self.engine, **arrays, truncate=_truncate(request))  # freed on return
-                deadline_ms = _parameters(request).get("deadline_ms")
-                if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or deadline_ms <= 0):
-                    raise InvalidInput(f"request parameter deadline_ms={deadline_ms!r}: expected a positive number")
-                decoded.append((d, None if deadline_ms is None else deadline_ms / 1000, _students(request)))
+                truncate, deadline_s, students = _request_options(request)  # freed on return
+                decoded.append((decode_request(self.engine, **arrays, truncate=truncate), deadline_s, students))
             except InvalidInput as e:
                 decoded.append((e, None, None))
         if self.loop is None:
@@ -293,7 +344,7 @@ class TritonPythonModel:
                 else pb_utils.TritonError.UNAVAILABLE if isinstance(error, Overloaded)
                 else pb_utils.TritonError.INTERNAL)
         if code == pb_utils.TritonError.UNAVAILABLE:
-            self.metrics.refused.increment(1)
+            self.metrics.refused()
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
 
     def _send(self, sender, wanted: frozenset[str], result: Classified | Exception) -> None:
@@ -323,4 +374,5 @@ class TritonPythonModel:
         """Unload: answer everything already queued, then stop the worker."""
         if self.loop is not None:
             self.loop.close()
+        self.metrics.close()
         self.engine = None

@@ -144,7 +144,8 @@ class OrtEngine(Engine):
     def __init__(self, backbone=DEFAULT_BACKBONE, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  capacity: int = 16, max_length: int | None = None, max_rank: int = 16,
                  providers: list[str] | None = None, session_options=None):
-        super().__init__(backbone, device, dtype, capacity=capacity, max_length=max_length, max_rank=max_rank)
+        super().__init__(backbone, device, dtype, capacity=capacity, max_length=max_length, max_rank=max_rank,
+                         cuda_graphs=False)  # onnxruntime runs the backbone
         self.ort = OrtBackbone(self.model, providers, session_options)
 
     def refresh(self) -> None:

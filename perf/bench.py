@@ -425,6 +425,15 @@ class Bench:
             backbone_bytes, cap = capacity_table("bert-base", 0.9 * total, "float16")
             res["capacity"] = {"memory_gib": 0.9 * total, "backbone_bytes": backbone_bytes,
                                "rows": [asdict(c) for c in cap]}
+        if self.w.device == "cuda" and self.fits("10,000 tasks", 120):  # issue 3: registered, served, removed
+            from chorus.backends.task_files import random_task
+            from perf.gpu_check import PET_MIX
+
+            cfg = engine.cfg
+            templates = [random_task(f"template{i}_{next(iter(pet))}", cfg.hidden_size, cfg.linear_sites(), pet,
+                                     seed=1000 + i, scale=0.02) for i, pet in enumerate(PET_MIX)]
+            with self.stage("10,000 tasks"):
+                res["many_tasks"] = inprocess.many_tasks(engine, templates, 10_000, ids[:64])
         self.result["inprocess"] = res
         LOG.info("in-process: %s", json.dumps({k: v for k, v in res.items() if k != "capacity"}, default=str))
         del engine
@@ -599,7 +608,8 @@ class Bench:
             lora = next((c for c in cap["rows"] if c["label"].lower().startswith("lora")), cap["rows"][0])
             keys["max_tasks_one_gpu"] = lora["tasks"]
             r["max_tasks_one_gpu_detail"] = {"pet": lora["label"], "memory_gib": cap["memory_gib"],
-                                             "how": "measured bytes per task (chorus.capacity) into 90% of the GPU"}
+                                             "how": "measured bytes per task (chorus.capacity) into 90% of the GPU",
+                                             "served": ip.get("many_tasks")}
         else:
             why["max_tasks_one_gpu"] = "GPU only"
         st = r.get("students")

@@ -202,6 +202,7 @@ class PetMethod(nn.Module):
         """Add this method's op to the site's PetLinear, keeping post ops in `op_order`."""
         op = self.make_op(site)
         op.order = self.op_order
+        op.method = self.name  # a gathered forward leaves out the ops of methods its rows do not use
         op.gathered = self.gathered_op(site)
         ops = self.linears[site].pre_ops if self.site_stage(site) == "pre" else self.linears[site].ops
         ops.append(op)

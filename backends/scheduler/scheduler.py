@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # choose_k(queue_depth, arrival_rate [requests/s], service_rate [requests/s], deadline_slack [s]) -> students to run
 ChooseK = Callable[[int, float, float, float], int]
 RATE_WINDOW_S = 1.0  # the arrival rate counts the arrivals of this many seconds
+SERVICE_EWMA = 0.2  # weight of the newest student batch in the measured service rate
 
 
 class Scheduler:
@@ -53,6 +54,7 @@ class Scheduler:
         self._inflight: deque[tuple[int, float]] = deque(maxlen=4096)  # (batch number, estimated s), not completed
         self._busy_until = -math.inf  # when the executor finishes what it was given, by estimate
         self._arrivals: deque[float] = deque()  # arrival times within RATE_WINDOW_S of the latest
+        self._served_rate: float | None = None  # student rows/s with all K, as the executor measured it (EWMA)
 
     # -- the request thread ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Refusal | None:
@@ -125,6 +127,18 @@ class Scheduler:
                 self._inflight.popleft()
             self._busy_until = now + sum(s for _, s in self._inflight)
 
+    def observe_service(self, rows: int, seconds: float) -> None:
+        """The executor served `rows` student rows in `seconds` of wall time, scaled to all K students: everything
+        the serving path spends per batch (decoding, scheduling, sending, the Python backend's IPC, threads
+        contending for the GIL), not only the compute the latency tables profile. Pruning reads the smaller of the
+        two rates (see `_choose_k`)."""
+        if rows <= 0 or seconds <= 0:
+            return
+        rate = rows / seconds
+        with self._lock:
+            old = self._served_rate
+            self._served_rate = rate if old is None else (1 - SERVICE_EWMA) * old + SERVICE_EWMA * rate
+
     def next_due(self, now: float) -> float | None:
         """When `schedule` will next have something to do if nothing arrives (now: already); None: nothing waits.
 
@@ -178,7 +192,8 @@ class Scheduler:
 
     def _choose_k(self, reqs: list[Request], now: float, finish: float, queue_depth: int) -> int | None:
         """Students for a student batch (choose_k, default all of them); None for a batch on the backbone.
-        The service rate is the path's capacity with full batches of this length (requests/s, by the table)."""
+        The service rate is the path's capacity with full batches of this length (requests/s, by the table), or
+        the rate the executor measured (`observe_service`) where that is lower."""
         if path_of(reqs[0].pet_type, self.cfg) == "backbone":
             return None
         if self.choose_k is None:
@@ -186,6 +201,8 @@ class Scheduler:
         L = max(r.num_tokens for r in reqs)
         n = rows_cap(L, self.cfg)
         service_rate = n / max(batch_time({reqs[0].pet_type: n}, L, self.table, self.cfg), 1e-12)
+        if self._served_rate is not None:
+            service_rate = min(service_rate, self._served_rate)
         k = self.choose_k(queue_depth, self.arrival_rate(now), service_rate, min(r.deadline for r in reqs) - finish)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.cfg.max_students:
             raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "

@@ -3,6 +3,7 @@ the STUDENTS output and metrics; and concurrent mixed-task load where every answ
 
 import json
 import random
+import time
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +44,14 @@ def test_a_task_with_students_is_answered_by_them_and_a_request_may_ask_for_fewe
 def test_metrics_show_students_in_use(server, http_client):
     http_client.classify(POSITIVE, STUDENT_TASK, students=4)
     http_client.classify(POSITIVE, STUDENT_TASK, students=0)
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    rows = {int(k): float(v) for k, v in re.findall(r'chorus_student_rows_total\{k="(\d+)"\} ([\d.e+]+)', text)}
+    deadline = time.monotonic() + 10  # the model publishes its metrics every 0.25 s, not per response
+    while True:
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        rows = {int(k): float(v) for k, v in re.findall(r'chorus_student_rows_total\{k="(\d+)"\} ([\d.e+]+)', text)}
+        if (rows.get(0, 0) >= 3 and sum(v for k, v in rows.items() if k > 0) >= 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert rows.get(0, 0) >= 3 and sum(v for k, v in rows.items() if k > 0) >= 3
     in_use = re.search(r"^chorus_students_in_use(?:\{\})? ([\d.e+]+)$", text, re.M)
     assert in_use and 1 <= float(in_use.group(1)) <= 4

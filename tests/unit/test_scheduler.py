@@ -394,3 +394,27 @@ def test_a_request_thread_and_a_worker_thread_share_the_scheduler():
     done.set()
     t.join(timeout=30)
     assert not t.is_alive() and sorted(taken) == list(range(2000))
+
+
+def test_pruning_sees_the_measured_service_rate_when_it_is_below_the_tables():
+    """The latency tables profile compute only; the executor's measured rate (decoding, IPC, sends included) caps
+    the service rate choose_k sees, so a burst prunes even where the tables promise more than the server does."""
+    seen = []
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.0), table(),
+                      choose_k=lambda q, a, rate, slack: seen.append(rate) or 4)
+    sched.submit(req(0, 10, "distilled"))
+    sched.schedule(0.0)
+    from_table = seen[-1]
+    sched.observe_service(rows=10, seconds=1.0)  # 10 rows/s, far below the table's
+    sched.submit(req(1, 10, "distilled", arrival=0.1))
+    sched.schedule(0.1)
+    assert from_table > 10 and seen[-1] == pytest.approx(10.0)
+    sched.observe_service(rows=30, seconds=1.0)  # an EWMA: the newest batch moves it part of the way
+    sched.submit(req(2, 10, "distilled", arrival=0.2))
+    sched.schedule(0.2)
+    assert seen[-1] == pytest.approx(0.8 * 10 + 0.2 * 30)
+    sched.observe_service(rows=0, seconds=0.0)  # nothing measured: ignored
+    sched.observe_service(rows=1e9, seconds=1.0)  # faster than the tables: the tables' rate stands
+    sched.submit(req(3, 10, "distilled", arrival=0.3))
+    sched.schedule(0.3)
+    assert seen[-1] == pytest.approx(from_table)

