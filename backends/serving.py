@@ -140,6 +140,7 @@ class _Pending:
     done: Done
     left: int
     students: int | None = None  # the request's `students` parameter: at most this many (0: the teacher)
+    hard_deadline: float | None = None  # the request's own deadline (s); rows still waiting past it are refused
     logits: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     ran: list = field(default_factory=list)  # students per row (0: the teacher)
@@ -178,7 +179,7 @@ class ServingLoop:
             done(Overloaded("the model is unloading; retry"))
             return
         now = self.clock()
-        pending = _Pending(decoded, done, len(decoded.ids), students)
+        pending = _Pending(decoded, done, len(decoded.ids), students, deadline_s)
         for row, (ids, task) in enumerate(zip(decoded.ids, decoded.tasks)):
             path = STUDENTS if students_for(self.students, task, students) else pet_type(self.engine, task)
             refusal = self.scheduler.submit(Request(next(self._ids), task, path, len(ids), now,
@@ -251,6 +252,16 @@ class ServingLoop:
             log.info("batch %d: %d rows of %d tasks, padded length %d", batch.number, batch.size, len(batch.tasks),
                      batch.padded_len)
         live = [r for r in batch.requests if not r.payload[0].failed]
+        now = self.clock()
+        for r in live:  # a deadline the client set is hard: it no longer waits for an answer past it
+            pending = r.payload[0]
+            if pending.hard_deadline and now > r.deadline and not pending.failed:
+                pending.failed = True
+                self.scheduler.note_expired()
+                self._answers.put((pending.done, Overloaded(
+                    f"deadline of {pending.hard_deadline * 1e3:.0f} ms passed while the request waited; "
+                    "the server is overloaded: retry later or allow a longer deadline")))
+        live = [r for r in live if not r.payload[0].failed]
         if not live:
             return
         ks = [row_students(self.students, r.task, r.payload[0].students, batch.k) for r in live]
@@ -283,7 +294,7 @@ class ServingLoop:
                 result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
                                     [names for _, names in pending.labels], pending.ran)
                 self._answers.put((pending.done, result))
-        if batch.k is not None:  # the measured service rate, scaled to all K (`cost(k)`: the policy's model)
-            cost = getattr(self.scheduler.choose_k, "cost", None)
-            self.scheduler.observe_service(len(live), (time.perf_counter() - start) / (cost(batch.k) if cost else 1.0))
+        cost = getattr(self.scheduler.choose_k, "cost", None)  # a student batch: its k students' share of all K
+        self.scheduler.observe_service(len(live), time.perf_counter() - start,
+                                       None if batch.k is None else cost(batch.k) if cost else 1.0)
 

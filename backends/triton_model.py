@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections import Counter
 from dataclasses import replace
@@ -49,7 +50,8 @@ from chorus.errors import InvalidInput, Overloaded
 # scheduler: chorus's length-bucket scheduler and worker (no dynamic_batching in the config);
 # triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
 BATCHING = ("scheduler", "triton")
-RUNTIMES = ("torch", "onnxruntime")  # what runs the backbone + PET ops (students run in torch)
+RUNTIMES = ("torch", "onnxruntime")
+SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval in the stub (CPython's default: 0.005)  # what runs the backbone + PET ops (students run in torch)
 
 
 def _param(params: dict, key: str, default: str) -> str:
@@ -225,6 +227,10 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _check_numpy()
         _route_logging()
+        # Requests pass through several threads (execute, the serving worker, the answerers): at CPython's default
+        # 5 ms switch interval a thread that wants the GIL can wait that long per hand-off, more than a student
+        # batch takes on a GPU. The stub process is ours alone.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
         dtype = _param(params, "dtype", "float32")

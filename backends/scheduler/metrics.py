@@ -12,6 +12,7 @@ class SchedulerMetrics:
     submitted: int = 0
     refused_queue_full: int = 0
     refused_deadline: int = 0
+    expired: int = 0  # admitted requests refused at dispatch: their own deadline passed while they waited
     batches: int = 0
     scheduled_requests: int = 0
     real_tokens: int = 0  # tokens of the requests in formed batches
@@ -34,7 +35,7 @@ class SchedulerMetrics:
 
     @property
     def refused(self) -> int:
-        return self.refused_queue_full + self.refused_deadline
+        return self.refused_queue_full + self.refused_deadline + self.expired
 
     @property
     def mean_wait_s(self) -> float:

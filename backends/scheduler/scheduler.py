@@ -55,6 +55,7 @@ class Scheduler:
         self._busy_until = -math.inf  # when the executor finishes what it was given, by estimate
         self._arrivals: deque[float] = deque()  # arrival times within RATE_WINDOW_S of the latest
         self._served_rate: float | None = None  # student rows/s with all K, as the executor measured it (EWMA)
+        self._drain_rate: float | None = None  # rows/s of every batch, as the executor measured it (EWMA)
 
     # -- the request thread ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Refusal | None:
@@ -78,7 +79,7 @@ class Scheduler:
             self._metrics.submitted += 1
             self._note_arrival(now)
             refusal = check_admission(request, now, self._buffer, max(0.0, self._busy_until - now), self.table,
-                                      self.cfg)
+                                      self.cfg, self._drain_rate)
             if refusal is not None:
                 if refusal.reason == "queue_full":
                     self._metrics.refused_queue_full += 1
@@ -127,17 +128,28 @@ class Scheduler:
                 self._inflight.popleft()
             self._busy_until = now + sum(s for _, s in self._inflight)
 
-    def observe_service(self, rows: int, seconds: float) -> None:
-        """The executor served `rows` student rows in `seconds` of wall time, scaled to all K students: everything
-        the serving path spends per batch (decoding, scheduling, sending, the Python backend's IPC, threads
-        contending for the GIL), not only the compute the latency tables profile. Pruning reads the smaller of the
-        two rates (see `_choose_k`)."""
+    def observe_service(self, rows: int, seconds: float, student_cost: float | None = None) -> None:
+        """The executor served a batch of `rows` rows in `seconds` of wall time: everything the serving path spends
+        per batch (scheduling, sending, the Python backend's IPC, threads contending for the GIL), not only the
+        compute the latency tables profile. Admission reads the measured drain rate (see `check_admission`); for a
+        student batch (`student_cost`: the time of its k students relative to all K) pruning reads the rate scaled
+        to all K, where it is below the tables' (see `_choose_k`)."""
         if rows <= 0 or seconds <= 0:
             return
         rate = rows / seconds
+
+        def ewma(old: float | None, new: float) -> float:
+            return new if old is None else (1 - SERVICE_EWMA) * old + SERVICE_EWMA * new
+
         with self._lock:
-            old = self._served_rate
-            self._served_rate = rate if old is None else (1 - SERVICE_EWMA) * old + SERVICE_EWMA * rate
+            self._drain_rate = ewma(self._drain_rate, rate)
+            if student_cost is not None:
+                self._served_rate = ewma(self._served_rate, rate * student_cost)
+
+    def note_expired(self) -> None:
+        """The executor refused an admitted request whose own deadline passed while it waited."""
+        with self._lock:
+            self._metrics.expired += 1
 
     def next_due(self, now: float) -> float | None:
         """When `schedule` will next have something to do if nothing arrives (now: already); None: nothing waits.

@@ -405,16 +405,17 @@ def test_pruning_sees_the_measured_service_rate_when_it_is_below_the_tables():
     sched.submit(req(0, 10, "distilled"))
     sched.schedule(0.0)
     from_table = seen[-1]
-    sched.observe_service(rows=10, seconds=1.0)  # 10 rows/s, far below the table's
+    sched.observe_service(rows=10, seconds=1.0, student_cost=1.0)  # 10 rows/s, far below the table's
     sched.submit(req(1, 10, "distilled", arrival=0.1))
     sched.schedule(0.1)
     assert from_table > 10 and seen[-1] == pytest.approx(10.0)
-    sched.observe_service(rows=30, seconds=1.0)  # an EWMA: the newest batch moves it part of the way
+    sched.observe_service(rows=30, seconds=1.0, student_cost=1.0)  # an EWMA: the newest batch moves it part of the way
     sched.submit(req(2, 10, "distilled", arrival=0.2))
     sched.schedule(0.2)
     assert seen[-1] == pytest.approx(0.8 * 10 + 0.2 * 30)
-    sched.observe_service(rows=0, seconds=0.0)  # nothing measured: ignored
-    sched.observe_service(rows=1e9, seconds=1.0)  # faster than the tables: the tables' rate stands
+    sched.observe_service(rows=0, seconds=0.0, student_cost=1.0)  # nothing measured: ignored
+    sched.observe_service(rows=10, seconds=1.0)  # a batch on the backbone: no student rate
+    sched.observe_service(rows=1e9, seconds=1.0, student_cost=0.5)  # faster than the tables: the tables' rate stands
     sched.submit(req(3, 10, "distilled", arrival=0.3))
     sched.schedule(0.3)
     assert seen[-1] == pytest.approx(from_table)

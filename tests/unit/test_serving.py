@@ -81,6 +81,39 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_and_others_are_serve
     assert len(ok) == 1 and not isinstance(ok[0], Exception)
 
 
+def test_a_request_whose_own_deadline_passes_while_it_waits_is_refused_not_run(engine):
+    """Admitted by the estimate, then kept waiting past the deadline its client set (a hand-driven clock stands in
+    for a slow executor): refused at dispatch; a request with the default deadline still runs."""
+    table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    now = [0.0]
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=600.0, max_wait_s=1.0, idle_dispatch=False,
+                                               element_size=64), table, clock=lambda: now[0])
+    late, patient = [], []
+    loop.submit(requests(1, seed=6)[0], late.append, deadline_s=5.0)
+    loop.submit(requests(1, seed=7)[0], patient.append)
+    now[0] = 10.0  # both are due now; the first one's deadline passed
+    loop.close()
+    assert len(late) == 1 and isinstance(late[0], Overloaded) and "deadline of 5000 ms passed" in str(late[0])
+    assert len(patient) == 1 and not isinstance(patient[0], Exception)
+    assert loop.scheduler.metrics.expired == 1
+
+
+def test_admission_counts_the_measured_drain_rate(engine):
+    """The latency tables profile compute; once the executor measured that rows drain slower than they promise,
+    admission estimates the wait from the measured rate and refuses what it could not answer in time."""
+    table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=600.0, max_wait_s=10.0, idle_dispatch=False,
+                                               element_size=64), table, clock=lambda: 0.0)
+    got = []
+    for r in requests(20, seed=8):
+        loop.submit(r, got.append, deadline_s=0.5)
+    assert not got  # the tables say 20 requests drain well within 0.5 s
+    loop.scheduler.observe_service(rows=10, seconds=1.0)  # measured: 10 rows/s
+    loop.submit(requests(1, seed=9)[0], got.append, deadline_s=0.5)
+    assert len(got) == 1 and isinstance(got[0], Overloaded) and "estimated wait" in str(got[0])
+    loop.close()
+
+
 def test_close_answers_what_waits_and_then_refuses(engine):
     table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
     loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0, max_wait_s=10.0), table)  # nothing due soon
