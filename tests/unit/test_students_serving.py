@@ -166,8 +166,12 @@ def test_graphed_students_fall_back_to_the_group_off_the_gpu(bank):
 def test_graphed_students_match_the_eager_group_for_every_k_and_shape(bank, dtype):
     from chorus.backends.students.cuda_graphs import GraphedStudents
 
-    group = bank.tasks["t0"].group
-    cuda = StudentGroup(group.cfg, bank.embeddings, {k: v.cuda() for k, v in group.tensors().items()},
+    from chorus.backends.students import SharedEmbeddings
+
+    group, e = bank.tasks["t0"].group, bank.embeddings
+    embeddings = SharedEmbeddings(*(t.to("cuda", dtype) for t in (e.word, e.position, e.token_type, e.norm_weight,
+                                                                  e.norm_bias)), e.eps)
+    cuda = StudentGroup(group.cfg, embeddings, {k: v.cuda() for k, v in group.tensors().items()},
                         group.boosting_weights.cuda()).to(dtype=dtype)
     graphed = GraphedStudents(cuda)
     g = torch.Generator().manual_seed(0)
