@@ -4,8 +4,10 @@ is done. Triton-free: the Triton model passes a `done` callback per request (it 
 
 Semantics:
     submit(request rows, done):  every row -> Scheduler.submit (refused: no row of the request runs, done(Overloaded))
-    worker:  loop { batches = scheduler.schedule(now); for b in batches: engine.run(b) -> rows' results;
-                    a request whose rows are all done -> answers queue }
+    worker:  loop { batches = scheduler.schedule(now); for b in batches: rows whose request set its own deadline
+                    and missed it -> answers queue (Overloaded), not run; engine.run(rest) -> rows' results;
+                    a request whose rows are all done -> answers queue;
+                    scheduler.observe_service(rows, wall time): the measured rates admission and pruning read }
     answerers (ANSWER_THREADS): loop { done(result) }  (sending a response is a blocking IPC round trip in Triton's
               Python backend that releases the GIL: on their own threads sends overlap each other and the next batch)
     close(): stop taking requests, run what waits (flush), stop the worker, then the answerers once all is sent.
