@@ -14,10 +14,9 @@ real rows. On the CPU, or for any tensor not on the group's CUDA device, the eag
 
 from __future__ import annotations
 
-import bisect
-
 import torch
 
+from chorus.backends.graphs import bucket
 from chorus.backends.students.group import StudentGroup
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -31,11 +30,6 @@ class GraphedStudents:
         self.device = group.boosting_weights.device
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-
-    @staticmethod
-    def _bucket(buckets: tuple[int, ...], n: int) -> int | None:
-        i = bisect.bisect_left(buckets, n)
-        return buckets[i] if i < len(buckets) else None
 
     @property
     def captured(self) -> int:
@@ -65,7 +59,7 @@ class GraphedStudents:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int | None = None) -> torch.Tensor:
         k = self.group.num_students if k is None else k
         B, T = input_ids.shape
-        b, t = self._bucket(self.batch_buckets, B), self._bucket(self.length_buckets, T)
+        b, t = bucket(self.batch_buckets, B), bucket(self.length_buckets, T)
         if self.device.type != "cuda" or b is None or t is None or input_ids.device != self.device:
             return self.group(input_ids, attention_mask, k=k)
         graph, ids, mask, out = self._graphs.get((k, b, t)) or self._capture(k, b, t)
