@@ -7,7 +7,8 @@ Semantics:
     worker:  loop { batches = scheduler.schedule(now); for b in batches: rows whose request set its own deadline
                     and missed it -> answers queue (Overloaded), not run; engine.run(rest) -> rows' results;
                     a request whose rows are all done -> answers queue;
-                    scheduler.observe_service(rows, wall time): the measured rates admission and pruning read }
+                    scheduler.observe_service(wall time, the batch's estimate): the measured per-batch overhead
+                    admission and pruning add to the latency tables }
     answerers (ANSWER_THREADS): loop { done(result) }  (sending a response is a blocking IPC round trip in Triton's
               Python backend that releases the GIL: on their own threads sends overlap each other and the next batch)
     close(): stop taking requests, run what waits (flush), stop the worker, then the answerers once all is sent.
@@ -296,7 +297,5 @@ class ServingLoop:
                 result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
                                     [names for _, names in pending.labels], pending.ran)
                 self._answers.put((pending.done, result))
-        cost = getattr(self.scheduler.choose_k, "cost", None)  # a student batch: its k students' share of all K
-        self.scheduler.observe_service(len(live), time.perf_counter() - start,
-                                       None if batch.k is None else cost(batch.k) if cost else 1.0)
+        self.scheduler.observe_service(time.perf_counter() - start, batch.estimated_s, batch.k)
 

@@ -118,6 +118,24 @@ def _check_numpy() -> None:
                            "environment tritonserver runs the stub with (requirements.txt pins numpy 1.26.4).")
 
 
+def _on_own_thread(fn, *args):
+    """fn(*args) on a new thread, waited for; its exception is raised here."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="chorus-load")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 class _TritonLogHandler(logging.Handler):
     """chorus's library logging (e.g. the serving worker's errors) into Triton's log."""
 
@@ -233,6 +251,31 @@ class TritonPythonModel:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
+        self.batching = _param(params, "batching", "auto")
+        if self.batching not in BATCHING + ("auto",):
+            raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")
+        if self.batching == "auto":
+            self.batching = "scheduler"
+        # The torch work of loading runs on a thread of its own that ends before serving starts, so that on a CPU the
+        # serving worker is the only thread with an OpenMP team: with a second team alive (the stub's main thread's,
+        # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region and small
+        # batches ran 2x slower on the worker (perf/results/cpu2-2026-11-22/openmp-threads.md).
+        loaded = _on_own_thread(self._load, params, args)
+        self.metrics, self.loop = Metrics(), None
+        if self.batching == "scheduler":
+            scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
+            if self.students is not None:
+                scheduler = replace(scheduler, max_students=self.students.max_students)
+            self.loop = ServingLoop(self.engine, scheduler, loaded["table"], on_batch=self.metrics.observe,
+                                    students=self.students, choose_k=loaded["policy"])
+        pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {loaded['device']} serves {len(loaded['tasks'])} "
+                                 f"tasks: {sorted(loaded['tasks'])} (numpy {np.__version__}, torch "
+                                 f"{torch.__version__}); batching {self.batching}; students for "
+                                 f"{sorted(loaded['students'])} on {loaded['student_devices']}; CUDA graphs "
+                                 f"{'on' if getattr(self.engine, 'graphs', None) is not None else 'off'}")
+
+    def _load(self, params: dict, args: dict) -> dict:
+        """The engine with its tasks, the students, the pruning policy and (scheduler) the latency tables."""
         dtype = _param(params, "dtype", "float32")
         if dtype not in DTYPES:
             raise ValueError(f"parameter dtype={dtype!r}: expected one of {sorted(DTYPES)}")
@@ -272,12 +315,7 @@ class TritonPythonModel:
         except TypeError as e:
             raise ValueError(f"parameter pruning: {e}; known keys: enabled, utilisation, min_students, grow_step, "
                              "max_accuracy_drop") from None
-        self.batching = _param(params, "batching", "auto")
-        if self.batching not in BATCHING + ("auto",):
-            raise ValueError(f"parameter batching={self.batching!r}: expected auto or one of {BATCHING}")
-        if self.batching == "auto":
-            self.batching = "scheduler"
-        self.metrics, self.loop = Metrics(), None
+        table = None
         if self.batching == "scheduler":
             table_path = _param(params, "latency_table", "")
             if table_path and Path(table_path).is_file():
@@ -286,15 +324,8 @@ class TritonPythonModel:
                 table = profile_engine(self.engine, self.students)
                 if table_path:
                     table.save(table_path)
-            scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
-            if self.students is not None:
-                scheduler = replace(scheduler, max_students=self.students.max_students)
-            self.loop = ServingLoop(self.engine, scheduler, table, on_batch=self.metrics.observe,
-                                    students=self.students, choose_k=policy)
-        pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {device} serves {len(tasks)} tasks: {sorted(tasks)} "
-                                 f"(numpy {np.__version__}, torch {torch.__version__}); batching {self.batching}; "
-                                 f"students for {sorted(student_dirs)} on {devices or [device]}; "
-                                 f"CUDA graphs {'on' if getattr(self.engine, 'graphs', None) is not None else 'off'}")
+        return {"device": device, "tasks": tasks, "students": student_dirs, "student_devices": devices or [device],
+                "policy": policy, "table": table}
 
     def execute(self, requests: list) -> list | None:
         """Decode each request; `scheduler`: hand its rows to the scheduler, whose worker answers through the response

@@ -61,7 +61,7 @@ def waiting_time(elements: Iterable[Element], table: LatencyTable, cfg: Schedule
 
 
 def check_admission(request: Request, now: float, buffer: LengthBuffer, inflight_s: float, table: LatencyTable,
-                    cfg: SchedulerConfig, drain_rate: float | None = None) -> Refusal | None:
+                    cfg: SchedulerConfig, overhead_s: float = 0.0) -> Refusal | None:
     """None if `request` (deadline already set) may wait; else the Refusal saying why.
 
     Semantics:
@@ -69,8 +69,9 @@ def check_admission(request: Request, now: float, buffer: LengthBuffer, inflight
         wait = inflight_s + waiting_time(elements due no later than the request's deadline)
                                    (from per-bin totals, one bin recomputed per arrival, when that is every element,
                                     as with default deadlines; O(elements) when the deadline is tighter than some)
-        wait = max(wait, queue_len / drain_rate)       (drain_rate: rows/s the executor measured, when known:
-                                   the tables profile compute only, a served row costs more)
+        batches = ceil(queue_len / max_batch_size) + 1     (at least that many batches run before it is answered)
+        wait += overhead_s * batches   (overhead_s: what a served batch costs beyond the tables, as measured: the
+                                        tables profile compute only)
         now + wait + time([request]) > request.deadline              -> refused, "deadline"
     """
     deadline_in = request.deadline - now
@@ -87,9 +88,7 @@ def check_admission(request: Request, now: float, buffer: LengthBuffer, inflight
         waiting = sum(buffer.bin_est_s)
     else:
         waiting = waiting_time([e for e in buffer.elements() if e.earliest_deadline <= request.deadline], table, cfg)
-    wait = inflight_s + waiting
-    if drain_rate:
-        wait = max(wait, queue_len / drain_rate)
+    wait = inflight_s + waiting + overhead_s * (math.ceil(queue_len / cfg.max_batch_size) + 1)
     if now + wait + service > request.deadline:
         return Refusal(request.id, "deadline",
                        f"request {request.id!r} refused: estimated wait {wait * 1e3:.1f} ms plus its own "

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # choose_k(queue_depth, arrival_rate [requests/s], service_rate [requests/s], deadline_slack [s]) -> students to run
 ChooseK = Callable[[int, float, float, float], int]
 RATE_WINDOW_S = 1.0  # the arrival rate counts the arrivals of this many seconds
-SERVICE_EWMA = 0.2  # weight of the newest student batch in the measured service rate
+OVERHEAD_EWMA = 0.2  # weight of the newest batch in the measured per-batch overhead
 
 
 class Scheduler:
@@ -54,8 +54,7 @@ class Scheduler:
         self._inflight: deque[tuple[int, float]] = deque(maxlen=4096)  # (batch number, estimated s), not completed
         self._busy_until = -math.inf  # when the executor finishes what it was given, by estimate
         self._arrivals: deque[float] = deque()  # arrival times within RATE_WINDOW_S of the latest
-        self._served_rate: float | None = None  # student rows/s with all K, as the executor measured it (EWMA)
-        self._drain_rate: float | None = None  # rows/s of every batch, as the executor measured it (EWMA)
+        self._overhead_s = 0.0  # what a served batch costs beyond the tables' estimate, as measured (EWMA)
 
     # -- the request thread ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Refusal | None:
@@ -79,7 +78,7 @@ class Scheduler:
             self._metrics.submitted += 1
             self._note_arrival(now)
             refusal = check_admission(request, now, self._buffer, max(0.0, self._busy_until - now), self.table,
-                                      self.cfg, self._drain_rate)
+                                      self.cfg, self._overhead_s)
             if refusal is not None:
                 if refusal.reason == "queue_full":
                     self._metrics.refused_queue_full += 1
@@ -128,23 +127,23 @@ class Scheduler:
                 self._inflight.popleft()
             self._busy_until = now + sum(s for _, s in self._inflight)
 
-    def observe_service(self, rows: int, seconds: float, student_cost: float | None = None) -> None:
-        """The executor served a batch of `rows` rows in `seconds` of wall time: everything the serving path spends
-        per batch (scheduling, sending, the Python backend's IPC, threads contending for the GIL), not only the
-        compute the latency tables profile. Admission reads the measured drain rate (see `check_admission`); for a
-        student batch (`student_cost`: the time of its k students relative to all K) pruning reads the rate scaled
-        to all K, where it is below the tables' (see `_choose_k`)."""
-        if rows <= 0 or seconds <= 0:
+    def observe_service(self, seconds: float, estimated_s: float, k: int | None = None) -> None:
+        """The executor served a batch that the tables estimate at `estimated_s` (`Batch.estimated_s`; with all K
+        students for a student batch of `k`) in `seconds` of wall time. The tables profile compute only; what a
+        served batch costs beyond it (scheduling, padding, copies, threads contending for the GIL) is a per-batch
+        overhead, kept as an EWMA, that admission and pruning add to every batch they estimate. (A rate in rows/s
+        measured from the batches themselves would read a one-row batch's latency as the server's capacity.)"""
+        if seconds <= 0:
             return
-        rate = rows / seconds
-
-        def ewma(old: float | None, new: float) -> float:
-            return new if old is None else (1 - SERVICE_EWMA) * old + SERVICE_EWMA * new
-
+        cost = getattr(self.choose_k, "cost", None)  # a pruned student batch: its k students' share of all K
+        compute = estimated_s * (cost(k) if k is not None and cost else 1.0)
         with self._lock:
-            self._drain_rate = ewma(self._drain_rate, rate)
-            if student_cost is not None:
-                self._served_rate = ewma(self._served_rate, rate * student_cost)
+            self._overhead_s += OVERHEAD_EWMA * (max(0.0, seconds - compute) - self._overhead_s)
+
+    @property
+    def overhead_s(self) -> float:
+        """The measured per-batch overhead (seconds) beyond the tables' estimate."""
+        return self._overhead_s
 
     def note_expired(self) -> None:
         """The executor refused an admitted request whose own deadline passed while it waited."""
@@ -204,17 +203,15 @@ class Scheduler:
 
     def _choose_k(self, reqs: list[Request], now: float, finish: float, queue_depth: int) -> int | None:
         """Students for a student batch (choose_k, default all of them); None for a batch on the backbone.
-        The service rate is the path's capacity with full batches of this length (requests/s, by the table), or
-        the rate the executor measured (`observe_service`) where that is lower."""
+        The service rate is the path's capacity with full batches of this length (requests/s): the tables' time of
+        such a batch plus the measured per-batch overhead (`observe_service`)."""
         if path_of(reqs[0].pet_type, self.cfg) == "backbone":
             return None
         if self.choose_k is None:
             return self.cfg.max_students
         L = max(r.num_tokens for r in reqs)
         n = rows_cap(L, self.cfg)
-        service_rate = n / max(batch_time({reqs[0].pet_type: n}, L, self.table, self.cfg), 1e-12)
-        if self._served_rate is not None:
-            service_rate = min(service_rate, self._served_rate)
+        service_rate = n / max(batch_time({reqs[0].pet_type: n}, L, self.table, self.cfg) + self._overhead_s, 1e-12)
         k = self.choose_k(queue_depth, self.arrival_rate(now), service_rate, min(r.deadline for r in reqs) - finish)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.cfg.max_students:
             raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "

@@ -10,7 +10,8 @@ import pytest
 from chorus.backends.scheduler import (Batch, LatencyTable, LengthBuffer, Refusal, Request, Scheduler, SchedulerConfig,
                                        brute_force_batches, form_batches, profile_latency_table)
 from chorus.backends.scheduler.batching import (brute_force_combine, combine, order_by_deadline, requests_time,
-                                                split_task, total_time)
+                                                rows_cap, split_task, total_time)
+from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -396,26 +397,36 @@ def test_a_request_thread_and_a_worker_thread_share_the_scheduler():
     assert not t.is_alive() and sorted(taken) == list(range(2000))
 
 
-def test_pruning_sees_the_measured_service_rate_when_it_is_below_the_tables():
-    """The latency tables profile compute only; the executor's measured rate (decoding, IPC, sends included) caps
-    the service rate choose_k sees, so a burst prunes even where the tables promise more than the server does."""
-    seen = []
-    sched = Scheduler(SchedulerConfig(max_wait_s=0.0), table(),
-                      choose_k=lambda q, a, rate, slack: seen.append(rate) or 4)
+def test_pruning_counts_the_measured_per_batch_overhead():
+    """The latency tables profile compute only; what the executor measures beyond them per batch (decoding, copies,
+    threads) is added to the time of a full batch, so the service rate choose_k sees is the capacity the server
+    really has, not the compute's, nor one small batch's latency read as a rate."""
+    seen, policy = [], PruningPolicy(4)
+
+    def choose(queue_depth, arrival_rate, rate, slack):
+        seen.append(rate)
+        return 4
+
+    choose.cost = policy.cost  # what PruningPolicy tells the scheduler: a batch of k students' share of all K
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.0, max_students=4), table(), choose_k=choose)
     sched.submit(req(0, 10, "distilled"))
-    sched.schedule(0.0)
+    batch = sched.schedule(0.0)[0]
     from_table = seen[-1]
-    sched.observe_service(rows=10, seconds=1.0, student_cost=1.0)  # 10 rows/s, far below the table's
+    n = rows_cap(10, sched.cfg)
+    full = n / from_table  # the tables' time of a full batch
+    sched.observe_service(seconds=batch.estimated_s + 0.5, estimated_s=batch.estimated_s, k=4)
+    assert sched.overhead_s == pytest.approx(0.2 * 0.5)  # an EWMA from 0: the newest batch moves it part of the way
     sched.submit(req(1, 10, "distilled", arrival=0.1))
     sched.schedule(0.1)
-    assert from_table > 10 and seen[-1] == pytest.approx(10.0)
-    sched.observe_service(rows=30, seconds=1.0, student_cost=1.0)  # an EWMA: the newest batch moves it part of the way
-    sched.submit(req(2, 10, "distilled", arrival=0.2))
-    sched.schedule(0.2)
-    assert seen[-1] == pytest.approx(0.8 * 10 + 0.2 * 30)
-    sched.observe_service(rows=0, seconds=0.0, student_cost=1.0)  # nothing measured: ignored
-    sched.observe_service(rows=10, seconds=1.0)  # a batch on the backbone: no student rate
-    sched.observe_service(rows=1e9, seconds=1.0, student_cost=0.5)  # faster than the tables: the tables' rate stands
+    assert seen[-1] == pytest.approx(n / (full + 0.1))
+    # a pruned batch: its k students' share of the estimate is what it should have cost
+    before = sched.overhead_s
+    sched.observe_service(seconds=batch.estimated_s * policy.cost(2), estimated_s=batch.estimated_s, k=2)
+    assert sched.overhead_s == pytest.approx(0.8 * before)
+    sched.observe_service(seconds=0.0, estimated_s=1.0)  # nothing measured: ignored
+    assert sched.overhead_s == pytest.approx(0.8 * before)
+    for _ in range(100):  # faster than the tables: no overhead, the tables' rate stands
+        sched.observe_service(seconds=1e-9, estimated_s=1.0)
     sched.submit(req(3, 10, "distilled", arrival=0.3))
     sched.schedule(0.3)
-    assert seen[-1] == pytest.approx(from_table)
+    assert seen[-1] == pytest.approx(from_table, rel=1e-3)

@@ -98,9 +98,9 @@ def test_a_request_whose_own_deadline_passes_while_it_waits_is_refused_not_run(e
     assert loop.scheduler.metrics.expired == 1
 
 
-def test_admission_counts_the_measured_drain_rate(engine):
-    """The latency tables profile compute; once the executor measured that rows drain slower than they promise,
-    admission estimates the wait from the measured rate and refuses what it could not answer in time."""
+def test_admission_counts_the_measured_overhead(engine):
+    """The latency tables profile compute; once the executor measured that a served batch costs more than they
+    promise, admission adds that overhead to every batch ahead and refuses what it could not answer in time."""
     table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
     loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=600.0, max_wait_s=10.0, idle_dispatch=False,
                                                element_size=64), table, clock=lambda: 0.0)
@@ -108,7 +108,12 @@ def test_admission_counts_the_measured_drain_rate(engine):
     for r in requests(20, seed=8):
         loop.submit(r, got.append, deadline_s=0.5)
     assert not got  # the tables say 20 requests drain well within 0.5 s
-    loop.scheduler.observe_service(rows=10, seconds=1.0)  # measured: 10 rows/s
+    loop.scheduler.observe_service(seconds=0.0, estimated_s=0.0)  # nothing measured: ignored
+    loop.submit(requests(1, seed=9)[0], got.append, deadline_s=0.5)
+    assert not got
+    for _ in range(20):  # measured: a batch costs 1 s beyond its estimate (the EWMA converges on it)
+        loop.scheduler.observe_service(seconds=1.0, estimated_s=0.0)
+    assert loop.scheduler.overhead_s == pytest.approx(1.0, rel=0.02)
     loop.submit(requests(1, seed=9)[0], got.append, deadline_s=0.5)
     assert len(got) == 1 and isinstance(got[0], Overloaded) and "estimated wait" in str(got[0])
     loop.close()
