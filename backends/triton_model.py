@@ -8,9 +8,10 @@
   `truncate=true`, which keeps its first tokens),
   `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
   task-bank slots), `max_rank` (largest LoRA rank);
-- `batching`: `scheduler` (chorus's length-bucket scheduler, the default; `scheduler` and `latency_table` configure
-  it) or `triton` (Triton's dynamic batcher hands execute() groups of requests; add `dynamic_batching` to the config);
-  `auto` is `scheduler`;
+- `batching`: `scheduler` (chorus's length-bucket scheduler forms the batches, the default; `scheduler` and
+  `latency_table` configure it; the shipped `dynamic_batching` block has no delay: it only hands execute() what
+  queued meanwhile) or `triton` (each execute() runs the requests Triton's dynamic batcher grouped, e.g. with
+  `max_queue_delay_microseconds: 500`, as one batch: the baseline); `auto` is `scheduler`;
 - `cuda_graphs` (true | false, default true): on a GPU, batches up to 64 x 128 tokens run as CUDA graphs of the
   gathered mixed-task forward (`chorus.backends.graphs`); false runs the eager fast path;
 - `runtime`: `torch` (default) or `onnxruntime` (the backbone with its PET operators exported to ONNX, the task bank
@@ -47,7 +48,7 @@ from chorus.backends.students.bank import StudentBank
 from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
 
-# scheduler: chorus's length-bucket scheduler and worker (no dynamic_batching in the config);
+# scheduler: chorus's length-bucket scheduler and worker;
 # triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
 BATCHING = ("scheduler", "triton")
 RUNTIMES = ("torch", "onnxruntime")

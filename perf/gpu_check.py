@@ -28,6 +28,7 @@ from chorus.backends.encoder import Encoder, EncoderConfig, init_random
 from chorus.backends.engine import Engine
 from chorus.backends.task_files import random_task, save_task
 from chorus.server import TritonServer
+from perf import repos
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,14 +74,11 @@ def write_repository(repo: Path, backbone: Path, tasks: dict[str, str], batching
     shutil.rmtree(model, ignore_errors=True)
     (model / "1").mkdir(parents=True)
     shutil.copy(ROOT / "model_repository/chorus/1/model.py", model / "1/model.py")
-    config = (ROOT / "model_repository/chorus/config.pbtxt").read_text()
-    head = config[: config.index("parameters [")]
-    if batching == "triton":
-        head += "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+    head, _ = repos.split_config((ROOT / "model_repository/chorus/config.pbtxt").read_text())
     params = {"backbone": str(backbone), "dtype": "float16", "max_length": "128", "task_capacity": str(len(tasks) + 1),
               "batching": batching, "scheduler": json.dumps({"default_deadline_s": 1.0}), "tasks": json.dumps(tasks)}
-    body = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items())
-    (model / "config.pbtxt").write_text(head + "parameters [\n" + body + "\n]\n")
+    (model / "config.pbtxt").write_text(repos.render_config(head, "chorus", params,
+                                                            2000 if batching == "triton" else None))
 
 
 def cuda_ms(fn, repeat: int = 30, warmup: int = 5) -> float:

@@ -1,7 +1,8 @@
 """Model repositories for the comparisons, written from the shipped `model_repository/chorus/` so every variant runs
 chorus's own entry-model code (`1/model.py`) with the shipped parameters, changed only where a variant says:
 
-    chorus (scheduler)      the shipped config, `batching: scheduler`, every task in one model
+    chorus (scheduler)      the shipped config, `batching: scheduler`, every task in one model (its dynamic_batching
+                            block, no delay, only hands execute() what queued meanwhile)
     chorus_db<us>           the same with `batching: triton` + `dynamic_batching { max_queue_delay_microseconds: us }`
                             (chorus's scheduler off: Triton's dynamic batcher pads each batch to its longest request)
     teacher_<task>          Triton as people deploy it today: one model per task, one task in its `tasks` map,
@@ -32,7 +33,8 @@ def split_config(text: str) -> tuple[str, dict[str, str]]:
 def render_config(head: str, name: str, params: dict[str, str], dynamic_batching_us: int | None = None) -> str:
     head = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', head, count=1, flags=re.M)
     head = "\n".join(line for line in head.splitlines() if not line.lstrip().startswith("#")) + "\n"
-    if dynamic_batching_us is not None:
+    if dynamic_batching_us is not None:  # replaces the shipped block
+        head = re.sub(r"^dynamic_batching\s*\{[^}]*\}\s*\n", "", head, flags=re.M)
         head += f"dynamic_batching {{ max_queue_delay_microseconds: {int(dynamic_batching_us)} }}\n"
     body = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items())
     return head + "parameters [\n" + body + "\n]\n"

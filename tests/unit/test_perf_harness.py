@@ -51,13 +51,18 @@ def test_config_round_trip_keeps_shipped_parameters(tmp_path):
     (shipped / "1" / "model.py").write_text("# model\n")
     (shipped / "tasks").mkdir()
     (shipped / "config.pbtxt").write_text(
-        'name: "chorus"\nbackend: "python"\n# a comment\nmax_batch_size: 64\nparameters [\n'
+        'name: "chorus"\nbackend: "python"\n# a comment\nmax_batch_size: 64\n'
+        'dynamic_batching { max_queue_delay_microseconds: 0 }\nparameters [\n'
         '  { key: "scheduler", value: { string_value: "{\\"default_deadline_s\\": 5.0}" } },\n'
         '  { key: "batching", value: { string_value: "auto" } }\n]\n')
     model = repos.write_model(tmp_path / "repo", "chorus_db500", {"batching": "triton"}, 500, shipped=shipped)
     text = (model / "config.pbtxt").read_text()
     head, params = repos.split_config(text)
     assert 'name: "chorus_db500"' in head and "dynamic_batching { max_queue_delay_microseconds: 500 }" in head
+    assert head.count("dynamic_batching") == 1  # the variant's delay replaces the shipped block
+    kept = repos.split_config((repos.write_model(tmp_path / "repo", "chorus", {}, shipped=shipped) / "config.pbtxt")
+                              .read_text())[0]
+    assert "dynamic_batching { max_queue_delay_microseconds: 0 }" in kept
     assert params == {"scheduler": '{"default_deadline_s": 5.0}', "batching": "triton"}
     assert (model / "tasks").is_symlink() and (model / "1" / "model.py").is_file()
 
