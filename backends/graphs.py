@@ -10,6 +10,9 @@ nothing — the same form the ONNX export traces), so shapes depend only on the 
 Semantics (what `GraphedForward(ids, tasks)` returns, the same logits as `MultiTaskModel` on the fast path):
     B, T = rows, longest row;  b, t = the smallest buckets >= B, T     (none: return None, the caller runs eagerly)
     methods = the PET methods of the batch's tasks (gathered ops of other methods are left out of the graph)
+    subsets = for each method with `row_subset` (a dense ΔW per row: MaskBERT, Diff-Pruning) whose rows fit a
+              smaller batch bucket n < b: its op runs on those rows only, padded to n with a row that reads its
+              null slot (`GatheredRows.subsets`); the graph's key holds (method, n)
     static_ids[:b, :t] = ids padded with the pad id; static_mask likewise, every padding row keeping one real position
     static_slots[m][:B] = each row's slot in method m (0: the null slot), padding rows 0; static_heads likewise
     replay graph[(b, t, methods)];  return static_logits[:B]
@@ -80,7 +83,8 @@ class GraphedForward:
             self._version, self._addresses = version, addresses
         return tensors
 
-    def _static(self, b: int, t: int, methods: tuple[str, ...], tensors: dict[str, torch.Tensor]):
+    def _static(self, b: int, t: int, methods: tuple[str, ...], subsets: tuple[tuple[str, int], ...],
+                tensors: dict[str, torch.Tensor]):
         dev = self.device
         ids = torch.full((b, t), self.pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((b, t), dtype=torch.long, device=dev)
@@ -88,12 +92,13 @@ class GraphedForward:
         slots = {m: torch.zeros(b, dtype=torch.long, device=dev) for m in methods}
         heads = torch.zeros(b, dtype=torch.long, device=dev)
         rows = GatheredRows(slots, heads, {k: v for k, v in tensors.items()
-                                           if k.startswith("head.") or k.split(".", 1)[0] in methods})
+                                           if k.startswith("head.") or k.split(".", 1)[0] in methods},
+                            {m: torch.zeros(n, dtype=torch.long, device=dev) for m, n in subsets})
         return ids, mask, rows
 
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
-        b, t, methods = key
-        ids, mask, rows = self._static(b, t, methods, tensors)
+        b, t, methods, subsets = key
+        ids, mask, rows = self._static(b, t, methods, subsets, tensors)
         if not self.capture:
             entry = (None, ids, mask, rows, None)
         else:
@@ -132,9 +137,11 @@ class GraphedForward:
         if shape is None:
             return None
         methods = tuple(slots)
+        subsets = self._subsets(shape[0], B, slots)
+        key = (*shape, methods, tuple((m, len(rows)) for m, rows in subsets.items()))
         with self._lock:
             tensors = self._check_bank()
-            graph, ids, mask, rows, out = self._graphs.get((*shape, methods)) or self._build((*shape, methods), tensors)
+            graph, ids, mask, rows, out = self._graphs.get(key) or self._build(key, tensors)
             b = ids.shape[0]
             host_ids = torch.full((b, ids.shape[1]), self.pad_id, dtype=torch.long)
             host_mask = torch.zeros((b, ids.shape[1]), dtype=torch.long)
@@ -149,8 +156,25 @@ class GraphedForward:
             rows.head_slots.copy_(host_slots[0], non_blocking=True)
             for i, m in enumerate(methods, start=1):
                 rows.slots[m].copy_(host_slots[i], non_blocking=True)
+            for m, subset in subsets.items():
+                rows.subsets[m].copy_(torch.tensor(subset), non_blocking=True)
             if graph is None:
                 out = self.model(ids, mask, rows)
             else:
                 graph.replay()
             return out[:B].float().cpu().numpy()
+
+    def _subsets(self, b: int, B: int, slots: dict[str, list[int]]) -> dict[str, list[int]]:
+        """{method: the batch rows its op runs on} for the `row_subset` methods whose rows fit a batch bucket < b:
+        the rows that use it, padded to the bucket with a row that reads its null slot (a padding row, else the
+        first real row that does not use it)."""
+        out = {}
+        for m, row_slots in slots.items():
+            if not getattr(self.bank.methods[m], "row_subset", False):
+                continue
+            users = [i for i, s in enumerate(row_slots) if s]
+            n = bucket(self.batch_buckets, max(len(users), 1))
+            if n < b:
+                null = B if B < b else next(i for i, s in enumerate(row_slots) if not s)
+                out[m] = users + [null] * (n - len(users))
+        return out

@@ -56,11 +56,15 @@ class GatheredRows:
 
     `slots[method]`: (B,) int64; `head_slots`: (B,) int64; `tensors`: `TaskBank.bank_tensors()`, by export name
     (`{method}.{site key}.{tensor}`, `{method}.{per-slot scalar}`, `head.{weight,bias,num_labels}`).
+    `subsets[method]` (optional, methods with `row_subset`): (n,) int64 rows of the batch the method's op runs on,
+    every row that uses it and, to fill a fixed n, rows that read its null slot (they add nothing); without it the
+    op runs on every row.
     """
 
     slots: dict[str, torch.Tensor]
     head_slots: torch.Tensor
     tensors: dict[str, torch.Tensor]
+    subsets: dict[str, torch.Tensor] = field(default_factory=dict)
     gathered: ClassVar[bool] = True
 
     def tensor(self, method: str, name: str) -> torch.Tensor:
@@ -92,6 +96,9 @@ class PetMethod(nn.Module):
                        # output (IA3, 1), then ops on the finished output (adapters, 2) — what merging into W means
 
     site_kind: str = "linear"  # what the method's sites are: the encoder's linears, or its LayerNorms ("LayerNorm")
+    # The gathered op costs per row about what the shared op does (a dense ΔW per row): a graphed batch runs it on
+    # the rows that use the method only (`GatheredRows.subsets`), not on every row.
+    row_subset: bool = False
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
         super().__init__()

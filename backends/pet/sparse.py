@@ -17,7 +17,8 @@ tensors as they are (adding a task rebuilds nothing), and its temporary (B, T, m
 per-row ΔW (B, out, in) while T·density < 1 (Diff-Pruning's 0.5% up to T = 200). Its cost grows with the densest
 task at a site: a MaskBERT task pruning 30% pays for it on every row of the batch. Past T·density = 1 (5% density at
 T >= 20: the H100 measured 259 ms for a graphed mixed batch of 64 rows that way) the op scatters each row's entries
-into a dense (out, in) ΔW for that batch and multiplies: the smaller temporary, and one batched GEMM.
+into a dense (out, in) ΔW for that batch and multiplies: the smaller temporary, and one batched GEMM. Per row that
+costs about what the shared op does, so graphed batches run it on the rows that use the method only (`row_subset`).
 
 Positions travel in task files as float32 (chorus's files are float tensors) and are exact below 2^24 — every
 position of bert-large's largest linear (4096 × 1024) is; the loader refuses anything else.
@@ -47,6 +48,7 @@ class SiteIndex(nn.Module):
 
 
 class SparseDelta(PetMethod):
+    row_subset = True
     index_name = ""  # file tensor of positions, (nnz,)
     value_name = ""  # file tensor of one value per position, (nnz,)
     bias_name = ""  # optional file tensor (out,) added to the bias, "" if the method has none
@@ -285,20 +287,23 @@ class SparseDelta(PetMethod):
         out_f, in_f = self.site_shapes[site]
 
         def sparse_delta(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-            slots = rows.slots[self.name]  # (B,)
+            subset = rows.subsets.get(self.name)  # the rows that use the method (graphs), or None: every row
+            slots = rows.slots[self.name] if subset is None else rows.slots[self.name][subset]  # (B,)
+            xs = x if subset is None else x.index_select(0, subset)
             index = rows.tensor(self.name, f"{key}.index")[slots]  # (B, max_nnz) flat positions row * in + col
             vals = self.delta_values(site, index, rows.tensor(self.name, f"{key}.value")[slots])  # (B, max_nnz)
-            B, T, _ = x.shape
+            B, T, _ = xs.shape
             if T * index.shape[1] > out_f * in_f:  # T·density > 1: a dense ΔW per row is the smaller temporary
                 dense = torch.zeros(B, out_f * in_f, dtype=x.dtype, device=x.device)
                 dense = dense.scatter_add(1, index, vals.to(x.dtype)).view(B, out_f, in_f)  # padding adds 0 at 0
-                delta = torch.bmm(x, dense.transpose(1, 2))  # (B, T, out)
+                delta = torch.bmm(xs, dense.transpose(1, 2))  # (B, T, out)
             else:
                 cols = (index % in_f).unsqueeze(1).expand(B, T, -1)  # (B, T, max_nnz)
                 outs = torch.div(index, in_f, rounding_mode="floor").unsqueeze(1).expand(B, T, -1)
-                delta = torch.zeros_like(y).scatter_add(2, outs, x.gather(2, cols) * vals.unsqueeze(1))  # (B, T, out)
+                delta = torch.zeros(B, T, out_f, dtype=y.dtype, device=y.device).scatter_add(
+                    2, outs, xs.gather(2, cols) * vals.unsqueeze(1))  # (B, T, out)
             if self.bias_name:
                 delta = delta + rows.tensor(self.name, f"{key}.bias")[slots].unsqueeze(1)
-            return y + delta
+            return y + delta if subset is None else y.index_add(0, subset, delta)  # null-slot rows add 0
 
         return sparse_delta

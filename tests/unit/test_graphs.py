@@ -57,6 +57,24 @@ def test_a_batch_of_one_method_leaves_the_others_out(engine):
     assert ("lora",) in keys and ("maskbert",) in keys and ("bitfit", "ia3", "lora") in keys
 
 
+@pytest.mark.parametrize("B", [24, 8])  # 24: padding rows fill the subsets; 8 (= its bucket): a real null-slot row
+def test_dense_delta_methods_run_on_their_rows_only(engine, B):
+    """MaskBERT and Diff-Pruning (a dense ΔW per row) run on the rows that use them, padded to a batch bucket."""
+    static = GraphedForward(engine.model, capture=False)
+    ids, mask = random_batch(B, 11, 7)
+    tasks = ["lora_r2", "maskbert", "ia3", "diff_pruning", "diff_pruning", "bitfit", "maskbert", "diff_pruning"]
+    tasks = (tasks * 3)[:B]
+    if B == 24:
+        tasks = ["maskbert"] + ["lora_r2"] * 22 + ["diff_pruning"]
+    assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
+    (key,) = static._graphs
+    want = {"maskbert": tasks.count("maskbert"), "diff_pruning": tasks.count("diff_pruning")}
+    assert dict(key[3]) == {m: bucket(static.batch_buckets, n) for m, n in want.items()}
+    assert all(n < key[0] for _, n in key[3])
+    static(ids, mask, ["maskbert"] * B)  # every row uses it: no subset
+    assert ((key[0], key[1], ("maskbert",), ())) in static._graphs
+
+
 def test_unknown_task_and_oversized_batches(engine):
     static = GraphedForward(engine.model, capture=False, batch_buckets=(1, 2, 4), length_buckets=(8,))
     ids, mask = random_batch(2, 4, 5)
