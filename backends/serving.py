@@ -6,11 +6,15 @@ Semantics:
     submit(request rows, done):  every row -> Scheduler.submit (refused: no row of the request runs, done(Overloaded))
     worker:  loop { batches = scheduler.schedule(now); for b in batches: rows whose request set its own deadline
                     and missed it -> answers queue (Overloaded), not run; engine.run(rest) -> rows' results;
-                    a request whose rows are all done -> answers queue;
+                    a request whose rows are all done -> answered: by the worker itself when the batch answers
+                    <= INLINE_ANSWERS requests and nothing waits (a hand-off to a thread costs a lone request up to a
+                    GIL switch interval), else through the answers queue;
                     scheduler.observe_service(wall time, the batch's estimate): the measured per-batch overhead
                     admission and pruning add to the latency tables }
-    answerers (ANSWER_THREADS): loop { done(result) }  (sending a response is a blocking IPC round trip in Triton's
-              Python backend that releases the GIL: on their own threads sends overlap each other and the next batch)
+    answerers (ANSWER_THREADS): loop { done(result); on_answered(queue_s, compute_s, send_s) }  (sending a response
+              is a blocking IPC round trip in Triton's Python backend that releases the GIL: on their own threads
+              sends overlap each other and the next batch). A request's stages: queue = submit -> its last batch
+              starts, compute = that batch's run, send = the batch's end -> done() returned.
     close(): stop taking requests, run what waits (flush), stop the worker, then the answerers once all is sent.
 """
 
@@ -37,7 +41,11 @@ from chorus.errors import ChorusError, Overloaded
 log = logging.getLogger(__name__)
 
 Done = Callable[[Classified | Exception], None]
+Answered = Callable[[float, float, float], None]  # on_answered(queue_s, compute_s, send_s) of an answered request
 ANSWER_THREADS = 4  # threads sending responses (Triton's backend takes sends from several threads at once)
+# A batch that answers at most this many requests while nothing waits is answered by the worker itself: waking an
+# answerer costs a thread hand-off (the GIL: up to a switch interval) that a lone request pays in full.
+INLINE_ANSWERS = 2
 STUDENTS = "students"  # the scheduler's PET type of rows answered by a task's students (a standalone path)
 
 
@@ -144,6 +152,7 @@ class _Pending:
     left: int
     students: int | None = None  # the request's `students` parameter: at most this many (0: the teacher)
     hard_deadline: float | None = None  # the request's own deadline (s); rows still waiting past it are refused
+    submitted: float = 0.0  # time.perf_counter() at submit (stage timing)
     logits: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     ran: list = field(default_factory=list)  # students per row (0: the teacher)
@@ -156,17 +165,20 @@ class _Pending:
 
 class ServingLoop:
     """Scheduler + engine (+ students) + one worker thread. `clock` returns seconds (monotonic); tests may pass their
-    own. `choose_k` is the students' pruning policy (`chorus.backends.students.PruningPolicy`; default: all K)."""
+    own. `choose_k` is the students' pruning policy (`chorus.backends.students.PruningPolicy`; default: all K).
+    `on_batch(batch, queue depth)` after each batch; `on_answered(queue_s, compute_s, send_s)` after each answer."""
 
     def __init__(self, engine: Engine, config: SchedulerConfig, table: LatencyTable,
                  clock: Callable[[], float] = time.monotonic, on_batch: Callable | None = None,
-                 students: StudentBank | None = None, choose_k: Callable | None = None):
+                 students: StudentBank | None = None, choose_k: Callable | None = None,
+                 on_answered: Answered | None = None):
         self.engine, self.clock, self.on_batch, self.students = engine, clock, on_batch, students
+        self.on_answered = on_answered
         self.scheduler = Scheduler(config, table, choose_k=choose_k)
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._closing = False
-        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result); None stops an answerer
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result, stages); None stops an answerer
         self._answerers = [threading.Thread(target=self._answer_loop, name=f"chorus-answers-{i}", daemon=True)
                            for i in range(ANSWER_THREADS)]
         for t in self._answerers:
@@ -182,7 +194,7 @@ class ServingLoop:
             done(Overloaded("the model is unloading; retry"))
             return
         now = self.clock()
-        pending = _Pending(decoded, done, len(decoded.ids), students, deadline_s)
+        pending = _Pending(decoded, done, len(decoded.ids), students, deadline_s, time.perf_counter())
         for row, (ids, task) in enumerate(zip(decoded.ids, decoded.tasks)):
             path = STUDENTS if students_for(self.students, task, students) else pet_type(self.engine, task)
             refusal = self.scheduler.submit(Request(next(self._ids), task, path, len(ids), now,
@@ -208,11 +220,16 @@ class ServingLoop:
 
     def _answer_loop(self) -> None:
         while (item := self._answers.get()) is not None:
-            done, result = item
-            try:
-                done(result)
-            except Exception:  # noqa: BLE001 - one failed send must not stop the others
-                log.exception("answering a request failed")
+            self._answer(*item)
+
+    def _answer(self, done: Done, result, stages: tuple[float, float, float] | None) -> None:
+        try:
+            done(result)
+            if stages is not None and self.on_answered is not None:
+                queue_s, compute_s, ready = stages
+                self.on_answered(queue_s, compute_s, time.perf_counter() - ready)
+        except Exception:  # noqa: BLE001 - one failed send must not stop the others
+            log.exception("answering a request failed")
 
     # -- the worker --------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -263,7 +280,7 @@ class ServingLoop:
                 self.scheduler.note_expired()
                 self._answers.put((pending.done, Overloaded(
                     f"deadline of {pending.hard_deadline * 1e3:.0f} ms passed while the request waited; "
-                    "the server is overloaded: retry later or allow a longer deadline")))
+                    "the server is overloaded: retry later or allow a longer deadline"), None))
         live = [r for r in live if not r.payload[0].failed]
         if not live:
             return
@@ -272,19 +289,16 @@ class ServingLoop:
         try:
             out = classify_rows(self.engine, self.students, [r.payload[0].decoded.ids[r.payload[1]] for r in live],
                                 [r.task for r in live], ks)
+            finished = time.perf_counter()
         except Exception as e:  # noqa: BLE001 - this batch's requests fail; the loop goes on
             log.exception("batch %d failed", batch.number)
             for pending in {id(r.payload[0]): r.payload[0] for r in live}.values():
                 if not pending.failed:
                     pending.failed = True
                     error = e if isinstance(e, ChorusError) else RuntimeError(f"batch failed: {e}")
-                    self._answers.put((pending.done, error))
+                    self._answers.put((pending.done, error, None))
             return
-        if self.on_batch is not None:
-            try:
-                self.on_batch(batch, len(self.scheduler))
-            except Exception:  # noqa: BLE001 - metrics must not fail requests
-                log.exception("on_batch failed")
+        answers = []
         for i, r in enumerate(live):
             pending, row = r.payload
             if pending.failed:
@@ -296,6 +310,17 @@ class ServingLoop:
             if pending.left == 0:
                 result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
                                     [names for _, names in pending.labels], pending.ran)
-                self._answers.put((pending.done, result))
-        self.scheduler.observe_service(time.perf_counter() - start, batch.estimated_s, batch.k)
+                answers.append((pending.done, result, (start - pending.submitted, finished - start, finished)))
+        if len(answers) <= INLINE_ANSWERS and len(self.scheduler) == 0:
+            for answer in answers:  # nothing waits: sending here saves a hand-off to an answerer thread
+                self._answer(*answer)
+        else:
+            for answer in answers:
+                self._answers.put(answer)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(batch, len(self.scheduler))
+            except Exception:  # noqa: BLE001 - metrics must not fail requests
+                log.exception("on_batch failed")
+        self.scheduler.observe_service(finished - start, batch.estimated_s, batch.k)
 

@@ -180,6 +180,14 @@ class Metrics:
             "tokens": family("chorus_batch_tokens_total", counter, "rows x padded length of those batches"),
             "padding": family("chorus_padding_tokens_total", counter, "padding tokens in those batches"),
             "refused": family("chorus_refused_total", counter, "requests refused (UNAVAILABLE): queue full or deadline"),
+            # a request's stages on the scheduler path (Triton's own nv_inference_*_duration_us see execute() only)
+            "answered": family("chorus_answered_total", counter, "requests answered by the scheduler path"),
+            "queue_us": family("chorus_queue_duration_us", counter,
+                               "microseconds answered requests waited, from execute() to their last batch's start"),
+            "compute_us": family("chorus_compute_duration_us", counter,
+                                 "microseconds of the batches that answered them (one batch's run per request)"),
+            "send_us": family("chorus_send_duration_us", counter,
+                              "microseconds from their batch's end until their response was sent"),
         }
         self.gauges = {
             "queue": family("chorus_queue_depth", gauge, "rows waiting in the scheduler"),
@@ -202,6 +210,11 @@ class Metrics:
     def answered(self, ks: list[int]) -> None:
         with self._lock:
             self._pending.update(("k", k) for k in ks)
+
+    def stages(self, queue_s: float, compute_s: float, send_s: float) -> None:
+        with self._lock:
+            self._pending.update({"answered": 1, "queue_us": queue_s * 1e6, "compute_us": compute_s * 1e6,
+                                  "send_us": send_s * 1e6})
 
     def refused(self) -> None:
         with self._lock:
@@ -268,7 +281,8 @@ class TritonPythonModel:
             if self.students is not None:
                 scheduler = replace(scheduler, max_students=self.students.max_students)
             self.loop = ServingLoop(self.engine, scheduler, loaded["table"], on_batch=self.metrics.observe,
-                                    students=self.students, choose_k=loaded["policy"])
+                                    students=self.students, choose_k=loaded["policy"],
+                                    on_answered=self.metrics.stages)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {loaded['device']} serves {len(loaded['tasks'])} "
                                  f"tasks: {sorted(loaded['tasks'])} (numpy {np.__version__}, torch "
                                  f"{torch.__version__}); batching {self.batching}; students for "

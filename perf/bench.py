@@ -163,6 +163,21 @@ def random_students(cfg, out: Path, K: int, layers: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the harness
+STAGES = ("queue", "compute", "send")
+
+
+def stage_means(before_text: str, after_text: str) -> dict | None:
+    """Mean milliseconds per answered request in each stage of chorus's scheduler path over a run (the
+    chorus_{queue,compute,send}_duration_us counters), or None where nothing was answered on that path. What the
+    client saw beyond their sum is Triton, the IPC into execute() and the client itself."""
+    before, after = loadgen.parse_prometheus(before_text), loadgen.parse_prometheus(after_text)
+    n = after.get("chorus_answered_total", 0) - before.get("chorus_answered_total", 0)
+    if n <= 0:
+        return None
+    return {stage: (after.get(f"chorus_{stage}_duration_us", 0) - before.get(f"chorus_{stage}_duration_us", 0))
+            / n / 1e3 for stage in STAGES} | {"answered": int(n)}
+
+
 class Bench:
     def __init__(self, profile: Profile, world: World, out: Path):
         self.p, self.w, self.out = profile, world, out
@@ -489,12 +504,15 @@ class Bench:
         for label, students in (("teacher", 0), ("students", k)):
             gen = LoadGenerator(server.grpc_url, lambda t: name, parameters={"students": students},
                                 want_students=True)
+            before = loadgen.scrape_text(server.metrics_url)
             try:
                 outcomes, _ = gen.run([(t, rows[i % len(rows)]) for i, t in enumerate(offsets)])
             finally:
                 gen.close()
+            after = loadgen.scrape_text(server.metrics_url)
             write_outcomes(self.out / "raw" / f"loadgen-students-{label}.csv", outcomes)
             res[label] = loadgen.summarize(outcomes, offsets[-1] if offsets else 1.0)
+            res[label]["server_stages_ms"] = stage_means(before, after)
         x = self.saturation
         phases = [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles
         # the burst's requests carry the SLO as their deadline: pruning keeps the queue within it (Student Parallelism)

@@ -199,7 +199,7 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
         "answered_per_s": counts["ok"] / duration_s if duration_s else None,
         "refused_fraction": counts["refused"] / sent if sent else None,
         "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99),
-        "max_ms": max(lat) if lat else None,
+        "max_ms": max(lat) if lat else None, "mean_ms": float(np.mean(lat)) if lat else None,
         "accuracy": sum(checked) / len(checked) if checked else None, "checked": len(checked),
         "client_lag_p99_ms": percentile(lag, 99),
         "students_mean": float(np.mean(students)) if students else None,

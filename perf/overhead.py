@@ -6,7 +6,8 @@ the real tritonserver with every batching mode; perf_analyzer drives each at a f
 
     python -m perf.overhead --out /tmp/overhead [--py-spy] [--concurrency 16] [--seconds 6]
 
-Prints throughput and p50/p99 per variant and writes overhead.json (+ py-spy flame SVG/raw text per variant).
+Prints throughput, p50/p99 and (scheduler path) the server's mean queue/compute/send per request per variant and
+writes overhead.json (+ py-spy flame SVG/raw text per variant).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from chorus.backends.encoder import Encoder, EncoderConfig, init_random
 from chorus.backends.engine import resolve_backbone
 from chorus.backends.task_files import random_task, save_task
 from chorus.server import TritonServer
-from perf import pa, repos
-from perf.bench import random_students
+from perf import loadgen, pa, repos
+from perf.bench import STAGES, random_students, stage_means
 
 TINY = EncoderConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=128)
 
@@ -83,17 +84,21 @@ def main() -> int:
                                             "-d", str(int(args.seconds * 3 + 3)), "-o",
                                             str(args.out / f"pyspy-{variant}.txt")],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            before = loadgen.scrape_text(server.metrics_url)
             r = pa.run(model, server.grpc_url, args.out / "input.json", args.out / f"pa-{variant}.csv",
                        ["--concurrency-range", str(args.concurrency)],
                        pa.Measurement(int(args.seconds * 1000), 3), parameters={"students": 0 if who == "teacher" else 4})
+            time.sleep(0.6)  # the stub publishes its counters every 0.25 s (triton_model.Metrics.FLUSH_S)
+            stages = stage_means(before, loadgen.scrape_text(server.metrics_url))
             if spy is not None:
                 spy.wait(timeout=120)
             row = r["rows"][0] if r["rows"] else {}
             results[variant] = {"infer_per_s": row.get("infer_per_s"), "p50_ms": row.get("p50_ms"),
-                                "p99_ms": row.get("p99_ms"), "command": r["command"],
+                                "p99_ms": row.get("p99_ms"), "server_stages_ms": stages, "command": r["command"],
                                 "error": None if r["rows"] else r["output_tail"]}
+            staged = "" if stages is None else "  server: " + ", ".join(f"{k} {stages[k]:.2f}" for k in STAGES) + " ms"
             print(f"{variant:22s} {row.get('infer_per_s', 0):8.1f} infer/s  p50 {row.get('p50_ms', 0):6.2f} ms  "
-                  f"p99 {row.get('p99_ms', 0):6.2f} ms", flush=True)
+                  f"p99 {row.get('p99_ms', 0):6.2f} ms{staged}", flush=True)
     (args.out / "overhead.json").write_text(json.dumps({"date": time.strftime("%F"), "concurrency": args.concurrency,
                                                         "results": results}, indent=2))
     return 0

@@ -173,6 +173,15 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
             if x:
                 lines.append(f"| {label} | {x.get('sent')} | {x.get('refused')} | {_f(x.get('p50_ms'))} | "
                              f"{_f(x.get('p99_ms'))} | {_f(x.get('accuracy'))} | {_f(x.get('students_mean'))} |")
+        staged = [(key, st[key]["server_stages_ms"]) for key in ("teacher", "students")
+                  if (st.get(key) or {}).get("server_stages_ms")]
+        if staged:
+            lines += ["", "Where a request's time went on the server (means per answered request, ms; chorus_*_duration_us):",
+                      "", "| run | queue | compute | send | client mean - their sum |", "| --- | ---: | ---: | ---: | ---: |"]
+            for key, g in staged:
+                rest = (st[key].get("mean_ms") or 0) - g["queue"] - g["compute"] - g["send"]
+                lines.append(f"| {key} | {_f(g['queue'])} | {_f(g['compute'])} | {_f(g['send'])} | "
+                             f"{_f(rest) if st[key].get('mean_ms') is not None else '—'} |")
     if r.get("notes") or r.get("skipped"):
         lines += ["", "## Notes and skipped", ""] + [f"- {n}" for n in r.get("notes", [])]
         lines += [f"- skipped {s['what']}: {s['why']}" for s in r.get("skipped", [])]

@@ -152,3 +152,13 @@ def test_encoder_flops_counts_matmuls(tmp_path):
     T, C, inter = 4, 8, 32
     per_layer = 2 * T * (4 * C * C + 2 * C * inter) + 4 * T * T * C  # q, k, v, o + FFN; scores and mixing
     assert bench.encoder_flops(world, T) == 2 * per_layer
+
+
+def test_stage_means_are_per_answered_request_over_the_run():
+    from perf.bench import stage_means
+
+    before = "chorus_answered_total 10\nchorus_queue_duration_us 1000\nchorus_compute_duration_us 5000\n"
+    after = ("chorus_answered_total 30\nchorus_queue_duration_us 5000\nchorus_compute_duration_us 15000\n"
+             "chorus_send_duration_us 6000\n")
+    assert stage_means(before, after) == {"queue": 0.2, "compute": 0.5, "send": 0.3, "answered": 20}
+    assert stage_means(after, after) is None  # nothing answered on the scheduler path

@@ -40,7 +40,9 @@ def requests(n, seed):
 
 def test_every_request_is_answered_as_the_engine_answers_it_alone(engine):
     table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
-    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0), table)
+    stages = []
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0), table,
+                       on_answered=lambda *s: stages.append(s))
     reqs = requests(60, seed=1)
     results: dict[int, object] = {}
     done_all = threading.Event()
@@ -61,6 +63,8 @@ def test_every_request_is_answered_as_the_engine_answers_it_alone(engine):
     assert done_all.wait(60), f"{len(results)} of {len(reqs)} answered"
     loop.close()
     assert loop.scheduler.metrics.batches >= 1
+    assert len(stages) == len(reqs)  # one (queue, compute, send) per answer, measured, never negative
+    assert all(q >= 0 and c > 0 and s >= 0 for q, c, s in stages)
     for i, req in enumerate(reqs):
         alone = engine.run(req.ids, req.tasks)
         got = results[i]
