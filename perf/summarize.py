@@ -11,7 +11,9 @@ Every summary key is a number from its run, or null with the reason; each summar
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -132,7 +134,22 @@ def import_tarball(tarball: Path) -> Path:
         if len(tops) != 1 or any(n.startswith("/") or ".." in Path(n).parts for n in names):
             raise SystemExit(f"{tarball}: expected one top folder and relative paths, got {sorted(tops)[:5]}")
         tar.extractall(RESULTS, filter="data")
-    return RESULTS / tops.pop()
+    folder = RESULTS / tops.pop()
+    compress_raw(folder)
+    return folder
+
+
+BIG_RAW_BYTES = 200_000
+
+
+def compress_raw(folder: Path) -> None:
+    """gzip the per-request CSVs over BIG_RAW_BYTES under folder/raw: the GPU machine takes the working tree and .gpu/
+    only within 64 MiB, and the results are part of the tree."""
+    for csv in sorted((folder / "raw").glob("*.csv")):
+        if csv.stat().st_size > BIG_RAW_BYTES:
+            with csv.open("rb") as src, gzip.open(csv.with_name(csv.name + ".gz"), "wb", compresslevel=9) as dst:
+                shutil.copyfileobj(src, dst)
+            csv.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
