@@ -112,6 +112,15 @@ def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeat
     res = {"rows": len(ids), "tasks_in_mixed_batch": len(by_task), "mixed_ms": mixed * 1000, "seqs_ms": seqs * 1000,
            "single_task_ms": single * 1000, "mixed_speedup_vs_seqs": seqs / mixed,
            "mixed_vs_single_task_ratio": single / mixed, "cuda_graphs": engine.graphs is not None}
+    subset = {type(m) for m in engine.bank.methods.values() if m.row_subset}
+    if engine.graphs is not None and subset:  # the dense-delta methods' ops on every row, as before (one run)
+        for cls in subset:
+            cls.row_subset = False
+        try:
+            res["mixed_every_row_ms"] = median_s(lambda: engine.run(ids, tasks), dev, repeats) * 1000
+        finally:
+            for cls in subset:
+                cls.row_subset = True
     if engine.graphs is not None:  # the same batches on the eager fast path (row groups, no graphs)
         graphs, engine.graphs = engine.graphs, None
         try:
