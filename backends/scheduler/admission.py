@@ -69,9 +69,10 @@ def check_admission(request: Request, now: float, buffer: LengthBuffer, inflight
         wait = inflight_s + waiting_time(elements due no later than the request's deadline)
                                    (from per-bin totals, one bin recomputed per arrival, when that is every element,
                                     as with default deadlines; O(elements) when the deadline is tighter than some)
-        batches = ceil(queue_len / max_batch_size) + 1     (at least that many batches run before it is answered)
-        wait += overhead_s * batches   (overhead_s: what a served batch costs beyond the tables, as measured: the
-                                        tables profile compute only)
+        wait += overhead_s * ceil(queue_len / max_batch_size)    (at least that many batches run before it; overhead_s:
+                                   what a served batch costs beyond the tables, as measured: the tables profile
+                                   compute only. Not for its own batch: an empty queue is always admitted, so a
+                                   high estimate can never refuse everything and stop the batches that correct it)
         now + wait + time([request]) > request.deadline              -> refused, "deadline"
     """
     deadline_in = request.deadline - now
@@ -88,7 +89,7 @@ def check_admission(request: Request, now: float, buffer: LengthBuffer, inflight
         waiting = sum(buffer.bin_est_s)
     else:
         waiting = waiting_time([e for e in buffer.elements() if e.earliest_deadline <= request.deadline], table, cfg)
-    wait = inflight_s + waiting + overhead_s * (math.ceil(queue_len / cfg.max_batch_size) + 1)
+    wait = inflight_s + waiting + overhead_s * math.ceil(queue_len / cfg.max_batch_size)
     if now + wait + service > request.deadline:
         return Refusal(request.id, "deadline",
                        f"request {request.id!r} refused: estimated wait {wait * 1e3:.1f} ms plus its own "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 # choose_k(queue_depth, arrival_rate [requests/s], service_rate [requests/s], deadline_slack [s]) -> students to run
 ChooseK = Callable[[int, float, float, float], int]
 RATE_WINDOW_S = 1.0  # the arrival rate counts the arrivals of this many seconds
-OVERHEAD_EWMA = 0.2  # weight of the newest batch in the measured per-batch overhead
+OVERHEAD_WINDOW = 15  # the measured per-batch overhead is the median of this many latest batches
 
 
 class Scheduler:
@@ -54,7 +55,8 @@ class Scheduler:
         self._inflight: deque[tuple[int, float]] = deque(maxlen=4096)  # (batch number, estimated s), not completed
         self._busy_until = -math.inf  # when the executor finishes what it was given, by estimate
         self._arrivals: deque[float] = deque()  # arrival times within RATE_WINDOW_S of the latest
-        self._overhead_s = 0.0  # what a served batch costs beyond the tables' estimate, as measured (EWMA)
+        self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)  # latest batches' cost beyond the tables'
+        self._overhead_s = 0.0  # their median
 
     # -- the request thread ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Refusal | None:
@@ -131,14 +133,17 @@ class Scheduler:
         """The executor served a batch that the tables estimate at `estimated_s` (`Batch.estimated_s`; with all K
         students for a student batch of `k`) in `seconds` of wall time. The tables profile compute only; what a
         served batch costs beyond it (scheduling, padding, copies, threads contending for the GIL) is a per-batch
-        overhead, kept as an EWMA, that admission and pruning add to every batch they estimate. (A rate in rows/s
-        measured from the batches themselves would read a one-row batch's latency as the server's capacity.)"""
+        overhead, the median of the latest OVERHEAD_WINDOW batches (a batch that captured CUDA graphs, 10x slower
+        once, does not move it), that admission adds to every batch ahead of a request and pruning to a full batch.
+        (A rate in rows/s measured from the batches themselves would read a one-row batch's latency as the
+        server's capacity.)"""
         if seconds <= 0:
             return
         cost = getattr(self.choose_k, "cost", None)  # a pruned student batch: its k students' share of all K
         compute = estimated_s * (cost(k) if k is not None and cost else 1.0)
         with self._lock:
-            self._overhead_s += OVERHEAD_EWMA * (max(0.0, seconds - compute) - self._overhead_s)
+            self._overheads.append(max(0.0, seconds - compute))
+            self._overhead_s = statistics.median(self._overheads)
 
     @property
     def overhead_s(self) -> float:
