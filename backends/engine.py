@@ -155,13 +155,11 @@ class Engine:
 
     def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of token ids -> input_ids, attention_mask (B, longest row), int64 on the CPU."""
-        T = max(len(r) for r in ids)
-        input_ids = torch.full((len(ids), T), self.cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for i, r in enumerate(ids):
-            input_ids[i, : len(r)] = torch.as_tensor(r)
-            mask[i, : len(r)] = 1
-        return input_ids, mask
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        real = np.arange(lengths.max()) < lengths[:, None]  # (B, T): row-major, as the rows concatenated
+        input_ids = np.full(real.shape, self.cfg.pad_token_id, dtype=np.int64)
+        input_ids[real] = np.fromiter((t for r in ids for t in r), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(input_ids), torch.from_numpy(real.astype(np.int64))
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows) -> np.ndarray:
         """The model's float32 logits (B, max_labels) for a padded batch (what another runtime overrides)."""

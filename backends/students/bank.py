@@ -75,6 +75,8 @@ class StudentBank:
         if self.devices is None:
             group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
             runner = GraphedStudents(group)
+            if runner.warm_up(self.engine.max_length):
+                log.info("students for %s: %d CUDA graphs captured", task, runner.captured)
         else:  # built on the CPU (checking the embeddings' fingerprint), sliced onto the devices, then dropped
             source = files.group(self.embeddings, device="cpu", dtype=param.dtype)
             group = runner = PlacedStudents(source, self.devices[: source.num_students],

@@ -55,6 +55,20 @@ class GraphedStudents:
         self._graphs[(k, b, t)] = (graph, ids, mask, out)
         return self._graphs[(k, b, t)]
 
+    def warm_up(self, max_length: int, max_tokens: int = 64 * 128) -> int:
+        """Capture every (k, batch bucket, length bucket) up to `max_length` tokens and `max_tokens` per batch now
+        (at load), so that no request waits for a capture: pruning moves k under bursts, the worst time to stall
+        a batch for one. Returns the graphs captured (none off a CUDA device)."""
+        if self.device.type != "cuda":
+            return 0
+        top = bucket(self.length_buckets, max_length) or self.length_buckets[-1]
+        for k in range(1, self.group.num_students + 1):
+            for b in self.batch_buckets:
+                for t in self.length_buckets:
+                    if t <= top and b * t <= max_tokens and (k, b, t) not in self._graphs:
+                        self._capture(k, b, t)
+        return self.captured
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int | None = None) -> torch.Tensor:
         k = self.group.num_students if k is None else k

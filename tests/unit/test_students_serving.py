@@ -158,6 +158,7 @@ def test_graphed_students_fall_back_to_the_group_off_the_gpu(bank):
     ids = torch.tensor([[101, 5, 6, 102], [101, 7, 102, 0]])
     mask = (ids != 0).long()
     assert torch.equal(graphed(ids, mask, k=2), group(ids, mask, k=2)) and graphed.captured == 0
+    assert graphed.warm_up(128) == 0  # nothing to capture off a CUDA device
 
 
 @pytest.mark.gpu
@@ -184,6 +185,12 @@ def test_graphed_students_match_the_eager_group_for_every_k_and_shape(bank, dtyp
                                        **({"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32
                                           else {"rtol": 2e-2, "atol": 2e-2}))
     assert graphed.captured == 4 * K
+    warm = GraphedStudents(cuda)  # at load: every (k, batch, length) bucket up to max_length, none captured later
+    n = warm.warm_up(40)
+    assert n == K * len([(b, t) for b in warm.batch_buckets for t in (16, 32, 64) if b * t <= 64 * 128])
+    for k in range(1, K + 1):
+        warm(ids, mask.cuda(), k=k)
+    assert warm.captured == n
 
 
 def test_the_accuracy_budget_sets_the_default_and_the_floor_of_pruning(engine, tmp_path):  # noqa: F811
