@@ -76,7 +76,8 @@ class StudentBank:
             group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
             runner = GraphedStudents(group)
             if runner.warm_up(self.engine.max_length):
-                log.info("students for %s: %d CUDA graphs captured", task, runner.captured)
+                log.info("students for %s: %d CUDA graphs captured; %.2f GiB reserved on %s", task, runner.captured,
+                         torch.cuda.memory_reserved(runner.device) / 2**30, runner.device)
         else:  # built on the CPU (checking the embeddings' fingerprint), sliced onto the devices, then dropped
             source = files.group(self.embeddings, device="cpu", dtype=param.dtype)
             group = runner = PlacedStudents(source, self.devices[: source.num_students],
