@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ class GraphedForward:
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._version, self._addresses = None, None
         self._lock = threading.Lock()
+        self.captures, self.capture_s = 0, 0.0  # every capture so far (re-captures too) and the time they took
 
     @property
     def captured(self) -> int:
@@ -97,6 +99,13 @@ class GraphedForward:
         return ids, mask, rows
 
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
+        start = time.perf_counter()
+        entry = self._capture(key, tensors)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - start
+        return entry
+
+    def _capture(self, key: tuple, tensors: dict[str, torch.Tensor]):
         b, t, methods, subsets = key
         ids, mask, rows = self._static(b, t, methods, subsets, tensors)
         if not self.capture:

@@ -166,7 +166,8 @@ class Metrics:
 
     FLUSH_S = 0.25
 
-    def __init__(self) -> None:
+    def __init__(self, graph_stats=None) -> None:
+        """`graph_stats()` -> (CUDA graphs captured so far, seconds those captures took), or None."""
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.families = []  # a family must outlive its metrics
 
@@ -188,7 +189,12 @@ class Metrics:
                                  "microseconds of the batches that answered them (one batch's run per request)"),
             "send_us": family("chorus_send_duration_us", counter,
                               "microseconds from their batch's end until their response was sent"),
+            # a batch whose shape (and PET methods) has no CUDA graph yet waits for one to be captured
+            "captures": family("chorus_cuda_graph_captures_total", counter,
+                               "CUDA graphs captured (backbone + PET and students; at load and while serving)"),
+            "capture_s": family("chorus_cuda_graph_capture_seconds_total", counter, "seconds those captures took"),
         }
+        self.graph_stats, self._graphs_published = graph_stats, (0, 0.0)
         self.gauges = {
             "queue": family("chorus_queue_depth", gauge, "rows waiting in the scheduler"),
             "last_rows": family("chorus_last_batch_rows", gauge, "rows of the latest batch"),
@@ -229,6 +235,13 @@ class Metrics:
                 self._values["students_in_use"] = batch.k
 
     def publish(self) -> None:
+        if self.graph_stats is not None:
+            captures, seconds = self.graph_stats()
+            n0, s0 = self._graphs_published
+            self._graphs_published = (captures, seconds)
+            if captures != n0:
+                with self._lock:
+                    self._pending.update({"captures": captures - n0, "capture_s": seconds - s0})
         with self._lock:
             pending, values = self._pending, self._values
             self._pending, self._values = Counter(), {}
@@ -275,7 +288,7 @@ class TritonPythonModel:
         # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region and small
         # batches ran 2x slower on the worker (perf/results/cpu2-2026-11-22/openmp-threads.md).
         loaded = _on_own_thread(self._load, params, args)
-        self.metrics, self.loop = Metrics(), None
+        self.metrics, self.loop = Metrics(self._graph_stats), None
         if self.batching == "scheduler":
             scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
             if self.students is not None:
@@ -288,6 +301,13 @@ class TritonPythonModel:
                                  f"{torch.__version__}); batching {self.batching}; students for "
                                  f"{sorted(loaded['students'])} on {loaded['student_devices']}; CUDA graphs "
                                  f"{'on' if getattr(self.engine, 'graphs', None) is not None else 'off'}")
+
+    def _graph_stats(self) -> tuple[int, float]:
+        """CUDA graphs captured so far by the engine and the students, and the seconds the captures took."""
+        runners = [getattr(self.engine, "graphs", None)] + [
+            s.runner for s in (self.students.tasks.values() if self.students is not None else ())]
+        runners = [r for r in runners if r is not None and hasattr(r, "capture_s")]
+        return (sum(getattr(r, "captures", r.captured) for r in runners), sum(r.capture_s for r in runners))
 
     def _load(self, params: dict, args: dict) -> dict:
         """The engine with its tasks, the students, the pruning policy and (scheduler) the latency tables."""

@@ -167,6 +167,14 @@ def random_students(cfg, out: Path, K: int, layers: int) -> Path:
 STAGES = ("queue", "compute", "send")
 
 
+def graph_captures(before_text: str, after_text: str) -> dict:
+    """CUDA graphs the servers' models captured over a run and the seconds that took (every model of the server:
+    chorus_cuda_graph_capture*_total): each capture stalls the batch that needed it."""
+    before, after = loadgen.parse_prometheus(before_text), loadgen.parse_prometheus(after_text)
+    return {key: after.get(f"chorus_cuda_graph_{metric}_total", 0) - before.get(f"chorus_cuda_graph_{metric}_total", 0)
+            for key, metric in (("captures", "captures"), ("seconds", "capture_seconds"))}
+
+
 def stage_means(before_text: str, after_text: str) -> dict | None:
     """Mean milliseconds per answered request in each stage of chorus's scheduler path over a run (the
     chorus_{queue,compute,send}_duration_us counters), or None where nothing was answered on that path. What the
@@ -257,6 +265,7 @@ class Bench:
 
     def pa_concurrency(self, server: TritonServer, model: str, tag: str) -> list[dict]:
         rows, runs = [], []
+        before = loadgen.scrape_text(server.metrics_url)
         for c in self.p.concurrency:
             r = pa.run(model, server.grpc_url, self.pa_input, self.out / "raw" / f"pa-{tag}-c{c}.csv",
                        pa.concurrency_mode(c), self.p.pa,
@@ -265,7 +274,9 @@ class Bench:
             if r["returncode"] != 0:
                 LOG.warning("perf_analyzer %s c=%d failed: %s", tag, c, r["output_tail"][-600:])
             rows += r["rows"]
-        self.result["systems"].setdefault(tag, {})["pa_concurrency"] = {"rows": rows, "runs": runs}
+        time.sleep(0.3)  # the stub publishes its counters every 0.25 s
+        self.result["systems"].setdefault(tag, {})["pa_concurrency"] = {
+            "rows": rows, "runs": runs, "graph_captures": graph_captures(before, loadgen.scrape_text(server.metrics_url))}
         return rows
 
     def pa_rates(self, server: TritonServer, model: str, tag: str) -> dict:

@@ -146,6 +146,11 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                   if pad.get("fraction") is not None else "—")
         lines.append(f"| {name} | {_f(s.get('pa_poisson', {}).get('max_rate_at_slo'))} | "
                      f"{_f(s.get('loadgen_poisson', {}).get('max_rate_at_slo'))} | {_f(peak)} | {padtxt} | {ovs} |")
+    caught = [(tag, s["pa_concurrency"]["graph_captures"]) for tag, s in r.get("systems", {}).items()
+              if (s.get("pa_concurrency") or {}).get("graph_captures", {}).get("captures")]
+    if caught:
+        lines += ["", "CUDA graphs captured during the concurrency sweeps (each capture stalls the batch that needs it): "
+                  + "; ".join(f"{tag} {g['captures']:.0f} in {g['seconds']:.1f} s" for tag, g in caught)]
     ip = r.get("inprocess", {})
     if ip:
         mv = ip.get("mixed_vs_seqs", {})

@@ -75,9 +75,11 @@ class StudentBank:
         if self.devices is None:
             group = files.group(self.embeddings, device=param.device, dtype=param.dtype).eval()
             runner = GraphedStudents(group)
+            reserved = torch.cuda.memory_reserved(runner.device) if runner.device.type == "cuda" else 0
             if runner.warm_up(self.engine.max_length):
-                log.info("students for %s: %d CUDA graphs captured; %.2f GiB reserved on %s", task, runner.captured,
-                         torch.cuda.memory_reserved(runner.device) / 2**30, runner.device)
+                log.info("students for %s: %d CUDA graphs captured in %.1f s; GPU memory reserved %.2f -> %.2f GiB",
+                         task, runner.captured, runner.capture_s, reserved / 2**30,
+                         torch.cuda.memory_reserved(runner.device) / 2**30)
         else:  # built on the CPU (checking the embeddings' fingerprint), sliced onto the devices, then dropped
             source = files.group(self.embeddings, device="cpu", dtype=param.dtype)
             group = runner = PlacedStudents(source, self.devices[: source.num_students],

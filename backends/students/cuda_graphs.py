@@ -14,6 +14,8 @@ real rows. On the CPU, or for any tensor not on the group's CUDA device, the eag
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from chorus.backends.graphs import bucket
@@ -30,12 +32,20 @@ class GraphedStudents:
         self.device = group.boosting_weights.device
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self.capture_s = 0.0  # the time every capture took
 
     @property
     def captured(self) -> int:
         return len(self._graphs)
 
     def _capture(self, k: int, b: int, t: int):
+        start = time.perf_counter()
+        try:
+            return self._capture_graph(k, b, t)
+        finally:
+            self.capture_s += time.perf_counter() - start
+
+    def _capture_graph(self, k: int, b: int, t: int):
         ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
         mask = torch.zeros((b, t), dtype=torch.long, device=self.device)
         mask[:, 0] = 1

@@ -54,6 +54,7 @@ def test_a_batch_of_one_method_leaves_the_others_out(engine):
     for name in ("lora_r2", "maskbert", "houlsby_gelu", "lora_ia3_bitfit"):
         assert_same(static(ids, mask, [name] * 6), fast_path(engine, ids, mask, [name] * 6))
     keys = sorted(k[2] for k in static._graphs)
+    assert static.captures == len(static._graphs) == 4 and static.capture_s > 0  # one per key, timed
     assert ("lora",) in keys and ("maskbert",) in keys and ("bitfit", "ia3", "lora") in keys
 
 
