@@ -34,7 +34,7 @@ def render_config(head: str, name: str, params: dict[str, str], dynamic_batching
     head = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', head, count=1, flags=re.M)
     head = "\n".join(line for line in head.splitlines() if not line.lstrip().startswith("#")) + "\n"
     if dynamic_batching_us is not None:  # replaces the shipped block
-        head = re.sub(r"^dynamic_batching\s*\{[^}]*\}\s*\n", "", head, flags=re.M)
+        head = re.sub(r"^dynamic_batching\b.*\n", "", head, flags=re.M)  # one line, as the shipped config has it
         head += f"dynamic_batching {{ max_queue_delay_microseconds: {int(dynamic_batching_us)} }}\n"
     body = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items())
     return head + "parameters [\n" + body + "\n]\n"

@@ -52,7 +52,8 @@ def test_config_round_trip_keeps_shipped_parameters(tmp_path):
     (shipped / "tasks").mkdir()
     (shipped / "config.pbtxt").write_text(
         'name: "chorus"\nbackend: "python"\n# a comment\nmax_batch_size: 64\n'
-        'dynamic_batching { max_queue_delay_microseconds: 0 }\nparameters [\n'
+        'dynamic_batching { max_queue_delay_microseconds: 0, default_queue_policy { max_queue_size: 64 } }\n'
+        'parameters [\n'
         '  { key: "scheduler", value: { string_value: "{\\"default_deadline_s\\": 5.0}" } },\n'
         '  { key: "batching", value: { string_value: "auto" } }\n]\n')
     model = repos.write_model(tmp_path / "repo", "chorus_db500", {"batching": "triton"}, 500, shipped=shipped)
@@ -62,7 +63,7 @@ def test_config_round_trip_keeps_shipped_parameters(tmp_path):
     assert head.count("dynamic_batching") == 1  # the variant's delay replaces the shipped block
     kept = repos.split_config((repos.write_model(tmp_path / "repo", "chorus", {}, shipped=shipped) / "config.pbtxt")
                               .read_text())[0]
-    assert "dynamic_batching { max_queue_delay_microseconds: 0 }" in kept
+    assert "dynamic_batching { max_queue_delay_microseconds: 0, default_queue_policy { max_queue_size: 64 } }" in kept
     assert params == {"scheduler": '{"default_deadline_s": 5.0}', "batching": "triton"}
     assert (model / "tasks").is_symlink() and (model / "1" / "model.py").is_file()
 
