@@ -134,17 +134,15 @@ def import_tarball(tarball: Path) -> Path:
         if len(tops) != 1 or any(n.startswith("/") or ".." in Path(n).parts for n in names):
             raise SystemExit(f"{tarball}: expected one top folder and relative paths, got {sorted(tops)[:5]}")
         tar.extractall(RESULTS, filter="data")
-    folder = RESULTS / tops.pop()
-    compress_raw(folder)
-    return folder
+    return RESULTS / tops.pop()
 
 
-BIG_RAW_BYTES = 200_000
+BIG_RAW_BYTES = 50_000
 
 
 def compress_raw(folder: Path) -> None:
-    """gzip the per-request CSVs over BIG_RAW_BYTES under folder/raw: the GPU machine takes the working tree and .gpu/
-    only within 64 MiB, and the results are part of the tree."""
+    """gzip the per-request CSVs over BIG_RAW_BYTES under folder/raw (every summarized run, CPU or imported): the GPU
+    machine takes the working tree and .gpu/ only within 64 MiB, and the results are part of the tree."""
     for csv in sorted((folder / "raw").glob("*.csv")):
         if csv.stat().st_size > BIG_RAW_BYTES:
             with csv.open("rb") as src, gzip.open(csv.with_name(csv.name + ".gz"), "wb", compresslevel=9) as dst:
@@ -172,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.readme:
         ap.error("give a results folder, --latest cpu|gpu, --import TARBALL or --readme")
     if folder is not None:
+        compress_raw(folder)
         print(f"{write_summary(folder)} <- {folder}")
     for profile, path in SUMMARY.items():
         if not path.is_file():
