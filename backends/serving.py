@@ -7,8 +7,9 @@ Semantics:
     worker:  loop { batches = scheduler.schedule(now); for b in batches: rows whose request set its own deadline
                     and missed it -> answers queue (Overloaded), not run; engine.run(rest) -> rows' results;
                     a request whose rows are all done -> answered: by the worker itself when the batch answers
-                    <= INLINE_ANSWERS requests and nothing waits (a hand-off to a thread costs a lone request up to a
-                    GIL switch interval), else through the answers queue;
+                    <= INLINE_ANSWERS requests and nothing waits, neither in the scheduler nor in this schedule's
+                    later batches (a hand-off to a thread costs a lone request up to a GIL switch interval), else
+                    through the answers queue;
                     scheduler.observe_service(wall time, the batch's estimate): the measured per-batch overhead
                     admission and pruning add to the latency tables }
     answerers (ANSWER_THREADS): loop { done(result); on_answered(queue_s, compute_s, send_s) }  (sending a response
@@ -255,8 +256,8 @@ class ServingLoop:
             except Exception:  # noqa: BLE001 - a scheduler bug must not stop the worker; requests would hang
                 log.exception("schedule() failed; flushing what waits")
                 batches = self.scheduler.schedule(now, flush=True)
-            for batch in batches:
-                self._execute(batch)
+            for i, batch in enumerate(batches):
+                self._execute(batch, last=i == len(batches) - 1)
                 self.scheduler.complete(batch, self.clock())
             if batches:
                 continue
@@ -267,7 +268,8 @@ class ServingLoop:
                 if not self._closing:
                     self._wake.wait(timeout=0.05 if due is None else max(0.0, min(due - now, 0.05)))
 
-    def _execute(self, batch) -> None:
+    def _execute(self, batch, last: bool = True) -> None:
+        """Run one batch and answer the requests it completes (`last`: no other batch of this schedule follows)."""
         if batch.number < 3:
             log.info("batch %d: %d rows of %d tasks, padded length %d", batch.number, batch.size, len(batch.tasks),
                      batch.padded_len)
@@ -311,7 +313,7 @@ class ServingLoop:
                 result = Classified(np.stack(pending.logits), [lab for lab, _ in pending.labels],
                                     [names for _, names in pending.labels], pending.ran)
                 answers.append((pending.done, result, (start - pending.submitted, finished - start, finished)))
-        if len(answers) <= INLINE_ANSWERS and len(self.scheduler) == 0:
+        if last and len(answers) <= INLINE_ANSWERS and len(self.scheduler) == 0:
             for answer in answers:  # nothing waits: sending here saves a hand-off to an answerer thread
                 self._answer(*answer)
         else:

@@ -9,7 +9,7 @@ import pytest
 from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import Engine
 from chorus.backends.requests import DecodedRequest
-from chorus.backends.scheduler import SchedulerConfig
+from chorus.backends.scheduler import LatencyTable, SchedulerConfig
 from chorus.backends.serving import ServingLoop, profile_engine
 from chorus.backends.task_files import random_task
 from chorus.errors import Overloaded
@@ -71,6 +71,27 @@ def test_every_request_is_answered_as_the_engine_answers_it_alone(engine):
         assert not isinstance(got, Exception), got
         assert got.labels == alone.labels
         np.testing.assert_allclose(got.logits[:, :2], alone.logits[:, :2], rtol=1e-4, atol=1e-5)
+
+
+def test_a_lone_request_is_answered_by_the_worker_and_a_crowd_by_the_answerers(engine):
+    """Nothing else waiting: the worker sends the answer itself (no hand-off); a batch that answers many requests hands
+    them to the answer threads so that sends overlap."""
+    flat = [[1e-3, 1e-3], [1e-3, 1e-3]]  # a batch costs the same at any size: the scheduler never splits the crowd
+    table = LatencyTable((1, 8), (8, 32), flat, {p: [[0.0, 0.0], [0.0, 0.0]] for p in ("lora", "bitfit", "bitfit+lora")})
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0, max_wait_s=10.0, idle_dispatch=False,
+                                               element_size=8), table)
+    lone, crowd = [], []
+    done = threading.Event()
+    loop.submit(requests(1, seed=11)[0], lambda r: (lone.append(threading.current_thread().name), done.set()))
+    loop.close()  # flushes the one waiting request as a batch of one
+    assert done.is_set() and lone == ["chorus-serving"]
+    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0, max_wait_s=10.0, idle_dispatch=False,
+                                               element_size=8), table)
+    for i in range(8):  # one task, one length: a full element, one batch answering 8 requests
+        loop.submit(DecodedRequest([[101, 5 + i, 6, 7, 102]], ["t0"], []),
+                    lambda _: crowd.append(threading.current_thread().name))
+    loop.close()
+    assert len(crowd) == 8 and all(name.startswith("chorus-answers-") for name in crowd)
 
 
 def test_a_request_that_cannot_meet_its_deadline_is_refused_and_others_are_served(engine):
