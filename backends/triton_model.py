@@ -51,8 +51,8 @@ from chorus.errors import InvalidInput, Overloaded
 # scheduler: chorus's length-bucket scheduler and worker;
 # triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
 BATCHING = ("scheduler", "triton")
-RUNTIMES = ("torch", "onnxruntime")
-SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval in the stub (CPython's default: 0.005)  # what runs the backbone + PET ops (students run in torch)
+RUNTIMES = ("torch", "onnxruntime")  # what runs the backbone + PET ops (students run in torch)
+SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval in the stub (CPython's default: 0.005)
 
 
 def _param(params: dict, key: str, default: str) -> str:
@@ -286,7 +286,7 @@ class TritonPythonModel:
         # The torch work of loading runs on a thread of its own that ends before serving starts, so that on a CPU the
         # serving worker is the only thread with an OpenMP team: with a second team alive (the stub's main thread's,
         # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region and small
-        # batches ran 2x slower on the worker (perf/results/cpu2-2026-11-22/openmp-threads.md).
+        # batches ran 2x slower on the worker (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
         loaded = _on_own_thread(self._load, params, args)
         self.metrics, self.loop = Metrics(self._graph_stats), None
         if self.batching == "scheduler":
