@@ -41,6 +41,18 @@ LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MAX_GRAPH_TOKENS = 64 * 128  # larger padded batches run eagerly: launches are a small share of them
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream every capture on `device` runs on (the mixed forward's and the students'): the caching
+    allocator keeps freed blocks per stream, so a new stream per capture left each capture's warm-up memory unusable
+    by the next (112 student graphs reserved 10 GiB on the H100 that way)."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
 def bucket(buckets: tuple[int, ...], n: int) -> int | None:
     """The smallest bucket >= n (None: larger than all)."""
     i = bisect.bisect_left(buckets, n)
@@ -66,7 +78,6 @@ class GraphedForward:
         self._version, self._addresses = None, None
         self._lock = threading.Lock()
         self.captures, self.capture_s = 0, 0.0  # every capture so far (re-captures too) and the time they took
-        self._stream = None  # the side stream captures run on (see _capture_stream)
 
     @property
     def captured(self) -> int:
@@ -101,14 +112,6 @@ class GraphedForward:
                             {m: torch.zeros(n, dtype=torch.long, device=dev) for m, n in subsets})
         return ids, mask, rows
 
-    def _capture_stream(self) -> torch.cuda.Stream:
-        """One side stream for every capture of this object: the caching allocator keeps freed blocks per stream,
-        so a new stream per capture left each capture's warm-up memory unusable by the next (112 student graphs
-        reserved 10 GiB on the H100 that way)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
-
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
         start = time.perf_counter()
         entry = self._capture(key, tensors)
@@ -122,7 +125,7 @@ class GraphedForward:
         if not self.capture:
             entry = (None, ids, mask, rows, None)
         else:
-            stream = self._capture_stream()
+            stream = capture_stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.device(self.device):
                 with torch.cuda.stream(stream), torch.inference_mode():

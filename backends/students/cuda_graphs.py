@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from chorus.backends.graphs import bucket
+from chorus.backends.graphs import bucket, capture_stream
 from chorus.backends.students.group import StudentGroup
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -33,19 +33,10 @@ class GraphedStudents:
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.capture_s = 0.0  # the time every capture took
-        self._stream = None  # the side stream captures run on (see _capture_stream)
 
     @property
     def captured(self) -> int:
         return len(self._graphs)
-
-    def _capture_stream(self) -> torch.cuda.Stream:
-        """One side stream for every capture of this object: the caching allocator keeps freed blocks per stream,
-        so a new stream per capture left each capture's warm-up memory unusable by the next (112 student graphs
-        reserved 10 GiB on the H100 that way)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
 
     def _capture(self, k: int, b: int, t: int):
         start = time.perf_counter()
@@ -58,7 +49,7 @@ class GraphedStudents:
         ids = torch.zeros((b, t), dtype=torch.long, device=self.device)
         mask = torch.zeros((b, t), dtype=torch.long, device=self.device)
         mask[:, 0] = 1
-        stream = self._capture_stream()
+        stream = capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         # On the group's own device, with a capture stream there: torch.cuda.graph's default capture stream is one
         # for the whole process, made on whichever device was current first (a group on another GPU would then
