@@ -285,8 +285,8 @@ class TritonPythonModel:
             self.batching = "scheduler"
         # The torch work of loading runs on a thread of its own that ends before serving starts, so that on a CPU the
         # serving worker is the only thread with an OpenMP team: with a second team alive (the stub's main thread's,
-        # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region and small
-        # batches ran 2x slower on the worker (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
+        # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region: a small GEMM on
+        # the worker ran 7x slower (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
         loaded = _on_own_thread(self._load, params, args)
         self.metrics, self.loop = Metrics(self._graph_stats), None
         if self.batching == "scheduler":

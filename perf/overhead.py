@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -56,7 +57,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--py-spy", action="store_true", help="sample the backend stub with py-spy during each run")
-    ap.add_argument("--variants", nargs="+", default=["scheduler-teacher", "scheduler-students", "triton-teacher"])
+    ap.add_argument("--variants", nargs="+", default=["scheduler-teacher", "scheduler-students", "triton-teacher"],
+                    help="<batching>-<teacher|students>; batching: scheduler (as shipped), unbatched (the scheduler "
+                         "with one request per execute() call: no dynamic_batching block), triton (Triton's batcher, "
+                         "500 us)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "world"
@@ -65,16 +69,19 @@ def main() -> int:
     shutil.rmtree(repo, ignore_errors=True)
     repos.scheduler_model(repo, tasks, **params)
     repos.dynamic_batcher_model(repo, tasks, 500, **params)
+    unbatched = repos.write_model(repo, "chorus_unbatched", {"batching": "scheduler", "tasks": json.dumps(tasks), **params})
+    config = unbatched / "config.pbtxt"
+    config.write_text(re.sub(r"^dynamic_batching\b.*\n", "", config.read_text(), flags=re.M))
     texts = ["a quietly moving film about grief", "the plot never comes together", "sharp, funny and humane"] * 10
     data = {"data": [{"TEXT": {"content": [t], "shape": [1]}, "TASK": {"content": ["t0_lora"], "shape": [1]}}
                      for t in texts]}
     (args.out / "input.json").write_text(json.dumps(data))
     results = {}
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_path=args.out / "server.log",
-                      models_to_load=("chorus", "chorus_db500")) as server:
+                      models_to_load=("chorus", "chorus_db500", "chorus_unbatched")) as server:
         for variant in args.variants:
             batching, who = variant.split("-")
-            model = "chorus" if batching == "scheduler" else "chorus_db500"
+            model = {"scheduler": "chorus", "unbatched": "chorus_unbatched", "triton": "chorus_db500"}[batching]
             spy = None
             if args.py_spy:
                 stub = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub .*/{model}/1/model.py"], capture_output=True,
