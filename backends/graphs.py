@@ -17,8 +17,16 @@ Semantics (what `GraphedForward(ids, tasks)` returns, the same logits as `MultiT
               batches captured 134 graphs in 12 s over one concurrency sweep)
     static_ids[:b, :t] = ids padded with the pad id; static_mask likewise, every padding row keeping one real position
     static_slots[m][:B] = each row's slot in method m (0: the null slot), padding rows 0; static_heads likewise
-    replay graph[(b, t, methods)];  return static_logits[:B]
+    replay graph[(b, t, methods, subsets)];  return static_logits[:B]
 Rows never interact (attention and LayerNorm are within a row), so padding rows change nothing for the real rows.
+
+Which graph runs a batch. Each key is a graph captured while a batch waits (~65 ms for bert-base on an H100), and the
+scheduler's batches vary in size, method set and dense-delta count: a concurrency sweep captured ~100 graphs, a large
+share of its time (perf/results/h100-2026-11-22). So every shape also has one *bank-wide* graph: every PET method any
+registered task uses, no subsets; a row leaves the methods it does not use on their null slots, so the bank-wide graph
+gives the same logits for any batch of that shape. `warm_up` captures the bank-wide graph of every shape at load; a
+batch runs its own key's graph when captured, else the bank-wide one, and its own key is captured once it has been
+seen `hot_after` times (the hot keys earn their own graph; a rare mix costs no capture).
 
 The bank's tensors are captured by address: adding or removing a task writes slots in place (graphs stay valid);
 growing a bank re-allocates, so the graphs are dropped when the bank's version moved and any address changed.
@@ -65,7 +73,7 @@ class GraphedForward:
     eagerly."""
 
     def __init__(self, model, capture: bool | None = None, batch_buckets=BATCH_BUCKETS,
-                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS):
+                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int = 8):
         self.model, self.bank = model, model.bank
         self.device = model.encoder.word_embeddings.weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -74,6 +82,9 @@ class GraphedForward:
         self.batch_buckets, self.length_buckets, self.max_tokens = tuple(batch_buckets), tuple(length_buckets), max_tokens
         self.pad_id = model.encoder.cfg.pad_token_id
         self._graphs: dict[tuple, tuple] = {}
+        self._seen: dict[tuple, int] = {}  # batches per key that has no graph of its own yet
+        self.hot_after = hot_after
+        self._wide: tuple[int, tuple[str, ...]] | None = None  # (bank version, the methods registered tasks use)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._version, self._addresses = None, None
         self._lock = threading.Lock()
@@ -95,6 +106,7 @@ class GraphedForward:
             addresses = {k: t.data_ptr() for k, t in tensors.items()}
             if addresses != self._addresses:
                 self._graphs.clear()
+                self._seen.clear()
                 self._pool = torch.cuda.graph_pool_handle() if self.capture else None
             self._version, self._addresses = version, addresses
         return tensors
@@ -152,28 +164,41 @@ class GraphedForward:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, heads: list[int],
-                slots: dict[str, list[int]]) -> np.ndarray | None:
+                slots: dict[str, list[int]], exact: bool = False) -> np.ndarray | None:
         """The same from slots: each row's head slot, and its slot in each method the batch uses (an empty `slots`:
-        the backbone alone, as the latency tables' α profiles it)."""
+        the backbone alone, as the latency tables' α profiles it). `exact`: run (capturing now if need be) this
+        batch's own graph, never the bank-wide one (the latency tables profile each PET type's own cost)."""
         B, T = input_ids.shape
         shape = self.shape(B, T)
         if shape is None:
             return None
-        methods = tuple(slots)
+        slots = {m: slots[m] for m in sorted(slots)}  # one key per method set, whatever order the caller gave
         subsets = self._subsets(shape[0], B, slots)
-        key = (*shape, methods, tuple((m, len(rows)) for m, rows in subsets.items()))
+        key = (*shape, tuple(slots), tuple((m, len(rows)) for m, rows in subsets.items()))
         with self._lock:
             tensors = self._check_bank()
-            graph, ids, mask, rows, out = self._graphs.get(key) or self._build(key, tensors)
+            entry = self._graphs.get(key)
+            if entry is None and not exact:
+                self._seen[key] = seen = self._seen.get(key, 0) + 1
+                wide = self._wide_key(shape)
+                if seen < self.hot_after and set(key[2]) <= set(wide[2]):
+                    key, subsets = wide, {}
+                    entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._build(key, tensors)
+                self._seen.pop(key, None)
+            graph, ids, mask, rows, out = entry
             b = ids.shape[0]
             host_ids = torch.full((b, ids.shape[1]), self.pad_id, dtype=torch.long)
             host_mask = torch.zeros((b, ids.shape[1]), dtype=torch.long)
             host_mask[:, 0] = 1
             host_ids[:B, :T], host_mask[:B, :T] = input_ids, attention_mask
+            methods = list(rows.slots)  # the graph's methods: those the batch does not use stay on the null slot
             host_slots = torch.zeros((len(methods) + 1, b), dtype=torch.long)
             host_slots[0, :B] = torch.tensor(heads)
             for i, m in enumerate(methods, start=1):
-                host_slots[i, :B] = torch.tensor(slots[m])
+                if m in slots:
+                    host_slots[i, :B] = torch.tensor(slots[m])
             ids.copy_(host_ids, non_blocking=True)
             mask.copy_(host_mask, non_blocking=True)
             rows.head_slots.copy_(host_slots[0], non_blocking=True)
@@ -186,6 +211,29 @@ class GraphedForward:
             else:
                 graph.replay()
             return out[:B].float().cpu().numpy()
+
+    def _wide_key(self, shape: tuple[int, int]) -> tuple:
+        """The bank-wide key of a shape: every PET method a registered task uses, no subsets."""
+        if self._wide is None or self._wide[0] != self.bank.version:
+            used = {m for e in list(self.bank.tasks.values()) for m in e.slots}
+            self._wide = (self.bank.version, tuple(sorted(used)))
+        return (*shape, self._wide[1], ())
+
+    def shapes(self, max_length: int) -> list[tuple[int, int]]:
+        """Every (batch, length) bucket a batch of rows up to `max_length` tokens can run in."""
+        top = bucket(self.length_buckets, max_length) or self.length_buckets[-1]
+        return [(b, t) for b in self.batch_buckets for t in self.length_buckets
+                if t <= top and self.shape(b, t) == (b, t)]
+
+    def warm_up(self, max_length: int) -> int:
+        """Capture the bank-wide graph of every shape up to `max_length` (at load, before serving); returns how many
+        were captured now."""
+        with self._lock:
+            tensors = self._check_bank()
+            todo = [k for k in (self._wide_key(s) for s in self.shapes(max_length)) if k not in self._graphs]
+            for key in todo:
+                self._build(key, tensors)
+        return len(todo)
 
     def _subsets(self, b: int, B: int, slots: dict[str, list[int]]) -> dict[str, list[int]]:
         """{method: the batch rows its op runs on} for the `row_subset` methods used by at most a quarter of the

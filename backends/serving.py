@@ -122,9 +122,9 @@ def profile_engine(engine: Engine, students: StudentBank | None = None, batch_si
             x = torch.tensor(ids)
             entry = engine.bank.tasks[task]
             slots = {} if p is None else {m: [s] * n for m, s in entry.slots.items()}  # α: the backbone alone
-            engine.graphs.forward(x, torch.ones_like(x), [entry.head_slot] * n, slots)  # captures once
+            engine.graphs.forward(x, torch.ones_like(x), [entry.head_slot] * n, slots, exact=True)  # captures once
             start = time.perf_counter()
-            engine.graphs.forward(x, torch.ones_like(x), [entry.head_slot] * n, slots)  # returns on the host
+            engine.graphs.forward(x, torch.ones_like(x), [entry.head_slot] * n, slots, exact=True)  # on the host
             return time.perf_counter() - start
         rows = engine.bank.row_tasks([task] * n)
         if p is None:  # the backbone alone: every method's null slot
@@ -178,6 +178,7 @@ class ServingLoop:
         self.scheduler = Scheduler(config, table, choose_k=choose_k)
         self._ids = itertools.count()
         self._wake = threading.Condition()
+        self._kicked = False  # a submit since the worker last looked: it must not sleep (a notify it missed)
         self._closing = False
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result, stages); None stops an answerer
         self._answerers = [threading.Thread(target=self._answer_loop, name=f"chorus-answers-{i}", daemon=True)
@@ -206,6 +207,7 @@ class ServingLoop:
                 done(refusal.to_error())
                 break
         with self._wake:
+            self._kicked = True
             self._wake.notify()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -250,6 +252,8 @@ class ServingLoop:
             faulthandler.dump_traceback_later(float(os.environ["CHORUS_STACKS_AFTER_S"]), file=self._stacks)
         while True:
             closing = self._closing
+            with self._wake:
+                self._kicked = False
             now = self.clock()
             try:
                 batches = self.scheduler.schedule(now, flush=closing)
@@ -265,7 +269,7 @@ class ServingLoop:
                 return
             due = self.scheduler.next_due(now)
             with self._wake:
-                if not self._closing:
+                if not self._closing and not self._kicked:
                     self._wake.wait(timeout=0.05 if due is None else max(0.0, min(due - now, 0.05)))
 
     def _execute(self, batch, last: bool = True) -> None:

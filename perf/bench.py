@@ -1,13 +1,14 @@
 """The benchmark harness: start the servers each comparison needs, run it, stop them, write a results folder.
 
     python -m perf.bench --profile cpu                 # `make perf`: this machine, real all-MiniLM-L6-v2 + 4 tasks
-    python -m perf.bench --profile gpu --bundle .gpu   # `bash perf/gpu/run.sh perf` on the GPU machine
+    python -m perf.bench --profile gpu --bundle .gpu --hf-python python3   # `bash perf/gpu/run.sh perf` (GPU)
 
 Systems compared, all on the same real tritonserver binary and chorus's entry-model code:
     chorus         one model, every task, chorus's length-bucket scheduler (`batching: scheduler`)
     chorus_db<us>  the same model with the scheduler off: Triton's dynamic batcher, one per tuned queue delay
     teacher_<task> Triton as deployed today: one model per task (its own backbone copy) with the dynamic batcher
-    hf_inprocess   Hugging Face transformers' BertModel with the task merged in, in process (no server)
+    hf_inprocess   Hugging Face transformers' BertModel with the task merged in, no server (`python -m
+                   perf.inprocess hf` under --hf-python: on the GPU machine the main environment's python3)
 and, where the served model has a STUDENTS output, Student Parallelism's students (request parameter `students`).
 
 Writes <out>/results.json (every figure, the commands, what was skipped and why), perf_analyzer CSVs, loadgen
@@ -61,6 +62,11 @@ TEACHER_ONLY_PARAMS = {"students": "{}", "pruning": "{}"}  # Triton as deployed 
 # Dense fp16/bf16 tensor-core peak (FLOP/s) by GPU name, for model FLOPs utilisation.
 PEAK_FLOPS = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.0e12,
               "H200": 989.4e12, "A100": 312.0e12}
+# Requests/s one load-generator sender process is given in the phased runs (bursts, overloads); above it they are
+# sent from several (LoadGenerator.run(processes=...)). One Python sender fell behind at ~2,900/s on the H100 host
+# (the overload's client lag p99 333 ms, perf/results/h100-2026-11-22), and lateness counts as latency.
+LOADGEN_RATE_PER_PROCESS = 1000.0
+HF_TIMEOUT_S = 150  # the Hugging Face subprocess (~15 s on the GPU: imports, 4 models, 5 repeats)
 
 
 @dataclass(frozen=True)
@@ -72,15 +78,17 @@ class Profile:
     rate_grid: tuple[float, float, float]  # (start, end, step) as fractions of the saturation throughput
     loadgen_point_s: float  # seconds of Poisson arrivals per loadgen rate point
     delays_us: tuple[int, ...]  # Triton dynamic batcher queue delays tried ("tuned")
-    overload_s: float  # seconds at 3x saturation
+    overload_s: float  # seconds at 3x saturation (chorus and the dynamic batcher, the same phases)
     recovery_s: float  # seconds at 0.3x saturation after it
-    burst_cycles: int  # cycles of (2 s at 0.3x, 1 s at 2x)
+    burst_cycles: int  # cycles of (2 s at 0.3x, 1 s at 2x) in chorus's burst timeline (every task)
     per_task_models: int  # tasks given their own Triton model in the per-task baseline
     inprocess_rows: int
     metrics_period_s: float
     budget_s: float  # the whole run; stages that no longer fit are skipped (and said so)
     bin_s: float = 0.5
     per_task_delay_us: int = 2000  # the per-task models' dynamic batcher queue delay (Triton as commonly deployed)
+    students_burst_s: float = 10.0  # the students' burst: 10x the base rate for this long (issue 6)
+    students_calm_s: tuple[float, float] = (3.0, 5.0)  # ... at the base rate before it, and after it (recovery)
 
 
 PROFILES = {
@@ -90,12 +98,16 @@ PROFILES = {
                    loadgen_point_s=6.0, delays_us=(5000, 25000), overload_s=15.0, recovery_s=10.0, burst_cycles=3,
                    per_task_models=4, per_task_delay_us=5000, inprocess_rows=32, metrics_period_s=0.25, budget_s=15 * 60),
     # The device tool allows 10 minutes a command; perf/gpu/run.sh's setup takes about one, the tarball seconds.
-    "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(1500, 3), concurrency=(1, 8, 32, 64),
+    # perf/results/h100-2026-11-22 took 398 s (in process 98, of which 10,000 tasks 78; chorus 161; per-task 39;
+    # dynamic batcher 100) and skipped the batcher's overload. Added since: the Hugging Face subprocess (~15 s), the
+    # batcher's overload (~25 s), the students' saturation and 10x burst (~+30 s net). Saved: 1 s perf_analyzer
+    # windows instead of 1.5 s (~15 s over ~12 runs), overloads of 10 s instead of 20 (10 s on chorus's). ~440 s.
+    "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(1000, 3), concurrency=(1, 8, 32, 64),
                    # low rates: through the Python backend a mixed all-PET bert-base batch is p99 ~ 20 ms already
                    # at ~0.2x saturation (perf/results/h100-2026-11-22), so the 20 ms SLO is met, if at all, down here
-                   rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000), overload_s=20.0,
+                   rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000), overload_s=10.0,
                    recovery_s=10.0, burst_cycles=2, per_task_models=8, per_task_delay_us=2000, inprocess_rows=64,
-                   metrics_period_s=0.1, budget_s=460),
+                   metrics_period_s=0.1, budget_s=460, students_calm_s=(2.0, 4.0)),
 }
 
 
@@ -188,8 +200,9 @@ def stage_means(before_text: str, after_text: str) -> dict | None:
 
 
 class Bench:
-    def __init__(self, profile: Profile, world: World, out: Path):
+    def __init__(self, profile: Profile, world: World, out: Path, hf_python: str = sys.executable):
         self.p, self.w, self.out = profile, world, out
+        self.hf_python = hf_python  # the Python that runs the Hugging Face baseline (`python -m perf.inprocess hf`)
         self.t0 = time.monotonic()
         self.result: dict = {"notes": [], "skipped": [], "systems": {}}
         self.saturation: float | None = None  # infer/s at which the chorus deployment saturates
@@ -342,13 +355,16 @@ class Bench:
     def phased(self, server: TritonServer, model_for: Callable[[str], str], tag: str, kind: str,
                phases: list[tuple[float, float]], parameters: dict | None = None, want_students: bool = False,
                rows: list[workload.Row] | None = None, drain_s: float = 15.0) -> dict:
-        """Loadgen through rate phases [(seconds, rate)], with the metrics timeline."""
+        """Loadgen through rate phases [(seconds, rate)], with the metrics timeline and a summary of each phase
+        (`per_phase`, by scheduled arrival); from 1 sender process per LOADGEN_RATE_PER_PROCESS of the top rate."""
         offsets = workload.phased_offsets(phases, seed=7)
+        processes = min(8, max(1, math.ceil(max(r for _, r in phases) / LOADGEN_RATE_PER_PROCESS)))
         gen = LoadGenerator(server.grpc_url, model_for, parameters=parameters, want_students=want_students,
                             timeout_s=drain_s + sum(s for s, _ in phases))
         try:
             outcomes, samples = gen.run(self.arrivals(offsets, rows=rows), metrics_url=server.metrics_url,
-                                        period_s=self.p.metrics_period_s, drain_timeout_s=drain_s)
+                                        period_s=self.p.metrics_period_s, drain_timeout_s=drain_s,
+                                        processes=processes)
         finally:
             gen.close()
         duration = sum(s for s, _ in phases)
@@ -357,10 +373,14 @@ class Bench:
         (self.out / "raw" / f"timeline-{tag}-{kind}.json").write_text(json.dumps(
             {"phases": phases, "bins": bins, "samples": samples}, default=float))
         s = loadgen.summarize(outcomes, duration)
-        s.update({"phases": phases, "parameters": parameters, "timeline": f"raw/timeline-{tag}-{kind}.json"})
-        LOG.info("%s %s: p50 %s p99 %s refused %d of %d", tag, kind, fmt(s["p50_ms"]), fmt(s["p99_ms"]),
-                 s["refused"], s["sent"])
+        s.update({"phases": phases, "parameters": parameters, "timeline": f"raw/timeline-{tag}-{kind}.json",
+                  "sender_processes": processes, "per_phase": loadgen.per_phase(outcomes, phases)})
+        LOG.info("%s %s: p50 %s p99 %s refused %d of %d, client lag p99 %s ms (%d sender processes)", tag, kind,
+                 fmt(s["p50_ms"]), fmt(s["p99_ms"]), s["refused"], s["sent"], fmt(s["client_lag_p99_ms"]), processes)
         return s
+
+    def overload_need_s(self) -> float:
+        return 3.0 + self.p.overload_s + self.p.recovery_s + 15  # the phases, the senders' start, the drain
 
     def overload(self, server: TritonServer, model_for: Callable[[str], str], tag: str) -> dict:
         x = self.saturation
@@ -394,6 +414,28 @@ class Bench:
         self.result["systems"].setdefault(tag, {})["pa_burst"] = res
         return res
 
+    def hf_baseline(self, spec: dict) -> dict | None:
+        """`inprocess.hf_throughput(**spec)` in a subprocess of `self.hf_python` (`python -m perf.inprocess hf`): on
+        the GPU machine the harness runs under the numpy-1.26 environment, where transformers does not import, and
+        the main environment's Python does. A failure is a skip with the child's stderr, never the run's end."""
+        raw = self.out / "raw"
+        spec_path, out_path = workload.write_json(raw / "hf_spec.json", spec), raw / "hf_result.json"
+        out_path.unlink(missing_ok=True)
+        cmd = [self.hf_python, "-m", "perf.inprocess", "hf", str(spec_path), str(out_path)]
+        LOG.info("hf_transformers: %s", " ".join(cmd))
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HF_TIMEOUT_S)
+            if p.returncode == 0:
+                return {**json.loads(out_path.read_text()), "command": " ".join(cmd)}
+            why = f"exited with {p.returncode}; stderr: ...{p.stderr[-1500:]}"
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            why = f"timed out after {HF_TIMEOUT_S} s; stderr: ...{err[-1500:]}"
+        except (OSError, ValueError) as e:  # no such interpreter; no or unreadable result
+            why = repr(e)
+        self.skip("hf_transformers", f"`{' '.join(cmd)}` {why}")
+        return None
+
     # ---- stages
     def run_inprocess(self) -> None:
         from chorus.backends.engine import Engine
@@ -414,15 +456,16 @@ class Bench:
         res: dict = {"device": str(engine.device), "dtype": str(self.w.dtype)}
         res["mixed_vs_seqs"] = inprocess.mixed_vs_seqs(engine, ids[:n], tasks[:n], repeats=3 if self.p.name == "cpu" else 9)
         res["engine"] = inprocess.engine_throughput(engine, sorted_ids, sorted_tasks, batch=64, repeats=2 if self.p.name == "cpu" else 5)
-        # Hugging Face BertModel, one merged model per task, on 4 tasks' rows; chorus's engine on the same rows
+        # Hugging Face BertModel, one merged model per task, on 4 tasks' rows, with the engine's device and dtype;
+        # chorus's engine on the same rows
         hf_tasks = list(dict.fromkeys(tasks))[:4]
         by_task = {t: [r.text for r in self.w.rows if r.task == t][: n // 2] for t in hf_tasks}
-        try:
-            res["hf_transformers"] = inprocess.hf_throughput(self.w.backbone, self.w.tasks, by_task, 64,
-                                                             self.w.device, self.w.dtype,
-                                                             repeats=2 if self.p.name == "cpu" else 5)
-        except ImportError as e:  # e.g. the GPU machine's transformers under the numpy-1.26 stub environment
-            self.skip("hf_transformers", f"transformers would not import here: {e}")
+        hf = self.hf_baseline({"backbone": str(self.w.backbone), "task_dirs": {t: self.w.tasks[t] for t in hf_tasks},
+                               "texts_by_task": by_task, "batch": 64, "device": self.w.device,
+                               "dtype": str(self.w.dtype).removeprefix("torch."),
+                               "repeats": 2 if self.p.name == "cpu" else 5})
+        if hf is not None:
+            res["hf_transformers"] = hf
         hf_ids = engine.tokenize([text for texts in by_task.values() for text in texts])
         hf_row_tasks = [t for t, texts in by_task.items() for _ in texts]
         res["engine_same_rows_as_hf"] = inprocess.engine_throughput(
@@ -497,7 +540,7 @@ class Bench:
                 sysres["burst_timeline"] = self.phased(server, lambda t: name, "chorus", "burst",
                                                        [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles,
                                                        want_students=has_students)
-            if self.fits("chorus overload", self.p.overload_s + self.p.recovery_s + 20):
+            if self.fits("chorus overload", self.overload_need_s()):
                 self.overload(server, lambda t: name, "chorus")
             if not has_students:
                 self.note("students: the served model has no STUDENTS output yet (metadata outputs: "
@@ -511,7 +554,7 @@ class Bench:
     def run_students(self, server: TritonServer, name: str, no_prune: str | None) -> None:
         task, k = next(iter(self.w.students.items()))
         rows = [r for r in self.w.rows if r.task == task]
-        rate = 0.4 * self.saturation
+        rate = 0.4 * self.saturation  # low load: the teacher's and the students' p50 and accuracy
         n = max(50, int(rate * self.p.loadgen_point_s * 2))
         offsets = workload.poisson_offsets(rate, n / rate, seed=11)
         res: dict = {"task": task, "K": k, "rate": rate}
@@ -527,8 +570,27 @@ class Bench:
             write_outcomes(self.out / "raw" / f"loadgen-students-{label}.csv", outcomes)
             res[label] = loadgen.summarize(outcomes, offsets[-1] if offsets else 1.0)
             res[label]["server_stages_ms"] = stage_means(before, after)
-        x = self.saturation
-        phases = [(2.0, 0.3 * x), (1.0, 2.0 * x)] * self.p.burst_cycles
+        self.result["students"] = res
+        # The burst as issue 6 defines it: the arrival rate steps up 10x for students_burst_s (10 s), between
+        # students_calm_s at the base rate (before; after, to show the recovery). The base is the low-load rate
+        # above, raised where needed to a fifth of the students' own served saturation with all K, so that 10x the
+        # base is at least twice what the K students serve: the burst outruns them and pruning has work to do.
+        # (Bursts of 2x the teacher path's saturation stayed within the students' capacity on the GPU, mean k 4.0:
+        # perf/results/h100-2026-11-22.)
+        res["saturation"] = sat = self.students_saturation(server, no_prune or name, rows, k)
+        self.result["saturation_students_per_s"] = sat_k = sat["infer_per_s"]
+        base = max(rate, sat_k / 5) if sat_k else rate
+        if not sat_k:
+            self.note("students' saturation not measured (see students.saturation): the burst's base is the low-load "
+                      "rate, and 10x it may stay within what the students serve")
+        before_s, after_s = self.p.students_calm_s
+        phases = [(before_s, base), (self.p.students_burst_s, 10 * base), (after_s, base)]
+        res["burst"] = {"base_per_s": base, "burst_per_s": 10 * base, "seconds": self.p.students_burst_s,
+                        "phases": phases, "saturation_students_per_s": sat_k,
+                        "how": "base = max(the low-load rate (0.4x saturation), saturation_students_per_s / 5); "
+                               "10x the base for the burst, the base before and after"}
+        LOG.info("students' burst: saturation with K=%d %s/s, base %.0f/s, burst %.0f/s for %g s", k, fmt(sat_k), base,
+                 10 * base, self.p.students_burst_s)
         # the burst's requests carry the SLO as their deadline: pruning keeps the queue within it (Student Parallelism)
         burst_params = {"students": k, "deadline_ms": self.p.slo_ms}
         res["burst_with_pruning"] = self.phased(server, lambda t: name, "students", "burst-pruning", phases,
@@ -540,7 +602,28 @@ class Bench:
                      if o.get("students") not in (None, "")]
             s["switch_effective"] = bool(times) and min(times) == k
             res["burst_without_pruning"] = s
-        self.result["students"] = res
+        for key in ("burst_with_pruning", "burst_without_pruning"):  # the 10 s burst alone: students in use, accuracy
+            if key in res:
+                during = res[key]["per_phase"][1]
+                res["burst"][key] = {m: during[m] for m in ("students_mean", "accuracy", "checked", "sent", "refused",
+                                                            "answered_per_s", "p50_ms", "p99_ms", "client_lag_p99_ms")}
+                LOG.info("students' burst, %s: mean k %s, accuracy %s, p99 %s ms", key, fmt(during["students_mean"]),
+                         fmt(during["accuracy"]), fmt(during["p99_ms"]))
+
+    def students_saturation(self, server: TritonServer, model: str, rows: list[workload.Row], k: int) -> dict:
+        """Served infer/s of `model` with request parameter students=k on `rows` (the students' task): one
+        perf_analyzer point at the profile's highest concurrency, as the deployment's saturation is measured."""
+        c = max(self.p.concurrency)
+        data = workload.write_json(self.out / "raw" / "pa_input_students.json", workload.pa_input_data(rows))
+        r = pa.run(model, server.grpc_url, data, self.out / "raw" / f"pa-students-k{k}-c{c}.csv",
+                   pa.concurrency_mode(c), self.p.pa, parameters={"students": k})
+        res = {"model": model, "students": k, "concurrency": c,
+               "infer_per_s": max((x["infer_per_s"] for x in r["rows"]), default=None), "rows": r["rows"],
+               "command": r["command"], "returncode": r["returncode"], "seconds": r["seconds"]}
+        if r["returncode"] != 0:
+            res["output_tail"] = r["output_tail"]
+            LOG.warning("perf_analyzer students=%d failed: %s", k, r["output_tail"][-600:])
+        return res
 
     def run_dynamic_batcher(self) -> None:
         repo = self.out / "repos" / "dynbatch"
@@ -563,7 +646,7 @@ class Bench:
             self.bursts(server, best, best)
             if self.fits("dynamic batcher loadgen", 60):
                 self.loadgen_rates(server, lambda t: best, best)
-            if self.fits("dynamic batcher overload", 2 * self.p.overload_s + self.p.recovery_s + 20):
+            if self.fits("dynamic batcher overload", self.overload_need_s()):
                 self.overload(server, lambda t: best, best)
 
     def run_per_task(self) -> None:
@@ -816,6 +899,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, default=ROOT / ".gpu", help="GPU profile: the carried .gpu/ folder")
     ap.add_argument("--only", nargs="+", choices=["inprocess", "chorus", "dynbatch", "per_task"],
                     help="run only these stages")
+    ap.add_argument("--hf-python", default=sys.executable, metavar="PYTHON",
+                    help="the Python that runs the Hugging Face transformers baseline in a subprocess (default: this "
+                         "one; perf/gpu/perf.sh: python3, the GPU machine's main environment)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--rederive", type=Path, metavar="FOLDER",
                     help="recompute the derived figures and summary keys of a results folder from its raw rows")
@@ -846,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
         world = cpu_world()
-    bench = Bench(profile, world, out)
+    bench = Bench(profile, world, out, hf_python=args.hf_python)
     if previous is not None:
         bench.result = previous
         bench.result["skipped"] = [x for x in previous.get("skipped", []) if x["what"] not in args.only]

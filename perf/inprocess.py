@@ -7,11 +7,17 @@ Semantics:
     engine:   Engine.run(batch ids, batch tasks): mixed-task batches of the same rows
     mixed:    one batch of `rows` rows over all tasks  vs  SeqS: each task's rows as its own batch, one after another
               vs  one single-task batch of the same rows
+
+`python -m perf.inprocess hf SPEC OUT` runs `hf_throughput` alone (perf.bench runs it so, in a subprocess whose Python
+may differ from the harness's: on the GPU machine the harness's numpy-1.26 environment cannot import transformers).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,7 +60,8 @@ def batches(seq: Sequence, size: int) -> list[Sequence]:
 @torch.inference_mode()
 def hf_throughput(backbone: str | Path, task_dirs: dict[str, str], texts_by_task: dict[str, list[str]],
                   batch: int, device: str, dtype: torch.dtype, repeats: int = 3) -> dict:
-    """rows/s of transformers.BertModel (+ the task's mean-pooled head), one merged model per task."""
+    """rows/s of transformers.BertModel (+ the task's mean-pooled head), one merged model per task; `missing_keys`:
+    the model's weights that the merged state did not set (none expected: they would stay randomly initialised)."""
     from tokenizers import Tokenizer
     from transformers import BertConfig, BertModel
 
@@ -64,11 +71,11 @@ def hf_throughput(backbone: str | Path, task_dirs: dict[str, str], texts_by_task
     tok.enable_padding()
     tok.enable_truncation(128)
     dev = torch.device(device)
-    total_rows, total_s = 0, 0.0
+    total_rows, total_s, missing = 0, 0.0, set()
     for task, texts in texts_by_task.items():
         spec = load_task(task_dirs[task], task)
         model = BertModel(BertConfig(**cfg.to_hf()), add_pooling_layer=False)
-        model.load_state_dict(merged_state(state, spec), strict=False)
+        missing.update(model.load_state_dict(merged_state(state, spec), strict=False).missing_keys)
         model = model.to(dev, dtype).eval()
         head_w = spec.tensors["classifier.weight"].to(dev, dtype)
         head_b = spec.tensors["classifier.bias"].to(dev, dtype)
@@ -87,20 +94,30 @@ def hf_throughput(backbone: str | Path, task_dirs: dict[str, str], texts_by_task
         total_s += median_s(run_all, dev, repeats)
         total_rows += len(texts)
         del model
-    return {"rows": total_rows, "batch": batch, "seconds": total_s, "rows_per_s": total_rows / total_s}
+    return {"rows": total_rows, "batch": batch, "seconds": total_s, "rows_per_s": total_rows / total_s,
+            "device": str(dev), "dtype": str(dtype), "missing_keys": sorted(missing)}
 
 
 @torch.inference_mode()
 def engine_throughput(engine: Engine, ids: list[list[int]], tasks: list[str], batch: int, repeats: int = 3) -> dict:
     """rows/s of chorus's engine over the rows in mixed-task batches of `batch` (padded to each batch's longest)."""
+    steady_state(engine)
     chunks = list(zip(batches(ids, batch), batches(tasks, batch)))
     s = median_s(lambda: [engine.run(list(i), list(t)) for i, t in chunks], engine.device, repeats)
     return {"rows": len(ids), "batch": batch, "seconds": s, "rows_per_s": len(ids) / s}
 
 
+def steady_state(engine: Engine) -> None:
+    """Every batch on its own CUDA graph from its first run, as a served key is once hot (`GraphedForward.hot_after`;
+    serving starts each key on its shape's bank-wide graph)."""
+    if engine.graphs is not None:
+        engine.graphs.hot_after = 1
+
+
 @torch.inference_mode()
 def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeats: int = 5) -> dict:
     """One mixed-task batch vs the same rows one task at a time (SeqS) vs one single-task batch of the same rows."""
+    steady_state(engine)
     by_task: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         by_task.setdefault(t, []).append(i)
@@ -200,3 +217,25 @@ def many_tasks(engine: Engine, templates: list, n: int, ids: list[list[int]], ba
     return {"tasks": n, "templates": [{"name": t.name, "pet": t.pet} for t in templates],
             "bank_bytes": mem() - before, "add_s": add_s, "remove_s": remove_s, "served": served,
             "served_after_remove": after_remove}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.inprocess",
+                                 description="`hf_throughput` of a JSON spec (its keyword arguments, dtype by name: "
+                                             "'float16') into OUT as JSON, with the versions it ran under")
+    ap.add_argument("what", choices=["hf"])
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    res = hf_throughput(**{**spec, "dtype": getattr(torch, spec["dtype"])})
+    import transformers
+
+    res["ran_under"] = {"python": sys.executable, "transformers": transformers.__version__, "torch": torch.__version__,
+                        "numpy": np.__version__}
+    args.out.write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

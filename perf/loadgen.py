@@ -9,18 +9,26 @@ Semantics:
                                                   # hide queueing (no coordinated omission)
     p50/p99 over answered requests only; refused = UNAVAILABLE; correct = LABEL == row_i.label
 
-A `MetricsSampler` thread scrapes the Prometheus text of the metrics port every `period_s` meanwhile.
+A `MetricsSampler` thread scrapes the Prometheus text of the metrics port every `period_s` meanwhile. With `processes`
+above 1, the arrivals are dealt round-robin to that many sender processes (`python -m perf.loadgen`, pickles over
+pipes) that share the start time (CLOCK_MONOTONIC is one clock for every process): one Python sender keeps its
+schedule only up to a few thousand requests/s, and its lateness would count as latency.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -29,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 from perf.workload import Row
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -95,7 +104,8 @@ class MetricsSampler:
 
     def stop(self) -> list[dict[str, float]]:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)
         return self.samples
 
     def _run(self) -> None:
@@ -117,6 +127,7 @@ class LoadGenerator:
     def __init__(self, grpc_url: str, model_for: Callable[[str], str], parameters: dict | None = None,
                  want_students: bool = False, timeout_s: float = 60.0):
         self.client = grpcclient.InferenceServerClient(grpc_url)
+        self.grpc_url, self.want_students = grpc_url, want_students
         self.model_for, self.parameters, self.timeout_s = model_for, parameters or None, timeout_s
         names = ["LABEL"] + (["STUDENTS"] if want_students else [])
         self.outputs = [grpcclient.InferRequestedOutput(n) for n in names]
@@ -132,9 +143,29 @@ class LoadGenerator:
         return [text, task]
 
     def run(self, arrivals: Sequence[tuple[float, Row]], metrics_url: str | None = None, period_s: float = 0.25,
-            drain_timeout_s: float | None = None) -> tuple[list[Outcome], list[dict]]:
-        """Send every arrival on time, wait for the answers (at most `drain_timeout_s` after the last send)."""
-        prepared = [(t, row, self._inputs(row)) for t, row in arrivals]
+            drain_timeout_s: float | None = None, processes: int = 1) -> tuple[list[Outcome], list[dict]]:
+        """Send every arrival on time, wait for the answers (at most `drain_timeout_s` after the last send), from this
+        process or from `processes` sender processes."""
+        drain_s = self.timeout_s if drain_timeout_s is None else drain_timeout_s
+        sampler = MetricsSampler(metrics_url, period_s) if metrics_url else None
+        try:
+            if processes > 1:
+                outcomes = self._run_processes(list(arrivals), drain_s, processes, sampler)
+            else:
+                prepared = self._prepare(arrivals)
+                start = time.perf_counter()
+                if sampler:
+                    sampler.start(start)
+                outcomes = self._send(prepared, start, drain_s)
+        finally:
+            samples = sampler.stop() if sampler else []
+        return outcomes, samples
+
+    def _prepare(self, arrivals: Sequence[tuple[float, Row]]) -> list[tuple[float, Row, list]]:
+        return [(t, row, self._inputs(row)) for t, row in arrivals]
+
+    def _send(self, prepared: list[tuple[float, Row, list]], start: float, drain_s: float) -> list[Outcome]:
+        """Send each request at `start` (time.perf_counter()) + its offset; times of the outcomes are from `start`."""
         outcomes: list[Outcome] = []
         lock, pending = threading.Lock(), [len(prepared)]
         all_done = threading.Event()
@@ -160,10 +191,6 @@ class LoadGenerator:
                 if pending[0] == 0:
                     all_done.set()
 
-        sampler = MetricsSampler(metrics_url, period_s) if metrics_url else None
-        start = time.perf_counter()
-        if sampler:
-            sampler.start(start)
         for t, row, inputs in prepared:
             delay = start + t - time.perf_counter()
             if delay > 0:
@@ -176,9 +203,49 @@ class LoadGenerator:
                                         client_timeout=self.timeout_s)
             except InferenceServerException as e:
                 callback(outcome, row, None, e)
-        all_done.wait(self.timeout_s if drain_timeout_s is None else drain_timeout_s)
-        samples = sampler.stop() if sampler else []
-        return list(outcomes), samples
+        all_done.wait(drain_s)
+        return list(outcomes)
+
+    def _run_processes(self, arrivals: list[tuple[float, Row]], drain_s: float, processes: int,
+                       sampler: MetricsSampler | None) -> list[Outcome]:
+        """`run` from `processes` children (`_sender_main`): each prepares its share, says ready, gets the common
+        start time, sends, and hands back its outcomes. Their stderr is this process's."""
+        job = {"grpc_url": self.grpc_url, "models": {row.task: self.model_for(row.task) for _, row in arrivals},
+               "parameters": self.parameters, "want_students": self.want_students, "timeout_s": self.timeout_s,
+               "drain_s": drain_s}
+        # the children import what this process imports, from where it does (perf.bench drops PYTHONPATH from its
+        # environment on the GPU machine, where that path holds the gRPC client)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        procs = [subprocess.Popen([sys.executable, "-m", "perf.loadgen"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  cwd=ROOT, env=env) for _ in range(processes)]
+        ok = False
+        try:
+            for i, p in enumerate(procs):
+                pickle.dump({**job, "arrivals": arrivals[i::processes]}, p.stdin)
+                p.stdin.flush()
+            for p in procs:
+                if pickle.load(p.stdout) != "ready":
+                    raise RuntimeError("a load-generator sender process did not start")
+            start = time.perf_counter() + 0.05  # time for every child to read it
+            for p in procs:
+                pickle.dump(start, p.stdin)
+                p.stdin.close()
+            if sampler:
+                sampler.start(start)
+            outcomes = [Outcome(**rec) for p in procs for rec in pickle.load(p.stdout)]
+            ok = True
+        except (EOFError, OSError, pickle.PickleError) as e:
+            raise RuntimeError(f"a load-generator sender process failed (its stderr is above): {e!r}") from e
+        finally:
+            for p in procs:
+                if not ok:
+                    p.kill()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        return sorted(outcomes, key=lambda o: o.t_sched)
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -205,6 +272,16 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
         "students_mean": float(np.mean(students)) if students else None,
         "errors_sample": sorted({o.error for o in outcomes if o.status == "error" and o.error})[:3],
     }
+
+
+def per_phase(outcomes: Sequence[Outcome], phases: Sequence[tuple[float, float]]) -> list[dict]:
+    """`summarize` of each phase [(seconds, rate)] of a phased run (requests by scheduled arrival), with its start."""
+    out, start = [], 0.0
+    for seconds, rate in phases:
+        here = [o for o in outcomes if start <= o.t_sched < start + seconds]
+        out.append({"start_s": start, "seconds": seconds, "rate": rate, **summarize(here, seconds)})
+        start += seconds
+    return out
 
 
 def passes_slo(summary: dict, slo_ms: float, max_failed_fraction: float = 0.01) -> bool:
@@ -250,3 +327,23 @@ def recovery_s(bins: Sequence[dict], after_s: float, slo_ms: float) -> float | N
 
 def outcome_records(outcomes: Sequence[Outcome]) -> list[dict]:
     return [asdict(o) for o in outcomes]
+
+
+def _sender_main() -> None:
+    """One sender process of `LoadGenerator.run(..., processes=n)`: pickles in on stdin, out on stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever prints goes to stderr, not into the pickles
+    job = pickle.load(sys.stdin.buffer)
+    gen = LoadGenerator(job["grpc_url"], job["models"].__getitem__, job["parameters"], job["want_students"],
+                        job["timeout_s"])
+    prepared = gen._prepare(job["arrivals"])
+    pickle.dump("ready", out)
+    out.flush()
+    outcomes = gen._send(prepared, pickle.load(sys.stdin.buffer), job["drain_s"])
+    pickle.dump(outcome_records(outcomes), out)
+    out.flush()
+    gen.close()
+
+
+if __name__ == "__main__":
+    _sender_main()

@@ -40,16 +40,34 @@ def test_buckets():
     assert static.shape(64, 17) is None and static.shape(65, 2) is None  # over max_tokens / every bucket
 
 
+@pytest.mark.parametrize("hot_after", [1, 8])  # 1: each batch's own graph at once; 8: the bank-wide graph first
 @pytest.mark.parametrize("B,T,seed", [(1, 3, 0), (5, 17, 1), (24, 9, 2), (3, 30, 3)])
-def test_static_forward_matches_the_fast_path_on_mixed_batches(engine, B, T, seed):
-    static = GraphedForward(engine.model, capture=False)
+def test_static_forward_matches_the_fast_path_on_mixed_batches(engine, B, T, seed, hot_after):
+    static = GraphedForward(engine.model, capture=False, hot_after=hot_after)
     ids, mask = random_batch(B, T, seed)
     tasks = mixed_tasks(B, seed)
     assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
 
 
+def test_bank_wide_graphs_serve_every_mix_until_a_key_is_hot(engine):
+    """Any batch runs on its shape's bank-wide graph (every method registered tasks use, no subsets) with the
+    same logits; its own key gets a graph once seen `hot_after` times; `warm_up` captures every shape's wide graph."""
+    static = GraphedForward(engine.model, capture=False, batch_buckets=(1, 8), length_buckets=(16, 32, 64),
+                            hot_after=3)
+    assert static.warm_up(max_length=20) == 4  # (1, 16), (1, 32), (8, 16), (8, 32): lengths up to 20's bucket
+    used = sorted({m for e in engine.bank.tasks.values() for m in e.slots})
+    assert sorted(static._graphs) == [(b, t, tuple(used), ()) for b in (1, 8) for t in (16, 32)]
+    ids, mask = random_batch(6, 11, 9)
+    for tasks in (["lora_r2"] * 6, ["maskbert"] * 6, mixed_tasks(6, 9), ["lora_r2"] * 6):
+        assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
+    assert static.captures == 4  # nothing captured while serving
+    assert_same(static(ids, mask, ["lora_r2"] * 6), fast_path(engine, ids, mask, ["lora_r2"] * 6))  # 3rd sighting
+    assert static.captures == 5 and (8, 16, ("lora",), ()) in static._graphs
+    assert static.warm_up(max_length=20) == 0
+
+
 def test_a_batch_of_one_method_leaves_the_others_out(engine):
-    static = GraphedForward(engine.model, capture=False)
+    static = GraphedForward(engine.model, capture=False, hot_after=1)
     ids, mask = random_batch(6, 8, 4)
     for name in ("lora_r2", "maskbert", "houlsby_gelu", "lora_ia3_bitfit"):
         assert_same(static(ids, mask, [name] * 6), fast_path(engine, ids, mask, [name] * 6))
@@ -62,7 +80,7 @@ def test_a_batch_of_one_method_leaves_the_others_out(engine):
 def test_dense_delta_methods_run_on_their_rows_only(engine, B):
     """MaskBERT and Diff-Pruning (a dense ΔW per row) run on the rows that use them, padded to a quarter of the
     batch bucket, when they fit there."""
-    static = GraphedForward(engine.model, capture=False)
+    static = GraphedForward(engine.model, capture=False, hot_after=1)
     ids, mask = random_batch(B, 11, 7)
     tasks = ["lora_r2", "maskbert", "ia3", "diff_pruning", "diff_pruning", "bitfit", "maskbert", "diff_pruning"]
     tasks = (tasks * 3)[:B]

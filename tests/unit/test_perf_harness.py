@@ -163,3 +163,55 @@ def test_stage_means_are_per_answered_request_over_the_run():
              "chorus_send_duration_us 6000\n")
     assert stage_means(before, after) == {"queue": 0.2, "compute": 0.5, "send": 0.3, "answered": 20}
     assert stage_means(after, after) is None  # nothing answered on the scheduler path
+
+
+def bare_bench(tmp_path, hf_python):
+    b = bench.Bench.__new__(bench.Bench)
+    b.p, b.out, b.hf_python, b.result = bench.PROFILES["cpu"], tmp_path, str(hf_python), {"notes": [], "skipped": []}
+    return b
+
+
+def fake_python(path, body):
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_hf_baseline_runs_in_a_subprocess_and_a_failure_is_a_skip(tmp_path):
+    spec = {"backbone": "b", "task_dirs": {}, "texts_by_task": {}, "batch": 64, "device": "cuda", "dtype": "float16"}
+    # args: -m perf.inprocess hf SPEC OUT; the child gets the spec as a file and writes its figures to OUT
+    ok = fake_python(tmp_path / "ok", 'test "$3" = hf && grep -q float16 "$4" && echo \'{"rows_per_s": 5.0}\' > "$5"\n')
+    assert bare_bench(tmp_path, ok).hf_baseline(spec)["rows_per_s"] == 5.0
+    assert json.loads((tmp_path / "raw" / "hf_spec.json").read_text()) == spec
+    b = bare_bench(tmp_path, fake_python(tmp_path / "bad", "echo 'ImportError: no BertModel' >&2\nexit 3\n"))
+    assert b.hf_baseline(spec) is None
+    (skip,) = b.result["skipped"]
+    assert skip["what"] == "hf_transformers" and "exited with 3" in skip["why"] and "no BertModel" in skip["why"]
+    b = bare_bench(tmp_path, tmp_path / "no-such-python")
+    assert b.hf_baseline(spec) is None and "no-such-python" in b.result["skipped"][0]["why"]
+
+
+def test_loadgen_sender_processes_share_one_clock(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: every request fails at once, as UNAVAILABLE
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows = [Row("a", "x", None), Row("b", "y", None)]
+    arrivals = [(0.01 * i, rows[i % 2]) for i in range(40)]
+    gen = loadgen.LoadGenerator(f"127.0.0.1:{port}", lambda t: f"model_{t}", timeout_s=5)
+    try:
+        out, samples = gen.run(arrivals, drain_timeout_s=5, processes=3)
+    finally:
+        gen.close()
+    assert [(o.t_sched, o.task) for o in out] == [(t, r.task) for t, r in arrivals]  # every one, in order
+    assert all(o.status == "refused" and o.t_done is not None for o in out) and samples == []
+    assert max(o.t_send - o.t_sched for o in out) < 0.5  # sent on the common schedule, not each from its own start
+
+
+def test_per_phase_summaries_split_by_scheduled_arrival():
+    out = outcomes([10.0] * 10 + [200.0] * 20 + [10.0] * 10)  # every 0.1 s: 1 s calm, 2 s slow, 1 s calm
+    base, burst, after = loadgen.per_phase(out, [(1.0, 10.0), (2.0, 100.0), (1.0, 10.0)])
+    assert (base["sent"], burst["sent"], after["sent"]) == (10, 20, 10)
+    assert burst["start_s"] == 1.0 and burst["rate"] == 100.0 and burst["p50_ms"] == pytest.approx(200.0)
+    assert base["offered_per_s"] == 10.0 and burst["accuracy"] == 0.5
