@@ -9,9 +9,15 @@ Plots need matplotlib (requirements.txt); without it only summary.md is written.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
+
+
+def read_json(path: Path):
+    """A results file, gzipped (perf.summarize.compress_raw) or not."""
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
 
 
 def _f(x, digits: int = 3) -> str:
@@ -62,13 +68,13 @@ def plots(folder: Path, r: dict) -> list[str]:
     written.append("latency_throughput.png")
 
     for kind, fname in (("burst", "burst_timeline.png"), ("overload", "overload_timeline.png")):
-        runs = sorted(folder.glob(f"raw/timeline-*-{kind}*.json"))
+        runs = sorted([*folder.glob(f"raw/timeline-*-{kind}*.json"), *folder.glob(f"raw/timeline-*-{kind}*.json.gz")])
         if not runs:
             continue
         fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
         for path in runs:
-            tag = path.stem.removeprefix("timeline-")
-            bins = json.loads(path.read_text())["bins"]
+            tag = path.name.split(".")[0].removeprefix("timeline-")
+            bins = read_json(path)["bins"]
             t = [b["t"] for b in bins]
             axes[0].plot(t, [b["p99_ms"] for b in bins], label=f"{tag} p99")
             axes[0].plot(t, [b["p50_ms"] for b in bins], ls="--", alpha=.6, label=f"{tag} p50")
@@ -82,7 +88,7 @@ def plots(folder: Path, r: dict) -> list[str]:
         axes[0].set(ylabel="latency of answered (ms)", yscale="log")
         axes[1].set(ylabel="req/s | queued rows")
         axes[2].set(ylabel="students in use", xlabel="seconds")
-        if not any(b.get("students_mean") is not None for p in runs for b in json.loads(p.read_text())["bins"]):
+        if not any(b.get("students_mean") is not None for p in runs for b in read_json(p)["bins"]):
             axes[2].text(0.5, 0.5, "no STUDENTS output: students not served yet", ha="center",
                          transform=axes[2].transAxes)
         for ax in axes:
@@ -172,7 +178,11 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
     st = r.get("students")
     if st:
         lines += ["", "## Students", "", f"Task {st.get('task')}, K = {st.get('K')}; p50/accuracy runs at "
-                  f"{_f(st.get('rate'))} req/s (0.4x saturation), same rows for each; bursts as above.", "",
+                  f"{_f(st.get('rate'))} req/s (0.4x saturation), same rows for each; bursts: "
+                  f"{_f(st.get('burst', {}).get('burst_per_s'))} req/s (10x the base) for "
+                  f"{_f(st.get('burst', {}).get('seconds'))} s, the base "
+                  f"{_f(st.get('burst', {}).get('base_per_s'))} req/s before and after (students' saturation "
+                  f"{_f(st.get('burst', {}).get('saturation_students_per_s'))} infer/s).", "",
                   "| run | sent | refused | p50 ms | p99 ms | accuracy | students in use (mean) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for key, label in (("teacher", "chorus, students=0 (teacher)"), ("students", f"chorus, students={st.get('K')}"),
@@ -195,7 +205,7 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
         lines += ["", "## Notes and skipped", ""] + [f"- {n}" for n in r.get("notes", [])]
         lines += [f"- skipped {s['what']}: {s['why']}" for s in r.get("skipped", [])]
     lines += ["", "## Files", "", "Raw: `results.json` (every figure and command), `raw/pa-*.csv` (perf_analyzer), "
-              "`raw/loadgen-*.csv` (one line per request), `raw/timeline-*.json` (per-bin latency, queue, metrics "
+              "`raw/loadgen-*.csv` (one line per request), `raw/timeline-*.json[.gz]` (per-bin latency, queue, metrics "
               "samples), `raw/tritonserver-*.log`.", ""] + [f"![{p}]({p})" for p in pngs]
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,7 @@ DESCRIPTIONS = {
     "sp_p50_speedup_vs_teacher": "p50 latency, chorus teacher (students=0) / students, same server and load",
     "sp_p50_speedup_vs_triton_baseline": "p50, the task's own Triton model (dynamic batcher) / chorus students",
     "sp_accuracy_drop_points": "accuracy points lost by students vs the teacher, answered under load",
-    "burst_p99_ms_with_pruning": "p99 of answered through bursts (2 s at 0.3x, 1 s at 2x saturation), pruning on",
+    "burst_p99_ms_with_pruning": "p99 of answered, students' burst (10x the base for 10 s, over their saturation), pruning on",
     "burst_p99_ms_without_pruning": "the same bursts with pruning off (all K students always)",
     "max_rate_at_slo_vs_triton_baseline": "highest Poisson rate within the SLO, chorus / one Triton model per task",
     "mixed_tasks_speedup_vs_seqs": "one mixed-task batch vs the same rows one task at a time (in process)",
@@ -141,9 +141,11 @@ BIG_RAW_BYTES = 50_000
 
 
 def compress_raw(folder: Path) -> None:
-    """gzip the per-request CSVs over BIG_RAW_BYTES under folder/raw (every summarized run, CPU or imported): the GPU
-    machine takes the working tree and .gpu/ only within 64 MiB, and the results are part of the tree."""
-    for csv in sorted((folder / "raw").glob("*.csv")):
+    """gzip the per-request CSVs, timelines and perf_analyzer input files over BIG_RAW_BYTES under folder/raw (every summarized
+    run, CPU or imported): the GPU machine takes the working tree and .gpu/ only within 64 MiB, and the results are
+    part of the tree."""
+    raw = folder / "raw"
+    for csv in sorted([*raw.glob("*.csv"), *raw.glob("pa_input*.json"), *raw.glob("timeline-*.json")]):
         if csv.stat().st_size > BIG_RAW_BYTES:
             with csv.open("rb") as src, gzip.open(csv.with_name(csv.name + ".gz"), "wb", compresslevel=9) as dst:
                 shutil.copyfileobj(src, dst)
