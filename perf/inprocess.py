@@ -128,7 +128,12 @@ def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeat
     single = median_s(lambda: engine.run(ids, [tasks[0]] * len(ids)), dev, repeats)
     res = {"rows": len(ids), "tasks_in_mixed_batch": len(by_task), "mixed_ms": mixed * 1000, "seqs_ms": seqs * 1000,
            "single_task_ms": single * 1000, "mixed_speedup_vs_seqs": seqs / mixed,
-           "mixed_vs_single_task_ratio": single / mixed, "cuda_graphs": engine.graphs is not None}
+           "mixed_vs_single_task_ratio": single / mixed, "cuda_graphs": engine.graphs is not None,
+           "single_task": tasks[0]}
+    # the same rows as a single-task batch of one task of each PET type: which PET ops the mixed batch pays for
+    by_type = {"+".join(sorted(engine.bank.tasks[t].pet)): t for t in by_task}
+    res["single_task_ms_by_pet_type"] = {
+        pet: median_s(lambda t=t: engine.run(ids, [t] * len(ids)), dev, repeats) * 1000 for pet, t in sorted(by_type.items())}
     subset = {type(m) for m in engine.bank.methods.values() if m.row_subset}
     if engine.graphs is not None and subset:  # the dense-delta methods' ops on every row, as before (one run)
         for cls in subset:

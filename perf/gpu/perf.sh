@@ -20,9 +20,9 @@ FOLDER="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z'
 RESULTS=/tmp/perf-results/$FOLDER
 # The harness runs under the numpy-1.26 venv: tritonserver's backend stub uses the Python the harness runs with.
 # transformers does not import there, so the Hugging Face baseline runs in a subprocess of the main environment's
-# python3 (--hf-python). perf.bench keeps to its own budget (460 s); `timeout` guards the tool's 10 minutes so the
+# python3 (--hf-python). perf.bench keeps to its own budget (530 s); `timeout` guards the tool's 10 minutes so the
 # tarball is always made.
-PYTHONPATH=$PERFSITE timeout 510 /tmp/np1env/bin/python3 -m perf.bench --profile gpu --bundle $G --out "$RESULTS" --no-plots \
+PYTHONPATH=$PERFSITE timeout 560 /tmp/np1env/bin/python3 -m perf.bench --profile gpu --bundle $G --out "$RESULTS" --no-plots \
   --hf-python "$(command -v python3)" "$@" \
   2>&1 | tee "$OUT/bench.log" || echo "perf.bench exited with $?" | tee -a "$OUT/bench.log"
 PYTHONPATH=$PERFSITE /tmp/np1env/bin/python3 -m perf.report "$RESULTS" || true
