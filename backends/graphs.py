@@ -22,15 +22,11 @@ Rows never interact (attention and LayerNorm are within a row), so padding rows 
 
 Which graph runs a batch. Each key is a graph captured while a batch waits (~65 ms for bert-base on an H100), and the
 scheduler's batches vary in size, method set and dense-delta count: a concurrency sweep captured ~100 graphs, a large
-share of its time, and one capture early in a low-rate run was that run's p99 (perf/results/h100-2026-11-22). So every
-shape has *bank-wide* graphs: every PET method any registered task uses (a row leaves the methods it does not use on
-their null slots, so the logits are the same for any batch of that shape), once with each dense-delta method on
-b/4 subset rows (the rows that use it, padded with null rows) and once with them on every row (a batch where more than
-b/4 rows use one). `warm_up` captures them for every shape at load; a batch then runs its own key's graph if that
-was captured (`exact`, as the latency tables profile each PET type), else the narrowest bank-wide one that holds it.
-`hot_after` = n (default None: never) also captures a batch's own key while serving once seen n times: a faster graph
-for a hot mix, at the price of a stalled batch. Before `warm_up`, or after the bank grew, a miss captures the
-bank-wide graph it needs.
+share of its time (perf/results/h100-2026-11-22). So every shape also has one *bank-wide* graph: every PET method any
+registered task uses, no subsets; a row leaves the methods it does not use on their null slots, so the bank-wide graph
+gives the same logits for any batch of that shape. `warm_up` captures the bank-wide graph of every shape at load; a
+batch runs its own key's graph when captured, else the bank-wide one, and its own key is captured once it has been
+seen `hot_after` times (the hot keys earn their own graph; a rare mix costs no capture).
 
 The bank's tensors are captured by address: adding or removing a task writes slots in place (graphs stay valid);
 growing a bank re-allocates, so the graphs are dropped when the bank's version moved and any address changed.
@@ -77,7 +73,7 @@ class GraphedForward:
     eagerly."""
 
     def __init__(self, model, capture: bool | None = None, batch_buckets=BATCH_BUCKETS,
-                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int | None = None):
+                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int = 8):
         self.model, self.bank = model, model.bank
         self.device = model.encoder.word_embeddings.weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -184,11 +180,10 @@ class GraphedForward:
             entry = self._graphs.get(key)
             if entry is None and not exact:
                 self._seen[key] = seen = self._seen.get(key, 0) + 1
-                if self.hot_after is None or seen < self.hot_after:
-                    wide = self._wide_for(shape, B, slots)
-                    if wide is not None:
-                        key, subsets = wide
-                        entry = self._graphs.get(key)
+                wide = self._wide_key(shape)
+                if seen < self.hot_after and set(key[2]) <= set(wide[2]):
+                    key, subsets = wide, {}
+                    entry = self._graphs.get(key)
             if entry is None:
                 entry = self._build(key, tensors)
                 self._seen.pop(key, None)
@@ -217,31 +212,12 @@ class GraphedForward:
                 graph.replay()
             return out[:B].float().cpu().numpy()
 
-    def _wide_keys(self, shape: tuple[int, int]) -> list[tuple]:
-        """The bank-wide keys of a shape, narrowest first: every PET method a registered task uses, with the dense-delta
-        (`row_subset`) ones on b/4 rows, then on every row (the one key when there are none or b/4 would be all)."""
+    def _wide_key(self, shape: tuple[int, int]) -> tuple:
+        """The bank-wide key of a shape: every PET method a registered task uses, no subsets."""
         if self._wide is None or self._wide[0] != self.bank.version:
             used = {m for e in list(self.bank.tasks.values()) for m in e.slots}
             self._wide = (self.bank.version, tuple(sorted(used)))
-        methods = self._wide[1]
-        b, n = shape[0], max(1, shape[0] // 4)
-        dense = tuple((m, n) for m in methods if getattr(self.bank.methods[m], "row_subset", False))
-        full = (*shape, methods, ())
-        return [(*shape, methods, dense), full] if dense and n < b else [full]
-
-    def _wide_for(self, shape: tuple[int, int], B: int, slots: dict[str, list[int]]):
-        """(key, subsets) of the narrowest bank-wide graph that can run this batch, or None (a method no registered
-        task uses: the bank changed under the caller)."""
-        for key in self._wide_keys(shape):
-            if not set(slots) <= set(key[2]):
-                return None
-            dense = dict(key[3])
-            if not dense:
-                return key, {}
-            subsets = self._subsets(shape[0], B, {m: slots.get(m, [0] * B) for m in dense})
-            if subsets.keys() == dense.keys():  # every dense-delta method fits its b/4 rows
-                return key, subsets
-        return None
+        return (*shape, self._wide[1], ())
 
     def shapes(self, max_length: int) -> list[tuple[int, int]]:
         """Every (batch, length) bucket a batch of rows up to `max_length` tokens can run in."""
@@ -250,11 +226,11 @@ class GraphedForward:
                 if t <= top and self.shape(b, t) == (b, t)]
 
     def warm_up(self, max_length: int) -> int:
-        """Capture the bank-wide graphs of every shape up to `max_length` (at load, before serving); returns how many
+        """Capture the bank-wide graph of every shape up to `max_length` (at load, before serving); returns how many
         were captured now."""
         with self._lock:
             tensors = self._check_bank()
-            todo = [k for s in self.shapes(max_length) for k in self._wide_keys(s) if k not in self._graphs]
+            todo = [k for k in (self._wide_key(s) for s in self.shapes(max_length)) if k not in self._graphs]
             for key in todo:
                 self._build(key, tensors)
         return len(todo)

@@ -13,9 +13,7 @@
   queued meanwhile) or `triton` (each execute() runs the requests Triton's dynamic batcher grouped, e.g. with
   `max_queue_delay_microseconds: 500`, as one batch: the baseline); `auto` is `scheduler`;
 - `cuda_graphs` (true | false, default true): on a GPU, batches up to 64 x 128 tokens run as CUDA graphs of the
-  gathered mixed-task forward (`chorus.backends.graphs`: bank-wide graphs of every shape captured at load); false runs
-  the eager fast path; `cuda_graph_hot_after` (default 0: never) captures a batch's own graph while serving once its
-  shape and PET-method mix has been seen that often (faster for a hot mix; each capture stalls its batch);
+  gathered mixed-task forward (`chorus.backends.graphs`); false runs the eager fast path;
 - `runtime`: `torch` (default) or `onnxruntime` (the backbone with its PET operators exported to ONNX, the task bank
   bound once as device-resident inputs: `chorus.export.ort.OrtEngine`);
 - `students`: JSON object {task name: student directory} (Student Parallelism, `chorus distill`): such a task is
@@ -337,8 +335,7 @@ class TritonPythonModel:
         if runtime == "onnxruntime":
             self.engine.refresh()  # export and bind now, not on the first request
         graphs = getattr(self.engine, "graphs", None)
-        if graphs is not None:  # every shape's bank-wide CUDA graphs now, not while a batch waits (chorus.backends.graphs)
-            graphs.hot_after = int(_param(params, "cuda_graph_hot_after", "0")) or None
+        if graphs is not None:  # every shape's bank-wide CUDA graph now, not while a batch waits (chorus.backends.graphs)
             start = time.perf_counter()
             n = graphs.warm_up(self.engine.max_length)
             pb_utils.Logger.log_info(f"chorus: {n} bank-wide CUDA graphs captured in {time.perf_counter() - start:.1f} s")

@@ -40,7 +40,7 @@ def test_buckets():
     assert static.shape(64, 17) is None and static.shape(65, 2) is None  # over max_tokens / every bucket
 
 
-@pytest.mark.parametrize("hot_after", [1, None])  # 1: each batch's own graph at once; None: a bank-wide one
+@pytest.mark.parametrize("hot_after", [1, 8])  # 1: each batch's own graph at once; 8: the bank-wide graph first
 @pytest.mark.parametrize("B,T,seed", [(1, 3, 0), (5, 17, 1), (24, 9, 2), (3, 30, 3)])
 def test_static_forward_matches_the_fast_path_on_mixed_batches(engine, B, T, seed, hot_after):
     static = GraphedForward(engine.model, capture=False, hot_after=hot_after)
@@ -49,28 +49,21 @@ def test_static_forward_matches_the_fast_path_on_mixed_batches(engine, B, T, see
     assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
 
 
-def test_bank_wide_graphs_serve_every_mix_without_captures(engine):
-    """After `warm_up`, any batch runs on its shape's bank-wide graphs (every method registered tasks use; the
-    dense-delta ones on b/4 rows when they fit there, else on every row) with the fast path's logits, and nothing is
-    captured while serving; with `hot_after`, a key seen that often gets a graph of its own."""
-    static = GraphedForward(engine.model, capture=False, batch_buckets=(1, 8), length_buckets=(16, 32, 64))
-    assert static.warm_up(max_length=20) == 6  # lengths up to 20's bucket: (1, 16), (1, 32), (8, 16) x2, (8, 32) x2
-    used = tuple(sorted({m for e in engine.bank.tasks.values() for m in e.slots}))
-    dense = tuple((m, 2) for m in used if m in ("diff_pruning", "maskbert"))
-    assert dense and sorted(static._graphs) == sorted(
-        [(1, t, used, ()) for t in (16, 32)] + [(8, t, used, d) for t in (16, 32) for d in ((), dense)])
+def test_bank_wide_graphs_serve_every_mix_until_a_key_is_hot(engine):
+    """Any batch runs on its shape's bank-wide graph (every method registered tasks use, no subsets) with the
+    same logits; its own key gets a graph once seen `hot_after` times; `warm_up` captures every shape's wide graph."""
+    static = GraphedForward(engine.model, capture=False, batch_buckets=(1, 8), length_buckets=(16, 32, 64),
+                            hot_after=3)
+    assert static.warm_up(max_length=20) == 4  # (1, 16), (1, 32), (8, 16), (8, 32): lengths up to 20's bucket
+    used = sorted({m for e in engine.bank.tasks.values() for m in e.slots})
+    assert sorted(static._graphs) == [(b, t, tuple(used), ()) for b in (1, 8) for t in (16, 32)]
     ids, mask = random_batch(6, 11, 9)
-    mixes = [["lora_r2"] * 6, ["maskbert"] * 6, mixed_tasks(6, 9), ["maskbert", "lora_r2"] * 3, ["lora_r2"] * 6]
-    for tasks in mixes:  # all-MaskBERT and 3-of-6 MaskBERT rows exceed b/4 = 2: the every-row graph
+    for tasks in (["lora_r2"] * 6, ["maskbert"] * 6, mixed_tasks(6, 9), ["lora_r2"] * 6):
         assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
-    one_row, one_mask = random_batch(1, 5, 3)
-    assert_same(static(one_row, one_mask, ["diff_pruning"]), fast_path(engine, one_row, one_mask, ["diff_pruning"]))
-    assert static.captures == 6  # nothing captured while serving
-    hot = GraphedForward(engine.model, capture=False, batch_buckets=(1, 8), length_buckets=(16, 32, 64), hot_after=2)
-    hot.warm_up(max_length=20)
-    for _ in range(2):
-        assert_same(hot(ids, mask, ["lora_r2"] * 6), fast_path(engine, ids, mask, ["lora_r2"] * 6))
-    assert hot.captures == 7 and (8, 16, ("lora",), ()) in hot._graphs  # the 2nd sighting captured its own graph
+    assert static.captures == 4  # nothing captured while serving
+    assert_same(static(ids, mask, ["lora_r2"] * 6), fast_path(engine, ids, mask, ["lora_r2"] * 6))  # 3rd sighting
+    assert static.captures == 5 and (8, 16, ("lora",), ()) in static._graphs
+    assert static.warm_up(max_length=20) == 0
 
 
 def test_a_batch_of_one_method_leaves_the_others_out(engine):
