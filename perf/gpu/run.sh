@@ -6,7 +6,8 @@
 # done once per machine: a second call on the same warm machine finds it done and may carry only `.minilm`.
 # Carried folder `.gpu/` (built by `make gpu-bundle`):
 #   triton.tar.xz (tritonserver 2.51 binary, Python backend, 3.12 stub, libs from the nvidia-pytriton wheel),
-#   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4 wheel, tokenizer.json, rt_texts.json.
+#   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4-cp312.tar.xz (the wheel's files),
+#   tokenizer.json, rt_texts.json.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 G=.gpu
@@ -33,7 +34,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
 # BYTES inputs over corrupted (see perf/README.md). The venv sees the system's torch and chorus.
 if ! /tmp/np1env/bin/python3 -c 'import numpy; assert numpy.__version__ == "1.26.4"' 2>/dev/null; then
   python3 -m venv /tmp/np1env
-  /tmp/np1env/bin/python3 -m pip install -q --no-index --no-deps $G/numpy-1.26.4-*.whl
+  # the numpy 1.26.4 cp312 wheel's files, unpacked into the venv (make gpu-bundle xz-compresses them: half the wheel)
+  tar -C "$(/tmp/np1env/bin/python3 -c 'import site; print(site.getsitepackages()[0])')" -xJf $G/numpy-1.26.4-cp312.tar.xz
 fi
 # everything else (torch, chorus, ...) from the main environment, after the venv's own numpy
 python3 -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" > "$(/tmp/np1env/bin/python3 -c \
