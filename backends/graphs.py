@@ -12,9 +12,8 @@ Semantics (what `GraphedForward(ids, tasks)` returns, the same logits as `MultiT
     methods = the PET methods of the batch's tasks (gathered ops of other methods are left out of the graph)
     subsets = for each method with `row_subset` (a dense ΔW per row: MaskBERT, Diff-Pruning) used by at most b/4
               rows: its op runs on those rows only, padded to b/4 with a row that reads its null slot
-              (`GatheredRows.subsets`); the graph's key holds (method, b/4). One size per bucket, not every power
-              of two: each key is a graph captured while a batch waits (perf/results: the scheduler's varied
-              batches captured 134 graphs in 12 s over one concurrency sweep)
+              (`GatheredRows.subsets`); the graph's key holds (method, b/4): one size per bucket, not every power
+              of two, as each key is another graph to capture (below)
     static_ids[:b, :t] = ids padded with the pad id; static_mask likewise, every padding row keeping one real position
     static_slots[m][:B] = each row's slot in method m (0: the null slot), padding rows 0; static_heads likewise
     replay graph[(b, t, methods, subsets)];  return static_logits[:B]
