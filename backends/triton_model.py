@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -87,6 +88,25 @@ def _json_param(params: dict, key: str, default: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"parameter {key} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _shared_table(path: Path, profile) -> LatencyTable:
+    """The latency table at `path`, or `profile()` saved there: one profile for every instance of a model (they load
+    at once: the first holds a lock on the table's folder while it profiles, the others then read its file)."""
+    import fcntl
+
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if path.is_file():
+            pb_utils.Logger.log_info(f"chorus: latency table read from {path}")
+            return LatencyTable.load(path)
+        table = profile()
+        table.save(path)
+        pb_utils.Logger.log_info(f"chorus: latency table profiled, saved to {path}")
+        return table
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def _request_options(request) -> tuple[bool, float | None, int | None]:
@@ -167,14 +187,17 @@ class Metrics:
 
     FLUSH_S = 0.25
 
-    def __init__(self, graph_stats=None) -> None:
-        """`graph_stats()` -> (CUDA graphs captured so far, seconds those captures took), or None."""
+    def __init__(self, labels: dict[str, str], graph_stats=None) -> None:
+        """`labels`: what every series carries (the model and its instance, as Triton labels its own metrics: a model
+        with several instances publishes each instance's gauges apart, and counters sum over them);
+        `graph_stats()` -> (CUDA graphs captured so far, seconds those captures took), or None."""
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.families = []  # a family must outlive its metrics
+        self.labels = labels
 
         def family(name: str, kind, text: str):
             self.families.append(pb_utils.MetricFamily(name, text, kind))
-            return self.families[-1].Metric(labels={})
+            return self.families[-1].Metric(labels=labels)
 
         self.counters = {  # name -> (metric, value not yet published)
             "batches": family("chorus_batches_total", counter, "mixed-task batches run by the chorus scheduler"),
@@ -249,7 +272,7 @@ class Metrics:
         for key, n in pending.items():
             if isinstance(key, tuple):
                 if key[1] not in self.student_rows:
-                    self.student_rows[key[1]] = self.student_family.Metric(labels={"k": str(key[1])})
+                    self.student_rows[key[1]] = self.student_family.Metric(labels={**self.labels, "k": str(key[1])})
                 self.student_rows[key[1]].increment(n)
             else:
                 self.counters[key].increment(n)
@@ -289,7 +312,8 @@ class TritonPythonModel:
         # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region: a small GEMM on
         # the worker ran 7x slower (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
         loaded = _on_own_thread(self._load, params, args)
-        self.metrics, self.loop = Metrics(self._graph_stats), None
+        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
+        self.metrics, self.loop = Metrics(labels, self._graph_stats), None
         if self.batching == "scheduler":
             scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
             if self.students is not None:
@@ -359,12 +383,10 @@ class TritonPythonModel:
         table = None
         if self.batching == "scheduler":
             table_path = _param(params, "latency_table", "")
-            if table_path and Path(table_path).is_file():
-                table = LatencyTable.load(table_path)
-            else:  # PetS's latency tables, profiled on this engine and device (and kept if a path was given)
+            if table_path:  # read from the file, else profiled here and kept there
+                table = _shared_table(Path(table_path), lambda: profile_engine(self.engine, self.students))
+            else:  # PetS's latency tables, profiled on this engine and device
                 table = profile_engine(self.engine, self.students)
-                if table_path:
-                    table.save(table_path)
         return {"device": device, "tasks": tasks, "students": student_dirs, "student_devices": devices or [device],
                 "policy": policy, "table": table}
 

@@ -51,7 +51,8 @@ LOG = logging.getLogger("perf.bench")
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = (
     "sp_p50_speedup_vs_teacher", "sp_p50_speedup_vs_triton_baseline", "sp_accuracy_drop_points",
-    "burst_p99_ms_with_pruning", "burst_p99_ms_without_pruning", "max_rate_at_slo_vs_triton_baseline",
+    "burst_p99_ms_with_pruning", "burst_p99_ms_without_pruning", "burst_p99_ms_with_pruning_instances",
+    "max_rate_at_slo_vs_triton_baseline",
     "mixed_tasks_speedup_vs_seqs", "mixed_vs_single_task_ratio", "max_tasks_one_gpu", "padding_fraction",
     "scheduler_rate_vs_dynamic_batcher", "served_vs_inprocess_throughput", "model_flops_utilisation",
 )
@@ -89,6 +90,9 @@ class Profile:
     per_task_delay_us: int = 2000  # the per-task models' dynamic batcher queue delay (Triton as commonly deployed)
     students_burst_s: float = 10.0  # the students' burst: 10x the base rate for this long (issue 6)
     students_calm_s: tuple[float, float] = (3.0, 5.0)  # ... at the base rate before it, and after it (recovery)
+    # >1: the students' burst (with pruning) also runs on the chorus model with this many instances (Python-backend
+    # processes, each its own GIL), the same phases: what a deployment gains past one process's serving path
+    students_instances: int = 1
 
 
 PROFILES = {
@@ -106,7 +110,7 @@ PROFILES = {
                    # at ~0.2x saturation (perf/results/h100-2026-11-22), so the 20 ms SLO is met, if at all, down here
                    rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000), overload_s=10.0,
                    recovery_s=10.0, burst_cycles=2, per_task_models=8, per_task_delay_us=2000, inprocess_rows=64,
-                   metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0)),
+                   metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0), students_instances=4),
 }
 
 
@@ -520,6 +524,13 @@ class Bench:
             repos.write_model(repo, no_prune, {"batching": "scheduler", "tasks": json.dumps(self.w.tasks),
                                                **self.w.params, **NO_PRUNING_PARAMS})
             models.append(no_prune)
+        multi = None
+        if self.w.students and self.p.students_instances > 1:  # one latency-table profile for all its instances
+            multi = repos.scheduler_model(repo, self.w.tasks, f"chorus_i{self.p.students_instances}",
+                                          instances=self.p.students_instances,
+                                          latency_table=str((repo / "latency_table_multi.json").resolve()),
+                                          **self.w.params)
+            models.append(multi)
         with self.server("chorus", models, repo) as server:
             outputs = self.probe(server, name)
             sysres = self.result["systems"].setdefault("chorus", {"model": name, "batching": "scheduler"})
@@ -548,9 +559,9 @@ class Bench:
                 self.note("students: STUDENTS output present, but no students for the served tasks "
                           "(model_repository/chorus/students/<task>/); student comparisons skipped")
             elif self.fits("students", 90):
-                self.run_students(server, name, models[1] if len(models) > 1 else None)
+                self.run_students(server, name, no_prune if self.w.students else None, multi)
 
-    def run_students(self, server: TritonServer, name: str, no_prune: str | None) -> None:
+    def run_students(self, server: TritonServer, name: str, no_prune: str | None, multi: str | None = None) -> None:
         task, k = next(iter(self.w.students.items()))
         rows = [r for r in self.w.rows if r.task == task]
         rate = 0.4 * self.saturation  # low load: the teacher's and the students' p50 and accuracy
@@ -601,7 +612,13 @@ class Bench:
                      if o.get("students") not in (None, "")]
             s["switch_effective"] = bool(times) and min(times) == k
             res["burst_without_pruning"] = s
-        for key in ("burst_with_pruning", "burst_without_pruning"):  # the 10 s burst alone: students in use, accuracy
+        if multi and self.fits("students' burst on several instances", sum(p[0] for p in phases) + 20):
+            res["instances"] = {"model": multi, "instances": self.p.students_instances,
+                                "saturation": self.students_saturation(server, multi, rows, k)}
+            res["burst_with_pruning_instances"] = self.phased(server, lambda t: multi, "students",
+                                                              "burst-pruning-instances", phases,
+                                                              parameters=burst_params, want_students=True, rows=rows)
+        for key in ("burst_with_pruning", "burst_without_pruning", "burst_with_pruning_instances"):  # the 10 s burst
             if key in res:
                 during = res[key]["per_phase"][1]
                 res["burst"][key] = {m: during[m] for m in ("students_mean", "accuracy", "checked", "sent", "refused",
@@ -614,7 +631,7 @@ class Bench:
         perf_analyzer point at the profile's highest concurrency, as the deployment's saturation is measured."""
         c = max(self.p.concurrency)
         data = workload.write_json(self.out / "raw" / "pa_input_students.json", workload.pa_input_data(rows))
-        r = pa.run(model, server.grpc_url, data, self.out / "raw" / f"pa-students-k{k}-c{c}.csv",
+        r = pa.run(model, server.grpc_url, data, self.out / "raw" / f"pa-students-{model}-k{k}-c{c}.csv",
                    pa.concurrency_mode(c), self.p.pa, parameters={"students": k})
         res = {"model": model, "students": k, "concurrency": c,
                "infer_per_s": max((x["infer_per_s"] for x in r["rows"]), default=None), "rows": r["rows"],
@@ -741,6 +758,9 @@ class Bench:
             if t["accuracy"] is not None and s["accuracy"] is not None and self.w.device != "cuda":
                 keys["sp_accuracy_drop_points"] = 100 * (t["accuracy"] - s["accuracy"])
             keys["burst_p99_ms_with_pruning"] = st.get("burst_with_pruning", {}).get("p99_ms")
+            keys["burst_p99_ms_with_pruning_instances"] = st.get("burst_with_pruning_instances", {}).get("p99_ms")
+            if self.p.students_instances <= 1:
+                why["burst_p99_ms_with_pruning_instances"] = "this profile serves the students from one instance"
             nop = st.get("burst_without_pruning")
             if nop and nop.get("switch_effective"):
                 keys["burst_p99_ms_without_pruning"] = nop["p99_ms"]

@@ -187,7 +187,9 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for key, label in (("teacher", "chorus, students=0 (teacher)"), ("students", f"chorus, students={st.get('K')}"),
                            ("triton_per_task_teacher", "the task's own Triton model (teacher)"),
-                           ("burst_with_pruning", "bursts, pruning on"), ("burst_without_pruning", "bursts, pruning off")):
+                           ("burst_with_pruning", "bursts, pruning on"), ("burst_without_pruning", "bursts, pruning off"),
+                           ("burst_with_pruning_instances",
+                            f"bursts, pruning on, {st.get('instances', {}).get('instances')} instances")):
             x = st.get(key)
             if x:
                 lines.append(f"| {label} | {x.get('sent')} | {x.get('refused')} | {_f(x.get('p50_ms'))} | "

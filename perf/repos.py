@@ -30,8 +30,13 @@ def split_config(text: str) -> tuple[str, dict[str, str]]:
     return text[:at], {k: json.loads(v) for k, v in _PARAM.findall(text[at:])}
 
 
-def render_config(head: str, name: str, params: dict[str, str], dynamic_batching_us: int | None = None) -> str:
+def render_config(head: str, name: str, params: dict[str, str], dynamic_batching_us: int | None = None,
+                  instances: int | None = None) -> str:
     head = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', head, count=1, flags=re.M)
+    if instances is not None:  # the shipped instance_group's count: Python-backend instances, each a process
+        head, n = re.subn(r"^(instance_group \[ \{ count: )\d+", rf"\g<1>{int(instances)}", head, flags=re.M)
+        if n != 1:
+            raise ValueError("the shipped config has no `instance_group [ { count: N, ...` line to change")
     head = "\n".join(line for line in head.splitlines() if not line.lstrip().startswith("#")) + "\n"
     if dynamic_batching_us is not None:  # replaces the shipped block
         head = re.sub(r"^dynamic_batching\b.*\n", "", head, flags=re.M)  # one line, as the shipped config has it
@@ -41,10 +46,11 @@ def render_config(head: str, name: str, params: dict[str, str], dynamic_batching
 
 
 def write_model(repo: Path, name: str, overrides: dict[str, str], dynamic_batching_us: int | None = None,
-                shipped: Path = SHIPPED) -> Path:
+                shipped: Path = SHIPPED, instances: int | None = None) -> Path:
     """One model directory `repo/name` from the shipped config with `overrides` (and Triton's batcher if asked)."""
     head, params = split_config((shipped / "config.pbtxt").read_text())
     params.update(overrides)
+    config = render_config(head, name, params, dynamic_batching_us, instances)  # may refuse: before any file
     model = repo / name
     shutil.rmtree(model, ignore_errors=True)
     (model / "1").mkdir(parents=True)
@@ -52,12 +58,13 @@ def write_model(repo: Path, name: str, overrides: dict[str, str], dynamic_batchi
     for sub in ("tasks", "students"):
         if (shipped / sub).exists():
             (model / sub).symlink_to((shipped / sub).resolve(), target_is_directory=True)
-    (model / "config.pbtxt").write_text(render_config(head, name, params, dynamic_batching_us))
+    (model / "config.pbtxt").write_text(config)
     return model
 
 
-def scheduler_model(repo: Path, tasks: dict[str, str], name: str = "chorus", **params: str) -> str:
-    write_model(repo, name, {"batching": "scheduler", "tasks": json.dumps(tasks), **params})
+def scheduler_model(repo: Path, tasks: dict[str, str], name: str = "chorus", instances: int | None = None,
+                    **params: str) -> str:
+    write_model(repo, name, {"batching": "scheduler", "tasks": json.dumps(tasks), **params}, instances=instances)
     return name
 
 

@@ -30,6 +30,7 @@ DESCRIPTIONS = {
     "sp_accuracy_drop_points": "accuracy points lost by students vs the teacher, answered under load",
     "burst_p99_ms_with_pruning": "p99 of answered, students' burst (10x the base for 10 s, over their saturation), pruning on",
     "burst_p99_ms_without_pruning": "the same bursts with pruning off (all K students always)",
+    "burst_p99_ms_with_pruning_instances": "the same bursts, pruning on, the model with several instances (processes)",
     "max_rate_at_slo_vs_triton_baseline": "highest Poisson rate within the SLO, chorus / one Triton model per task",
     "mixed_tasks_speedup_vs_seqs": "one mixed-task batch vs the same rows one task at a time (in process)",
     "mixed_vs_single_task_ratio": "single-task batch time / mixed-task batch time (1.0 = mixing is free)",

@@ -27,7 +27,8 @@ class MaskBERT(SparseDelta):
 
     def delta_values(self, site, index, values):
         kept = (values >= 0).to(values.dtype)
-        kept = kept + values - values.detach()  # straight-through: forward binary, gradient to the scores
+        if values.requires_grad:  # straight-through: forward binary, gradient to the scores
+            kept = kept + values - values.detach()
         weight = self.linears[site].weight.reshape(-1)[index].to(values.dtype)
         return weight * (kept - 1)
 

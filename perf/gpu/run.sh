@@ -54,6 +54,9 @@ if [ "${1:-}" = perf ]; then  # the benchmark harness (issue 6): perf/gpu/perf.s
   shift
   exec bash perf/gpu/perf.sh "$@"
 fi
+if [ "${1:-}" = profile ]; then  # perf/profile_mixed.py: where a mixed all-PET batch's time goes (issue 3)
+  exec python3 -m perf.profile_mixed --bundle $G --out "$OUT"
+fi
 if [ "${1:-}" = probe ]; then  # perf/gpu/send_probe.py: answering from a worker thread, feature by feature
   exec /tmp/np1env/bin/python3 perf/gpu/send_probe.py "$OUT"
 fi

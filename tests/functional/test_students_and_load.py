@@ -48,12 +48,16 @@ def test_metrics_show_students_in_use(server, http_client):
     while True:
         with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
             text = r.read().decode()
-        rows = {int(k): float(v) for k, v in re.findall(r'chorus_student_rows_total\{k="(\d+)"\} ([\d.e+]+)', text)}
+        rows = {}  # k -> rows, summed over the model's instances
+        for labels, v in re.findall(r'^chorus_student_rows_total\{([^}]*)\} ([\d.e+]+)$', text, re.M):
+            assert 'model="chorus"' in labels and 'instance="' in labels, labels
+            k = int(re.search(r'\bk="(\d+)"', labels).group(1))
+            rows[k] = rows.get(k, 0) + float(v)
         if (rows.get(0, 0) >= 3 and sum(v for k, v in rows.items() if k > 0) >= 3) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert rows.get(0, 0) >= 3 and sum(v for k, v in rows.items() if k > 0) >= 3
-    in_use = re.search(r"^chorus_students_in_use(?:\{\})? ([\d.e+]+)$", text, re.M)
+    in_use = re.search(r'^chorus_students_in_use\{instance="chorus_0_0",model="chorus"\} ([\d.e+]+)$', text, re.M)
     assert in_use and 1 <= float(in_use.group(1)) <= 4
 
 

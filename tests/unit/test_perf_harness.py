@@ -66,6 +66,11 @@ def test_config_round_trip_keeps_shipped_parameters(tmp_path):
     assert "dynamic_batching { max_queue_delay_microseconds: 0, default_queue_policy { max_queue_size: 64 } }" in kept
     assert params == {"scheduler": '{"default_deadline_s": 5.0}', "batching": "triton"}
     assert (model / "tasks").is_symlink() and (model / "1" / "model.py").is_file()
+    with pytest.raises(ValueError, match="instance_group"):  # this config has no instance_group line to change
+        repos.write_model(tmp_path / "repo", "chorus_i2", {}, shipped=shipped, instances=2)
+    assert not (tmp_path / "repo" / "chorus_i2").exists()
+    head = repos.render_config("name: \"chorus\"\ninstance_group [ { count: 1, kind: KIND_CPU } ]\n", "c", {}, instances=4)
+    assert "instance_group [ { count: 4, kind: KIND_CPU } ]" in head
 
 
 def test_prometheus_parsing_sums_labels_and_filters_models():

@@ -1,0 +1,87 @@
+"""Where a mixed all-PET batch's time goes on the GPU (issue 3: mixed vs single-task batch), in one process.
+
+    python -m perf.profile_mixed --bundle .gpu --out $OUT     (bash perf/gpu/run.sh profile)
+
+The bert-base-shaped backbone and 64 random tasks of every PET type as the benchmark harness builds them
+(perf.gpu_check), 64 real Rotten Tomatoes sentences. Prints and writes `profile_mixed.json`:
+    graphed ms: the mixed batch, a single-task batch, each PET type alone, the mix without each PET type
+    kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
+             the top kernels by device time for the mixed and the single-task batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from chorus.backends.engine import Engine
+from chorus.backends.graphs import GraphedForward
+from perf.gpu_check import cuda_ms, make_backbone, make_tasks
+
+
+def kernels(fn, top: int) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA if cuda
+                                            else torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    rows = sorted(prof.key_averages(), key=us, reverse=True)
+    total = sum(map(us, rows))
+    return [{"kernel": e.key[:90], "calls": e.count, "ms": us(e) / 1000, "share": us(e) / total}
+            for e in rows[:top]] + [{"kernel": "TOTAL", "ms": total / 1000}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", type=Path, default=Path(".gpu"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/profile-mixed"))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (times mean nothing there)")
+    args = ap.parse_args(argv)
+    cfg = make_backbone(args.work / "bert-base", args.bundle / "tokenizer.json")
+    tasks = make_tasks(cfg, args.work / "tasks", 64)
+    engine = Engine(args.work / "bert-base", device=args.device, dtype=torch.float16, capacity=80, max_length=128)
+    for name, path in tasks.items():
+        engine.load_task(name, path)
+    if engine.graphs is not None:
+        engine.graphs.hot_after = 1
+    timed = cuda_ms if args.device.startswith("cuda") else lambda fn: float("nan")
+    texts = json.loads((args.bundle / "rt_texts.json").read_text())[:64]
+    ids = engine.tokenize(texts)
+    names = sorted(tasks)
+    types = sorted({n.split("_", 1)[1] for n in names})
+    mixed = [names[i % len(names)] for i in range(64)]
+    res: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "rows": 64,
+                 "longest": max(map(len, ids)), "graphed_ms": {}}
+    g = res["graphed_ms"]
+    g["mixed"] = timed(lambda: engine.run(ids, mixed))
+    g["single:" + names[0]] = timed(lambda: engine.run(ids, [names[0]] * 64))
+    for t in types:
+        one = next(n for n in names if n.endswith("_" + t))
+        g["alone:" + t] = timed(lambda one=one: engine.run(ids, [one] * 64))
+        rest = [n for n in names if not n.endswith("_" + t)]
+        g["mixed_without:" + t] = timed(lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)]))
+    for k, v in g.items():
+        print(f"{k:40s} {v:8.2f} ms", flush=True)
+    eager = GraphedForward(engine.model, capture=False, hot_after=1)  # each batch's own key, as `graphed_ms`
+    pad_ids, mask = engine.pad(ids)
+    res["kernels_mixed"] = kernels(lambda: eager(pad_ids, mask, mixed), 30)
+    res["kernels_single"] = kernels(lambda: eager(pad_ids, mask, [names[0]] * 64), 15)
+    for label in ("kernels_mixed", "kernels_single"):
+        print(f"\n{label}")
+        for r in res[label]:
+            print(f"  {r['ms']:8.3f} ms {r.get('calls', ''):>6} {r['kernel']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_mixed.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
