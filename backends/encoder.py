@@ -122,36 +122,12 @@ class PetLinear(nn.Module):
             elif op.method in rows.slots:  # a method the batch's rows do not use is left out of the gathered form
                 x = op.gathered(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
-        if not gathered:
-            for op in self.ops:
+        for op in self.ops:
+            if not gathered:
                 y = op(x, y, rows)
-            return y
-        ops = [op for op in self.ops if op.method in rows.slots]
-        if rows.streams and len(ops) > 1:
-            return concurrent_ops(ops, x, y, rows)
-        for op in ops:
-            y = op.gathered(x, y, rows)
+            elif op.method in rows.slots:
+                y = op.gathered(x, y, rows)
         return y
-
-
-def concurrent_ops(ops: list, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-    """PetS's PET-operator scheduling: independent PET ops of one linear on separate CUDA streams (captured into a
-    graph, they are parallel branches). The first op adds into `y` on the current stream; each other op adds into a
-    zero output on a stream of its own (`rows.streams`), and the current stream sums them once all are done."""
-    main = torch.cuda.current_stream(y.device)
-    side = ops[1:1 + len(rows.streams)]
-    outs = []
-    for op, stream in zip(side, rows.streams):
-        stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            outs.append(op.gathered(x, torch.zeros_like(y), rows))
-    for op in [ops[0], *ops[1 + len(side):]]:
-        y = op.gathered(x, y, rows)
-    for stream in rows.streams[:len(outs)]:
-        main.wait_stream(stream)
-    for out in outs:
-        y = y + out
-    return y
 
 
 class PetLayerNorm(nn.LayerNorm):

@@ -72,8 +72,7 @@ class GraphedForward:
     eagerly."""
 
     def __init__(self, model, capture: bool | None = None, batch_buckets=BATCH_BUCKETS,
-                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int = 8,
-                 pet_streams: bool = False):
+                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int = 8):
         self.model, self.bank = model, model.bank
         self.device = model.encoder.word_embeddings.weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -84,9 +83,6 @@ class GraphedForward:
         self._graphs: dict[tuple, tuple] = {}
         self._seen: dict[tuple, int] = {}  # batches per key that has no graph of its own yet
         self.hot_after = hot_after
-        # PetS's PET-operator scheduling: a linear's PET ops as parallel branches of the graph (`concurrent_ops`)
-        self.pet_streams = pet_streams and self.capture
-        self._streams = [torch.cuda.Stream(self.device) for _ in range(8)] if self.pet_streams else None
         self._wide: tuple[int, tuple[str, ...]] | None = None  # (bank version, the methods registered tasks use)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._version, self._addresses = None, None
@@ -124,7 +120,7 @@ class GraphedForward:
         heads = torch.zeros(b, dtype=torch.long, device=dev)
         rows = GatheredRows(slots, heads, {k: v for k, v in tensors.items()
                                            if k.startswith("head.") or k.split(".", 1)[0] in methods},
-                            {m: torch.zeros(n, dtype=torch.long, device=dev) for m, n in subsets}, self._streams)
+                            {m: torch.zeros(n, dtype=torch.long, device=dev) for m, n in subsets})
         return ids, mask, rows
 
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):

@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from chorus.backends.engine import Engine
@@ -69,19 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         g["alone:" + t] = timed(lambda one=one: engine.run(ids, [one] * 64))
         rest = [n for n in names if not n.endswith("_" + t)]
         g["mixed_without:" + t] = timed(lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)]))
-    if engine.graphs is not None:  # PetS's PET-operator scheduling: each linear's PET ops on streams of their own
-        streamed = GraphedForward(engine.model, hot_after=1, pet_streams=True)
-        graphs, engine.graphs = engine.graphs, streamed
-        g["mixed_pet_streams"] = timed(lambda: engine.run(ids, mixed))
-        engine.graphs = graphs
-        ref, got = engine.run(ids, mixed).logits, None
-        engine.graphs = streamed
-        got = engine.run(ids, mixed).logits
-        engine.graphs = graphs
-        res["pet_streams_max_abs_diff"] = float(np.abs(np.where(np.isfinite(ref), ref - got, 0)).max())
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)
-    print("pet streams: largest logit difference", res.get("pet_streams_max_abs_diff"), flush=True)
     eager = GraphedForward(engine.model, capture=False, hot_after=1)  # each batch's own key, as `graphed_ms`
     pad_ids, mask = engine.pad(ids)
     res["kernels_mixed"] = kernels(lambda: eager(pad_ids, mask, mixed), 30)

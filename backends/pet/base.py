@@ -59,16 +59,12 @@ class GatheredRows:
     `subsets[method]` (optional, methods with `row_subset`): (n,) int64 rows of the batch the method's op runs on,
     every row that uses it and, to fill a fixed n, rows that read its null slot (they add nothing); without it the
     op runs on every row.
-    `streams` (optional, CUDA): PetS's PET-operator scheduling — a linear's PET ops run concurrently, the first on the
-    current stream and each other one on a stream of its own adding into a zero output, summed after (see
-    `chorus.backends.encoder.PetLinear`); None: one after another on the current stream.
     """
 
     slots: dict[str, torch.Tensor]
     head_slots: torch.Tensor
     tensors: dict[str, torch.Tensor]
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)
-    streams: list | None = None
     gathered: ClassVar[bool] = True
 
     def tensor(self, method: str, name: str) -> torch.Tensor:

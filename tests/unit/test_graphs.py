@@ -119,27 +119,3 @@ def test_cuda_graphs_match_the_fast_path_and_survive_a_growing_bank(tmp_path):
         e.add_task(task(name, seed=i))
     tasks = mixed_tasks(7, 8)
     assert_same(e.run(as_rows(ids, mask), tasks).logits, fast_path(e, ids.cuda(), mask.cuda(), tasks))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_pet_ops_on_streams_match_the_fast_path(tmp_path):
-    """PetS's PET-operator scheduling (`pet_streams`): every linear's PET ops as parallel graph branches, same logits."""
-    e = Engine(write_tiny_bert(tmp_path, TINY), device="cuda", capacity=len(PETS) + 1, max_rank=8)
-    for i, name in enumerate(PETS):
-        e.add_task(task(name, seed=i))
-    e.graphs = GraphedForward(e.model, hot_after=1, pet_streams=True)
-    for B, T, seed in [(7, 11, 7), (24, 9, 2)]:
-        ids, mask = random_batch(B, T, seed)
-        tasks = mixed_tasks(B, seed)
-        assert_same(e.run(as_rows(ids, mask), tasks).logits, fast_path(e, ids.cuda(), mask.cuda(), tasks))
-    assert e.graphs.captured == 2
-
-
-def test_pet_streams_are_a_cuda_graph_option(engine):
-    """Without capture (the CPU) the option changes nothing: the ops run one after another."""
-    static = GraphedForward(engine.model, capture=False, hot_after=1, pet_streams=True)
-    assert not static.pet_streams
-    ids, mask = random_batch(5, 17, 1)
-    tasks = mixed_tasks(5, 1)
-    assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
