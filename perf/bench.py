@@ -525,11 +525,11 @@ class Bench:
                                                **self.w.params, **NO_PRUNING_PARAMS})
             models.append(no_prune)
         multi = None
-        if self.w.students and self.p.students_instances > 1:  # one latency-table profile for all its instances
+        if self.w.students and self.p.students_instances > 1:  # one latency table for all its instances: the
+            # calibrated one where the in-process stage made it, else one profile that they share
+            params = {"latency_table": str((repo / "latency_table_multi.json").resolve()), **self.w.params}
             multi = repos.scheduler_model(repo, self.w.tasks, f"chorus_i{self.p.students_instances}",
-                                          instances=self.p.students_instances,
-                                          latency_table=str((repo / "latency_table_multi.json").resolve()),
-                                          **self.w.params)
+                                          instances=self.p.students_instances, **params)
             models.append(multi)
         with self.server("chorus", models, repo) as server:
             outputs = self.probe(server, name)
