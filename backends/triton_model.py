@@ -9,7 +9,7 @@
   `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
   task-bank slots), `max_rank` (largest LoRA rank);
 - `batching`: `scheduler` (chorus's length-bucket scheduler forms the batches, the default; `scheduler` and
-  `latency_table` configure it; the shipped `dynamic_batching` block has no delay: it only hands execute() what
+  `latency_table` configure it: a path is read, or profiled once and written there, shared by a model's instances; the shipped `dynamic_batching` block has no delay: it only hands execute() what
   queued meanwhile) or `triton` (each execute() runs the requests Triton's dynamic batcher grouped, e.g. with
   `max_queue_delay_microseconds: 500`, as one batch: the baseline); `auto` is `scheduler`;
 - `cuda_graphs` (true | false, default true): on a GPU, batches up to 64 x 128 tokens run as CUDA graphs of the
