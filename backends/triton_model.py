@@ -9,9 +9,10 @@
   `dtype` (float32 | float16 | bfloat16), `device` (auto | cpu | cuda[:N], see `_device`), `task_capacity` (initial
   task-bank slots), `max_rank` (largest LoRA rank);
 - `batching`: `scheduler` (chorus's length-bucket scheduler forms the batches, the default; `scheduler` and
-  `latency_table` configure it: a path is read, or profiled once and written there, shared by a model's instances; the shipped `dynamic_batching` block has no delay: it only hands execute() what
-  queued meanwhile) or `triton` (each execute() runs the requests Triton's dynamic batcher grouped, e.g. with
-  `max_queue_delay_microseconds: 500`, as one batch: the baseline); `auto` is `scheduler`;
+  `latency_table` configure it: a path is read, or profiled once and written there, shared by a model's instances;
+  the shipped `dynamic_batching` block has no delay: it only hands execute() what queued meanwhile) or `triton`
+  (each execute() runs the requests Triton's dynamic batcher grouped, e.g. with `max_queue_delay_microseconds: 500`,
+  as one batch: the baseline); `auto` is `scheduler`;
 - `cuda_graphs` (true | false, default true): on a GPU, batches up to 64 x 128 tokens run as CUDA graphs of the
   gathered mixed-task forward (`chorus.backends.graphs`); false runs the eager fast path;
 - `runtime`: `torch` (default) or `onnxruntime` (the backbone with its PET operators exported to ONNX, the task bank
@@ -28,6 +29,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -93,8 +95,6 @@ def _json_param(params: dict, key: str, default: str) -> dict:
 def _shared_table(path: Path, profile) -> LatencyTable:
     """The latency table at `path`, or `profile()` saved there: one profile for every instance of a model (they load
     at once: the first holds a lock on the table's folder while it profiles, the others then read its file)."""
-    import fcntl
-
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
