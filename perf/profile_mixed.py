@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         engine.load_task(name, path)
     if engine.graphs is not None:
         engine.graphs.hot_after = 1
-    timed = cuda_ms if args.device.startswith("cuda") else lambda fn: float("nan")
+    cuda = args.device.startswith("cuda")
+    timed = cuda_ms if cuda else lambda fn: float("nan")
     texts = json.loads((args.bundle / "rt_texts.json").read_text())[:64]
     ids = engine.tokenize(texts)
     names = sorted(tasks)
     types = sorted({n.split("_", 1)[1] for n in names})
     mixed = [names[i % len(names)] for i in range(64)]
-    res: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "rows": 64,
+    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": 64,
                  "longest": max(map(len, ids)), "graphed_ms": {}}
     g = res["graphed_ms"]
     g["mixed"] = timed(lambda: engine.run(ids, mixed))
