@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -92,21 +93,26 @@ def _json_param(params: dict, key: str, default: str) -> dict:
     return value
 
 
-def _shared_table(path: Path, profile) -> LatencyTable:
-    """The latency table at `path`, or `profile()` saved there: one profile for every instance of a model (they load
-    at once: the first holds a lock on the table's folder while it profiles, the others then read its file)."""
-    folder = os.open(path.parent, os.O_RDONLY)
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on a folder (flock), held for the block: a model's instances load one at a time."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        if path.is_file():
-            pb_utils.Logger.log_info(f"chorus: latency table read from {path}")
-            return LatencyTable.load(path)
-        table = profile()
-        table.save(path)
-        pb_utils.Logger.log_info(f"chorus: latency table profiled, saved to {path}")
-        return table
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        os.close(folder)  # releases the lock
+        os.close(fd)  # releases the lock
+
+
+def _shared_table(path: Path, profile) -> LatencyTable:
+    """The latency table at `path`, or `profile()` saved there (call it holding `_folder_lock(path.parent)`)."""
+    if path.is_file():
+        pb_utils.Logger.log_info(f"chorus: latency table read from {path}")
+        return LatencyTable.load(path)
+    table = profile()
+    table.save(path)
+    pb_utils.Logger.log_info(f"chorus: latency table profiled, saved to {path}")
+    return table
 
 
 def _request_options(request) -> tuple[bool, float | None, int | None]:
@@ -358,6 +364,16 @@ class TritonPythonModel:
             self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
         if runtime == "onnxruntime":
             self.engine.refresh()  # export and bind now, not on the first request
+        # A model's instances given a `latency_table` path share it, and load from here one at a time (a lock on the
+        # table's folder): the first profiles the table with no other instance capturing CUDA graphs beside it (a
+        # profile taken during the others' captures estimated a student batch at 7.4 ms on an H100, and admission
+        # refused 56% of a burst the instances could serve: perf/results/h100-2026-11-22), the others read it.
+        table_path = _param(params, "latency_table", "") if self.batching == "scheduler" else ""
+        with _folder_lock(Path(table_path).parent) if table_path else contextlib.nullcontext():
+            return self._load_serving(params, model_dir, device, tasks, table_path)
+
+    def _load_serving(self, params: dict, model_dir: Path, device: str, tasks: dict, table_path: str) -> dict:
+        """The CUDA graphs, the students, the pruning policy and the latency tables."""
         graphs = getattr(self.engine, "graphs", None)
         if graphs is not None:  # every shape's bank-wide CUDA graph now, not while a batch waits (chorus.backends.graphs)
             start = time.perf_counter()
@@ -381,12 +397,10 @@ class TritonPythonModel:
             raise ValueError(f"parameter pruning: {e}; known keys: enabled, utilisation, min_students, grow_step, "
                              "max_accuracy_drop") from None
         table = None
-        if self.batching == "scheduler":
-            table_path = _param(params, "latency_table", "")
-            if table_path:  # read from the file, else profiled here and kept there
-                table = _shared_table(Path(table_path), lambda: profile_engine(self.engine, self.students))
-            else:  # PetS's latency tables, profiled on this engine and device
-                table = profile_engine(self.engine, self.students)
+        if table_path:  # read from the file, else profiled here and kept there
+            table = _shared_table(Path(table_path), lambda: profile_engine(self.engine, self.students))
+        elif self.batching == "scheduler":  # PetS's latency tables, profiled on this engine and device
+            table = profile_engine(self.engine, self.students)
         return {"device": device, "tasks": tasks, "students": student_dirs, "student_devices": devices or [device],
                 "policy": policy, "table": table}
 
