@@ -1,6 +1,6 @@
 """The entry model with two instances (`instance_group [ { count: 2 ...`: two Python-backend processes, each with its
-own GIL, as a GPU deployment runs several): both answer as one instance does, they profile one shared latency table,
-and each publishes its own labelled metrics."""
+own GIL, as a GPU deployment runs several): both answer as one instance does, they share one latency table (loading
+in turn, one profiles it and the other reads it), and each publishes its own labelled metrics."""
 
 import json
 import re
