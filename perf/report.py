@@ -182,7 +182,10 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                   f"{_f(st.get('burst', {}).get('burst_per_s'))} req/s (10x the base) for "
                   f"{_f(st.get('burst', {}).get('seconds'))} s, the base "
                   f"{_f(st.get('burst', {}).get('base_per_s'))} req/s before and after (students' saturation "
-                  f"{_f(st.get('burst', {}).get('saturation_students_per_s'))} infer/s).", "",
+                  f"{_f(st.get('burst', {}).get('saturation_students_per_s'))} infer/s"
+                  + (f"; with {st['instances']['instances']} instances "
+                     f"{_f(st['instances'].get('saturation', {}).get('infer_per_s'))} infer/s" if st.get("instances") else "")
+                  + ").", "",
                   "| run | sent | refused | p50 ms | p99 ms | accuracy | students in use (mean) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for key, label in (("teacher", "chorus, students=0 (teacher)"), ("students", f"chorus, students={st.get('K')}"),
