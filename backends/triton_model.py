@@ -317,6 +317,14 @@ class TritonPythonModel:
         # serving worker is the only thread with an OpenMP team: with a second team alive (the stub's main thread's,
         # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region: a small GEMM on
         # the worker ran 7x slower (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
+        # Several instances share the machine's cores: each stub's torch pool gets its share (with a pool of every core
+        # in each, 8 stubs loading at once on a 16-core H100 host spun to a load average of 123 and missed the 240 s
+        # a harness waits: perf/results/h100-2026-11-22). One instance keeps torch's default.
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        if instances > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // instances))
+            pb_utils.Logger.log_info(f"chorus: {instances} instances share {os.cpu_count()} cores: "
+                                     f"{torch.get_num_threads()} torch threads each")
         loaded = _on_own_thread(self._load, params, args)
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics, self.loop = Metrics(labels, self._graph_stats), None

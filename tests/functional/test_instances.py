@@ -3,6 +3,7 @@ own GIL, as a GPU deployment runs several): both answer as one instance does, th
 in turn, one profiles it and the other reads it), and each publishes its own labelled metrics."""
 
 import json
+import os
 import re
 import time
 import urllib.request
@@ -49,6 +50,8 @@ def test_two_instances_answer_as_one_and_share_a_latency_table(client, tmp_path)
     text = log.read_text()
     assert text.count("chorus: latency table profiled, saved to") == 1, "both instances profiled"
     assert text.count("chorus: latency table read from") == 1
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the cores shared between the two instances' torch pools
+    assert text.count(f"chorus: 2 instances share {os.cpu_count()} cores: {threads} torch threads each") == 2
     assert json.loads(table.read_text())["format"].startswith("chorus-latency")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latency_table.json", "repo", "triton.log"]  # no temporaries
     gauges = set(re.findall(r'^chorus_queue_depth\{instance="([^"]+)",model="chorus"\}', metrics, re.M))
