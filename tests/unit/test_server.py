@@ -287,8 +287,12 @@ def test_perf_analyzer_against_the_server(toy_server, protocol):
          "--concurrency-range", "1", "--request-count", "200"],  # a fixed count: no stability windows to miss
         env=perf_analyzer_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    count = re.search(r"Successful request count: (\d+)", result.stdout)  # as the server counted them
-    assert count and int(count.group(1)) == 200, result.stdout[-2000:]
+    sent = re.search(r"Client:\s+Request count: (\d+)", result.stdout)
+    assert sent and int(sent.group(1)) == 200, result.stdout[-2000:]
+    # as the server counted them: perf_analyzer reads the server's statistics as the last response arrives, and the
+    # server may not have counted that one yet (a fresh-clone CI run saw 199)
+    count = re.search(r"Successful request count: (\d+)", result.stdout)
+    assert count and int(count.group(1)) in (199, 200), result.stdout[-2000:]
 
 
 @pytest.mark.functional
