@@ -23,8 +23,7 @@ from chorus.backends.graphs import GraphedForward
 from perf.gpu_check import cuda_ms, make_backbone, make_tasks
 
 
-def kernels(fn, top: int) -> list[dict]:
-    cuda = torch.cuda.is_available()
+def kernels(fn, top: int, cuda: bool) -> list[dict]:
     fn()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA if cuda
                                             else torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -73,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:40s} {v:8.2f} ms", flush=True)
     eager = GraphedForward(engine.model, capture=False, hot_after=1)  # each batch's own key, as `graphed_ms`
     pad_ids, mask = engine.pad(ids)
-    res["kernels_mixed"] = kernels(lambda: eager(pad_ids, mask, mixed), 30)
-    res["kernels_single"] = kernels(lambda: eager(pad_ids, mask, [names[0]] * 64), 15)
+    res["kernels_mixed"] = kernels(lambda: eager(pad_ids, mask, mixed), 30, cuda)
+    res["kernels_single"] = kernels(lambda: eager(pad_ids, mask, [names[0]] * 64), 15, cuda)
     for label in ("kernels_mixed", "kernels_single"):
         print(f"\n{label}")
         for r in res[label]:
