@@ -110,7 +110,7 @@ PROFILES = {
                    # at ~0.2x saturation (perf/results/h100-2026-11-22), so the 20 ms SLO is met, if at all, down here
                    rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000), overload_s=10.0,
                    recovery_s=10.0, burst_cycles=2, per_task_models=8, per_task_delay_us=2000, inprocess_rows=64,
-                   metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0), students_instances=4),
+                   metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0), students_instances=6),
 }
 
 
