@@ -100,21 +100,26 @@ def classify_rows(engine: Engine, students: StudentBank | None, ids: list[list[i
 @torch.inference_mode()
 def profile_engine(engine: Engine, students: StudentBank | None = None, batch_sizes=(1, 16, 64), seq_lens=(16, 64),
                    repeats: int = 1) -> LatencyTable:
-    """PetS's latency tables for this engine and device: α for the backbone alone, β per served PET type, and β for
-    the students (all K of the task with the most) when any task has them."""
+    """PetS's latency tables for this engine and device: α for the backbone alone, β per served PET type, and, when a
+    task has students, β for them: `students` (all K of the task with the most) and `students:k` for each shorter
+    prefix k (what pruning reads: `Scheduler.prefix_time`)."""
     by_type: dict[str, str] = {}
     for name in engine.bank.tasks:
         by_type.setdefault(pet_type(engine, name), name)
     student_task = max(students.tasks, key=students.num_students) if students is not None and students.tasks else None
+    prefixes: dict[str, int] = {}  # the students' PET types in the tables -> how many students run
+    if student_task is not None:
+        K = students.num_students(student_task)
+        prefixes = {STUDENTS: K} | {f"{STUDENTS}:{k}": k for k in range(1, K)}
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
 
     def run(n: int, L: int, p: str | None) -> float:
         ids = torch.randint(engine.cfg.vocab_size // 2, engine.cfg.vocab_size, (n, L), generator=gen).tolist()
-        if p == STUDENTS:
+        if p in prefixes:
             sync()
             start = time.perf_counter()
-            students.run(ids, student_task, students.num_students(student_task))
+            students.run(ids, student_task, prefixes[p])
             sync()
             return time.perf_counter() - start
         task = by_type[p] if p is not None else next(iter(engine.bank.tasks))
@@ -138,10 +143,10 @@ def profile_engine(engine: Engine, students: StudentBank | None = None, batch_si
         return time.perf_counter() - start
 
     run(max(batch_sizes), max(seq_lens), None)  # warm up
-    types = sorted(by_type) + ([STUDENTS] if student_task is not None else [])
     if student_task is not None:
         run(max(batch_sizes), max(seq_lens), STUDENTS)
-    return profile_latency_table(run, batch_sizes, seq_lens, types, standalone_pet_types=(STUDENTS,), repeats=repeats)
+    return profile_latency_table(run, batch_sizes, seq_lens, sorted(by_type) + sorted(prefixes),
+                                 standalone_pet_types=prefixes, repeats=repeats)
 
 
 @dataclass
@@ -328,5 +333,5 @@ class ServingLoop:
                 self.on_batch(batch, len(self.scheduler))
             except Exception:  # noqa: BLE001 - metrics must not fail requests
                 log.exception("on_batch failed")
-        self.scheduler.observe_service(finished - start, batch.estimated_s, batch.k)
+        self.scheduler.observe_service(finished - start, batch.estimated_s)
 

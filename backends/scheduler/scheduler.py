@@ -12,7 +12,7 @@ import math
 import statistics
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from chorus.backends.scheduler.admission import Refusal, check_admission, waiting_time
@@ -26,8 +26,9 @@ from chorus.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-# choose_k(queue_depth, arrival_rate [requests/s], service_rate [requests/s], deadline_slack [s]) -> students to run
-ChooseK = Callable[[int, float, float, float], int]
+# choose_k(queue_depth, arrival_rate [requests/s], capacity [requests/s with k = 1..K students], deadline_slack [s])
+# -> students to run
+ChooseK = Callable[[int, float, Sequence[float], float], int]
 RATE_WINDOW_S = 1.0  # the arrival rate counts the arrivals of this many seconds
 OVERHEAD_WINDOW = 15  # the measured per-batch overhead is the median of this many latest batches
 
@@ -129,20 +130,17 @@ class Scheduler:
                 self._inflight.popleft()
             self._busy_until = now + sum(s for _, s in self._inflight)
 
-    def observe_service(self, seconds: float, estimated_s: float, k: int | None = None) -> None:
-        """The executor served a batch that the tables estimate at `estimated_s` (`Batch.estimated_s`; with all K
-        students for a student batch of `k`) in `seconds` of wall time. The tables profile compute only; what a
-        served batch costs beyond it (scheduling, padding, copies, threads contending for the GIL) is a per-batch
-        overhead, the median of the latest OVERHEAD_WINDOW batches (a batch that captured CUDA graphs, 10x slower
-        once, does not move it), that admission adds to every batch ahead of a request and pruning to a full batch.
-        (A rate in rows/s measured from the batches themselves would read a one-row batch's latency as the
-        server's capacity.)"""
+    def observe_service(self, seconds: float, estimated_s: float) -> None:
+        """The executor served a batch that the tables estimate at `estimated_s` (`Batch.estimated_s`, for the k
+        students it ran) in `seconds` of wall time. The tables profile compute only; what a served batch costs beyond
+        it (scheduling, padding, copies, threads contending for the GIL) is a per-batch overhead, the median of the
+        latest OVERHEAD_WINDOW batches (a batch that captured CUDA graphs, 10x slower once, does not move it), that
+        admission adds to every batch ahead of a request and pruning to a full batch. (A rate in rows/s measured
+        from the batches themselves would read a one-row batch's latency as the server's capacity.)"""
         if seconds <= 0:
             return
-        cost = getattr(self.choose_k, "cost", None)  # a pruned student batch: its k students' share of all K
-        compute = estimated_s * (cost(k) if k is not None and cost else 1.0)
         with self._lock:
-            self._overheads.append(max(0.0, seconds - compute))
+            self._overheads.append(max(0.0, seconds - estimated_s))
             self._overhead_s = statistics.median(self._overheads)
 
     @property
@@ -208,31 +206,45 @@ class Scheduler:
 
     def _choose_k(self, reqs: list[Request], now: float, finish: float, queue_depth: int) -> int | None:
         """Students for a student batch (choose_k, default all of them); None for a batch on the backbone.
-        The service rate is the path's capacity with full batches of this length (requests/s): the tables' time of
-        such a batch plus the measured per-batch overhead (`observe_service`)."""
+        choose_k sees the path's capacity with each prefix k of the students, with full batches of this length
+        (requests/s): the tables' time of such a batch through k students plus the measured per-batch overhead
+        (`observe_service`)."""
         if path_of(reqs[0].pet_type, self.cfg) == "backbone":
             return None
         if self.choose_k is None:
             return self.cfg.max_students
         L = max(r.num_tokens for r in reqs)
         n = rows_cap(L, self.cfg)
-        service_rate = n / max(batch_time({reqs[0].pet_type: n}, L, self.table, self.cfg) + self._overhead_s, 1e-12)
-        k = self.choose_k(queue_depth, self.arrival_rate(now), service_rate, min(r.deadline for r in reqs) - finish)
+        capacity = [n / max(self.prefix_time(reqs[0].pet_type, k, n, L) + self._overhead_s, 1e-12)
+                    for k in range(1, self.cfg.max_students + 1)]
+        k = self.choose_k(queue_depth, self.arrival_rate(now), capacity, min(r.deadline for r in reqs) - finish)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.cfg.max_students:
             raise InvalidInput(f"choose_k returned {k!r}; expected an int in 1..{self.cfg.max_students} "
                                "(max_students)")
         return k
 
+    def prefix_time(self, pet_type: str, k: int, n: int, padded_len: int) -> float:
+        """Seconds of n rows through the first k of `pet_type`'s students (a standalone path): the tables'
+        `{pet_type}:{k}` profile where they have one (chorus profiles every prefix on the serving device), else the
+        time of all K scaled by (1 + k) / (1 + K) (the embedding lookup once, then k students)."""
+        K = self.cfg.max_students
+        prefix = f"{pet_type}:{k}"
+        if k < K and prefix in self.table.pet:
+            return self.table.beta(prefix, n, padded_len)
+        every = self.table.beta(pet_type, n, padded_len)
+        return every if k >= K else every * (1 + k) / (1 + K)
+
     def _make_batch(self, reqs: list[Request], start: float, finish: float, now: float, k: int | None) -> Batch:
         m = self._metrics
-        estimated = finish - start
         pet_types = tuple(sorted({r.pet_type for r in reqs}))
+        L = max(r.num_tokens for r in reqs)
+        # planned with all K students; a pruned student batch is estimated with its k
+        estimated = finish - start if k is None else self.prefix_time(pet_types[0], k, len(reqs), L)
         if k is not None:
             m.student_batches += 1
             m.students_k_sum += k
             m.students_in_use = k
-        batch = Batch(self._formed, tuple(sorted(reqs, key=lambda r: r.num_tokens)),
-                      max(r.num_tokens for r in reqs), tuple(sorted({r.task for r in reqs})), pet_types, k,
+        batch = Batch(self._formed, tuple(sorted(reqs, key=lambda r: r.num_tokens)), L, tuple(sorted({r.task for r in reqs})), pet_types, k,
                       estimated, start, finish)
         self._formed += 1
         self._inflight.append((batch.number, estimated))

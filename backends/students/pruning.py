@@ -1,23 +1,27 @@
 """Student Parallelism's adaptive pruning: how many students a batch runs, from the observed load. Pure Python.
 
-The scheduler calls the policy once per student batch as `choose_k(queue_depth, arrival_rate, service_rate,
-deadline_slack)` (see `chorus.backends.scheduler.Scheduler`). Students are always run as a prefix (the earliest carry
+The scheduler calls the policy once per student batch as `choose_k(queue_depth, arrival_rate, capacity,
+deadline_slack)` (see `chorus.backends.scheduler.Scheduler`), where `capacity[k-1]` is the requests/s the executor
+sustains running the first k students: full batches timed by the latency tables' profile of that prefix on the serving
+device, plus the per-batch overhead the scheduler measures. Students are always run as a prefix (the earliest carry
 the most of the teacher: boosting), so pruning drops the last ones.
 
-Semantics (K students, service_rate measured or estimated with all K running):
-    cost(k)     = (1 + k) / (1 + K)            # the shared embedding lookup once + k fused students, relative to K
-    capacity(k) = service_rate / cost(k)       # requests/s the executor sustains with k students
-    k_load      = largest k with arrival_rate <= utilisation · capacity(k)
-    k_queue     = largest k with queue_depth / capacity(k) <= deadline_slack   (what waits still drains in time)
-    k           = clamp(min(k_load, k_queue, previous k + grow_step), min_students, K)
-A burst (arrivals faster than the executor, or a queue that would miss its deadline) shrinks k at once; when load
-falls, k grows back by `grow_step` per batch rather than jumping (no oscillation at the boundary).
+Semantics (K students):
+    k_load  = largest k with arrival_rate <= utilisation · capacity[k-1]
+    k_queue = largest k with queue_depth / capacity[k-1] <= deadline_slack   (what waits still drains in time)
+    k       = clamp(min(k_load, k_queue, previous k + grow_step), min_students, K)
+(no k fits: min_students.) A burst (arrivals faster than the executor, or a queue that would miss its deadline) shrinks
+k at once; when load falls, k grows back by `grow_step` per batch rather than jumping (no oscillation at the boundary).
+Capacities come from measured prefix times, so where fewer students barely cost less (a GPU running the students
+fused over the student dimension) pruning gains little capacity and a burst that exceeds them all is refused by
+admission control rather than answered faster.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chorus.errors import InvalidInput
@@ -26,7 +30,7 @@ from chorus.errors import InvalidInput
 @dataclass
 class PruningPolicy:
     num_students: int  # K
-    utilisation: float = 0.8  # the share of capacity(k) that arrivals may use before k shrinks
+    utilisation: float = 0.8  # the share of capacity[k-1] that arrivals may use before k shrinks
     min_students: int = 1
     grow_step: int = 1
 
@@ -42,19 +46,18 @@ class PruningPolicy:
         self._k = self.num_students
         self._lock = threading.Lock()
 
-    def cost(self, k: int) -> float:
-        """Relative time of a batch with k students (1.0 with all K)."""
-        return (1 + k) / (1 + self.num_students)
-
-    def __call__(self, queue_depth: int, arrival_rate: float, service_rate: float, deadline_slack: float) -> int:
+    def __call__(self, queue_depth: int, arrival_rate: float, capacity: Sequence[float],
+                 deadline_slack: float) -> int:
         K = self.num_students
-        if service_rate <= 0 or math.isnan(service_rate):
+        if len(capacity) != K:
+            raise InvalidInput(f"capacity must hold one rate per prefix k = 1..{K}, got {len(capacity)}")
+        if any(c <= 0 or math.isnan(c) for c in capacity):
             k = K  # nothing measured yet: run them all
         else:
-            k_load = max((k for k in range(1, K + 1) if arrival_rate <= self.utilisation * service_rate / self.cost(k)),
+            k_load = max((k for k in range(1, K + 1) if arrival_rate <= self.utilisation * capacity[k - 1]),
                          default=1)
-            k_queue = max((k for k in range(1, K + 1)
-                           if queue_depth * self.cost(k) / service_rate <= max(deadline_slack, 0.0)), default=1)
+            k_queue = max((k for k in range(1, K + 1) if queue_depth / capacity[k - 1] <= max(deadline_slack, 0.0)),
+                          default=1)
             k = min(k_load, k_queue)
         with self._lock:
             self._k = max(self.min_students, min(k, self._k + self.grow_step, K))

@@ -11,7 +11,6 @@ from chorus.backends.scheduler import (Batch, LatencyTable, LengthBuffer, Refusa
                                        brute_force_batches, form_batches, profile_latency_table)
 from chorus.backends.scheduler.batching import (brute_force_combine, combine, order_by_deadline, requests_time,
                                                 rows_cap, split_task, total_time)
-from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -304,8 +303,8 @@ def test_oldest_elements_fill_a_capped_schedule_first():
 def test_students_carry_k_from_choose_k_and_share_the_scheduler_with_pet_tasks():
     seen = []
 
-    def choose_k(queue_depth, arrival_rate, service_rate, deadline_slack):
-        seen.append((queue_depth, arrival_rate, service_rate, deadline_slack))
+    def choose_k(queue_depth, arrival_rate, capacity, deadline_slack):
+        seen.append((queue_depth, arrival_rate, capacity, deadline_slack))
         return 2 if queue_depth > 3 else 4
 
     sched = Scheduler(SchedulerConfig(max_wait_s=0.0, element_size=4), table(), choose_k=choose_k)
@@ -315,8 +314,9 @@ def test_students_carry_k_from_choose_k_and_share_the_scheduler_with_pet_tasks()
     students = [b for b in out if b.pet_types == ("students",)]
     assert students and all(b.k in (2, 4) for b in students)
     assert all(b.k is None for b in out if b not in students) and len(seen) == len(students)
-    q, arrival_rate, service_rate, slack = seen[0]
-    assert q == 0 and arrival_rate == 12 and service_rate > 0 and 0 < slack < 1.0  # 12 arrivals within the window
+    q, arrival_rate, capacity, slack = seen[0]
+    assert q == 0 and arrival_rate == 12 and 0 < slack < 1.0  # 12 arrivals within the window
+    assert len(capacity) == 4 and capacity == sorted(capacity, reverse=True) and capacity[-1] > 0  # k = 1..4
     m = sched.metrics
     assert m.student_batches == len(students) and m.students_k_sum == sum(b.k for b in students)
     default = Scheduler(SchedulerConfig(max_wait_s=0.0, max_students=3), table())
@@ -411,31 +411,27 @@ def test_an_empty_queue_is_admitted_whatever_overhead_was_measured():
 
 def test_pruning_counts_the_measured_per_batch_overhead():
     """The latency tables profile compute only; what the executor measures beyond them per batch (decoding, copies,
-    threads) is added to the time of a full batch, so the service rate choose_k sees is the capacity the server
-    really has, not the compute's, nor one small batch's latency read as a rate."""
-    seen, policy = [], PruningPolicy(4)
+    threads) is added to the time of a full batch, so the capacities choose_k sees are what the server really
+    sustains, not the compute's, nor one small batch's latency read as a rate."""
+    seen = []
 
-    def choose(queue_depth, arrival_rate, rate, slack):
-        seen.append(rate)
+    def choose(queue_depth, arrival_rate, capacity, slack):
+        seen.append(capacity)
         return 4
 
-    choose.cost = policy.cost  # what PruningPolicy tells the scheduler: a batch of k students' share of all K
     sched = Scheduler(SchedulerConfig(max_wait_s=0.0, max_students=4), table(), choose_k=choose)
     sched.submit(req(0, 10, "distilled"))
     batch = sched.schedule(0.0)[0]
     from_table = seen[-1]
     n = rows_cap(10, sched.cfg)
-    full = n / from_table  # the tables' time of a full batch
-    sched.observe_service(seconds=batch.estimated_s + 0.5, estimated_s=batch.estimated_s, k=4)
+    full = [n / c for c in from_table]  # the tables' time of a full batch with k = 1..4 students
+    sched.observe_service(seconds=batch.estimated_s + 0.5, estimated_s=batch.estimated_s)
     assert sched.overhead_s == pytest.approx(0.5)
     sched.submit(req(1, 10, "distilled", arrival=0.1))
     sched.schedule(0.1)
-    assert seen[-1] == pytest.approx(n / (full + 0.5))
-    # a pruned batch: its k students' share of the estimate is what it should have cost -> no overhead
-    sched.observe_service(seconds=batch.estimated_s * policy.cost(2), estimated_s=batch.estimated_s, k=2)
-    assert sched.overhead_s == pytest.approx(0.25)  # the median of the window [0.5, 0]
+    assert seen[-1] == pytest.approx([n / (f + 0.5) for f in full])
     sched.observe_service(seconds=0.0, estimated_s=1.0)  # nothing measured: ignored
-    assert sched.overhead_s == pytest.approx(0.25)
+    assert sched.overhead_s == pytest.approx(0.5)
     for _ in range(20):  # as fast as the tables: the window forgets the slow batch
         sched.observe_service(seconds=1.0, estimated_s=1.0)
     sched.observe_service(seconds=50.0, estimated_s=1.0)  # one outlier (e.g. a graph capture) does not move it
@@ -443,3 +439,21 @@ def test_pruning_counts_the_measured_per_batch_overhead():
     sched.submit(req(3, 10, "distilled", arrival=0.3))
     sched.schedule(0.3)
     assert seen[-1] == pytest.approx(from_table, rel=1e-3)
+
+
+def test_prefix_times_come_from_the_tables_profile_of_each_prefix():
+    """chorus profiles every prefix k of the students (`students:k`); a batch pruned to k is estimated with k's
+    time, and a table without prefix profiles falls back to (1 + k) / (1 + K) of all K's."""
+    base = table()
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.0, max_students=4), base, choose_k=lambda q, a, c, s: 2)
+    all_k = base.beta("students", 8, 10)
+    assert sched.prefix_time("students", 4, 8, 10) == pytest.approx(all_k)
+    assert sched.prefix_time("students", 1, 8, 10) == pytest.approx(all_k * 2 / 5)  # no prefix profiles: the model
+    d = base.to_dict()
+    d["pet"]["students:2"] = [[0.9 * t for t in row] for row in d["pet"]["students"]]  # measured: 2 cost 0.9 of 4
+    sched = Scheduler(SchedulerConfig(max_wait_s=0.0, max_students=4), LatencyTable.from_dict(d),
+                      choose_k=lambda q, a, c, s: 2)
+    assert sched.prefix_time("students", 2, 8, 10) == pytest.approx(0.9 * all_k)
+    sched.submit(req(0, 10, "distilled"))
+    batch = sched.schedule(0.0)[0]
+    assert batch.k == 2 and batch.estimated_s == pytest.approx(0.9 * base.beta("students", 1, 10))

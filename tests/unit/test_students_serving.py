@@ -22,29 +22,41 @@ K = 3
 # ---- the pruning policy ---------------------------------------------------------------------------------------------
 def test_light_load_runs_every_student():
     policy = PruningPolicy(4)
-    assert policy(queue_depth=0, arrival_rate=10.0, service_rate=1000.0, deadline_slack=1.0) == 4
+    assert policy(queue_depth=0, arrival_rate=10.0, capacity=[2500, 1667, 1250, 1000], deadline_slack=1.0) == 4
+
+
+CAPACITY = [2500.0, 1667.0, 1250.0, 1000.0]  # requests/s with the first 1, 2, 3, 4 students
 
 
 def test_a_burst_prunes_at_once_and_recovery_grows_back_one_student_per_batch():
-    policy = PruningPolicy(4, utilisation=0.8)
-    # capacity(k) = 1000 / ((1 + k) / 5): k=4 1000/s, k=3 1250/s, k=2 1667/s, k=1 2500/s; 80% of it may arrive
-    assert policy(0, 1900.0, 1000.0, 1.0) == 1  # only k=1 sustains 1900/s (0.8 x 2500 = 2000)
-    assert policy(0, 1100.0, 1000.0, 1.0) == 2  # k=2 sustains 1333/s, k=3 only 1000/s
-    assert policy(0, 10.0, 1000.0, 1.0) == 3  # load fell: one more student per batch, not a jump to 4
-    assert policy(0, 10.0, 1000.0, 1.0) == 4
+    policy = PruningPolicy(4, utilisation=0.8)  # 80% of capacity[k-1] may arrive
+    assert policy(0, 1900.0, CAPACITY, 1.0) == 1  # only k=1 sustains 1900/s (0.8 x 2500 = 2000)
+    assert policy(0, 1100.0, CAPACITY, 1.0) == 2  # k=2 sustains 1333/s, k=3 only 1000/s
+    assert policy(0, 10.0, CAPACITY, 1.0) == 3  # load fell: one more student per batch, not a jump to 4
+    assert policy(0, 10.0, CAPACITY, 1.0) == 4
     assert policy.current == 4
+
+
+def test_pruning_reads_the_measured_prefix_capacities_not_a_cost_model():
+    # a GPU running the students fused: one student is barely cheaper than four, so a burst over them all cannot be
+    # served by pruning, and one within 80% of k=3's capacity keeps 3
+    flat = [1050.0, 1040.0, 1030.0, 1000.0]
+    assert PruningPolicy(4)(0, 820.0, flat, 1.0) == 3
+    assert PruningPolicy(4)(0, 900.0, flat, 1.0) == 1  # nothing sustains it: the fewest allowed
+    with pytest.raises(InvalidInput, match="one rate per prefix k = 1..4, got 3"):
+        PruningPolicy(4)(0, 1.0, flat[:3], 1.0)
 
 
 def test_a_queue_that_would_miss_its_deadline_prunes():
     policy = PruningPolicy(4)
-    # 100 waiting rows at 1000 rows/s with all 4 take 0.1 s; with 1 student (cost 2/5) 0.04 s
-    assert policy(queue_depth=100, arrival_rate=0.0, service_rate=1000.0, deadline_slack=0.05) == 1
-    assert policy(queue_depth=100, arrival_rate=0.0, service_rate=1000.0, deadline_slack=-1.0) == 1  # already late
-    assert PruningPolicy(4, min_students=2)(100, 0.0, 1000.0, 0.05) == 2  # never below min_students
+    # 100 waiting rows take 0.1 s with all 4 (1000/s), 0.04 s with 1 student (2500/s)
+    assert policy(queue_depth=100, arrival_rate=0.0, capacity=CAPACITY, deadline_slack=0.05) == 1
+    assert policy(queue_depth=100, arrival_rate=0.0, capacity=CAPACITY, deadline_slack=-1.0) == 1  # already late
+    assert PruningPolicy(4, min_students=2)(100, 0.0, CAPACITY, 0.05) == 2  # never below min_students
 
 
 def test_nothing_measured_yet_runs_all_and_bad_knobs_are_refused_by_name():
-    assert PruningPolicy(3)(5, float("inf"), 0.0, 1.0) == 3
+    assert PruningPolicy(3)(5, float("inf"), [0.0, 0.0, 0.0], 1.0) == 3
     for kwargs, word in [({"num_students": 0}, "num_students"), ({"num_students": 2, "utilisation": 0},
                                                                   "utilisation"),
                          ({"num_students": 2, "min_students": 3}, "min_students")]:
@@ -135,7 +147,10 @@ def test_under_a_burst_the_policy_prunes_student_batches(engine, bank):  # noqa:
     table = profile_engine(engine, bank, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
     # plan as if the students were 200x slower than measured: the burst below then exceeds their capacity by far,
     # whatever this machine's speed (the policy reads the table, not a clock)
-    table.pet["students"] = [[200 * t for t in row] for row in table.pet["students"]]
+    assert sorted(p for p in table.pet if p.startswith("students")) == ["students"] + [f"students:{k}" for k in range(1, K)]
+    for p in table.pet:
+        if p.startswith("students"):
+            table.pet[p] = [[200 * t for t in row] for row in table.pet[p]]
     policy = PruningPolicy(K)
     loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=3600.0, max_students=K), table, students=bank,
                        choose_k=policy)
