@@ -75,9 +75,11 @@ class LoRA(PetMethod):
                 r, idx, slots = g.key, g.rows, g.slots
                 xs = x if idx is None else x[idx]  # (n, T, in)
                 A, B = bank["lora_A"][slots, :r], bank["lora_B"][slots, :, :r]  # (n, r, in), (n, out, r)
-                delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # (n, T, out)
-                delta = delta * self.scaling[slots].view(-1, 1, 1)
-                y = y + delta if idx is None else y.index_add(0, idx, delta)
+                down = torch.bmm(xs, A.transpose(1, 2)) * self.scaling[slots].view(-1, 1, 1)  # (n, T, r): scaled here,
+                if idx is None:  # where it is r wide, not out wide; the up-projection adds into y in its own GEMM
+                    y = torch.baddbmm(y, down, B.transpose(1, 2))
+                else:
+                    y = y.index_add(0, idx, torch.bmm(down, B.transpose(1, 2)))  # (n, T, out)
             return y
 
         return lora
@@ -91,7 +93,7 @@ class LoRA(PetMethod):
         def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             slots = rows.slots[self.name]  # (B,)
             A, B = rows.tensor(self.name, f"{key}.lora_A")[slots], rows.tensor(self.name, f"{key}.lora_B")[slots]
-            delta = torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))  # (B, T, out), max_rank inside
-            return y + delta * rows.tensor(self.name, "scaling")[slots].view(-1, 1, 1)
+            down = torch.bmm(x, A.transpose(1, 2)) * rows.tensor(self.name, "scaling")[slots].view(-1, 1, 1)
+            return torch.baddbmm(y, down, B.transpose(1, 2))  # y + (B, T, out), max_rank inside, in one GEMM
 
         return lora
