@@ -12,9 +12,8 @@ Semantics (K students):
     k       = clamp(min(k_load, k_queue, previous k + grow_step), min_students, K)
 (no k fits: min_students.) A burst (arrivals faster than the executor, or a queue that would miss its deadline) shrinks
 k at once; when load falls, k grows back by `grow_step` per batch rather than jumping (no oscillation at the boundary).
-Capacities come from measured prefix times, so where fewer students barely cost less (a GPU running the students
-fused over the student dimension) pruning gains little capacity and a burst that exceeds them all is refused by
-admission control rather than answered faster.
+Capacities come from measured prefix times (a small batch through fused students costs about the same for any k on a
+GPU; a full one scales with k), so pruning shrinks k only as far as the measured times say it gains capacity.
 """
 
 from __future__ import annotations
