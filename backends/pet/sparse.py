@@ -310,6 +310,7 @@ class SparseDelta(PetMethod):
                     2, outs, xs.gather(2, cols) * vals.unsqueeze(1))  # (B, T, out)
             if self.bias_name:
                 delta = delta + rows.tensor(self.name, f"{key}.bias")[slots].unsqueeze(1)
-            return y + delta if subset is None else y.index_add(0, subset, delta)  # null-slot rows add 0
+            # y is this linear's own fresh output: add the subset's rows in place (no copy of the whole batch)
+            return y + delta if subset is None else y.index_add_(0, subset, delta)  # null-slot rows add 0
 
         return sparse_delta
