@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -186,6 +187,30 @@ def _route_logging() -> None:
         root.setLevel(logging.INFO)
 
 
+class GcPauses:
+    """Times the stub's garbage collections (`gc.callbacks`): while one runs every thread of the process waits (the
+    GIL), so a long one is a stall of the whole instance. No locks in the callback (a collection can start inside any
+    locked section); a rare lost update of these running totals is harmless."""
+
+    def __init__(self) -> None:
+        self.collections, self.seconds, self.longest = 0, 0.0, 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._start
+            self.collections += 1
+            self.seconds += pause
+            self.longest = max(self.longest, pause)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+
+
 class Metrics:
     """Custom metric families on Triton's metrics port: what the scheduler batches, how padded, what it refuses, how
     many students answer. Each update of a `pb_utils` metric is an IPC round trip to the server, so the serving
@@ -196,7 +221,8 @@ class Metrics:
     def __init__(self, labels: dict[str, str], graph_stats=None) -> None:
         """`labels`: what every series carries (the model and its instance, as Triton labels its own metrics: a model
         with several instances publishes each instance's gauges apart, and counters sum over them);
-        `graph_stats()` -> (CUDA graphs captured so far, seconds those captures took), or None."""
+        `graph_stats()` -> (CUDA graphs captured so far, seconds those captures took), or None. The stub's garbage
+        collections are timed from here on (`GcPauses`)."""
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.families = []  # a family must outlive its metrics
         self.labels = labels
@@ -223,7 +249,11 @@ class Metrics:
             "captures": family("chorus_cuda_graph_captures_total", counter,
                                "CUDA graphs captured (backbone + PET and students; at load and while serving)"),
             "capture_s": family("chorus_cuda_graph_capture_seconds_total", counter, "seconds those captures took"),
+            "gc": family("chorus_gc_collections_total", counter, "garbage collections in this instance's process"),
+            "gc_s": family("chorus_gc_pause_seconds_total", counter,
+                           "seconds those collections paused every thread of the process"),
         }
+        self.gc, self._gc_published = GcPauses(), (0, 0.0)
         self.graph_stats, self._graphs_published = graph_stats, (0, 0.0)
         self.gauges = {
             "queue": family("chorus_queue_depth", gauge, "rows waiting in the scheduler"),
@@ -231,6 +261,8 @@ class Metrics:
             "last_len": family("chorus_last_batch_padded_length", gauge, "padded length of the latest batch"),
             "students_in_use": family("chorus_students_in_use", gauge,
                                       "students run by the latest student batch (Student Parallelism pruning)"),
+            "gc_longest_s": family("chorus_gc_longest_pause_seconds", gauge,
+                                   "the longest garbage-collection pause of this instance's process so far"),
         }
         self.student_family = pb_utils.MetricFamily("chorus_student_rows_total",
                                                     "rows answered by k students (k=0: the teacher)", counter)
@@ -272,7 +304,13 @@ class Metrics:
             if captures != n0:
                 with self._lock:
                     self._pending.update({"captures": captures - n0, "capture_s": seconds - s0})
+        collections, seconds = self.gc.collections, self.gc.seconds
+        n0, s0 = self._gc_published
+        self._gc_published = (collections, seconds)
         with self._lock:
+            if collections != n0:
+                self._pending.update({"gc": collections - n0, "gc_s": seconds - s0})
+                self._values["gc_longest_s"] = self.gc.longest
             pending, values = self._pending, self._values
             self._pending, self._values = Counter(), {}
         for key, n in pending.items():
@@ -296,6 +334,7 @@ class Metrics:
         self._stop.set()
         self._thread.join(5)
         self.publish()
+        self.gc.close()
 
 
 class TritonPythonModel:
@@ -340,6 +379,11 @@ class TritonPythonModel:
                                  f"{torch.__version__}); batching {self.batching}; students for "
                                  f"{sorted(loaded['students'])} on {loaded['student_devices']}; CUDA graphs "
                                  f"{'on' if getattr(self.engine, 'graphs', None) is not None else 'off'}")
+        # What loading built (weights, the task bank, CUDA graphs, tables) lives until unload: out of the collector's
+        # generations, a full collection while serving walks only what requests allocate (its pauses stop every
+        # thread: chorus_gc_pause_seconds_total). finalize() gives them back to the collector.
+        gc.collect()
+        gc.freeze()
 
     def _graph_stats(self) -> tuple[int, float]:
         """CUDA graphs captured so far by the engine and the students, and the seconds the captures took."""
@@ -500,3 +544,4 @@ class TritonPythonModel:
             self.loop.close()
         self.metrics.close()
         self.engine = None
+        gc.unfreeze()  # what initialize() froze can be collected again

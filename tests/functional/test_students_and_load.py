@@ -59,6 +59,11 @@ def test_metrics_show_students_in_use(server, http_client):
     assert rows.get(0, 0) >= 3 and sum(v for k, v in rows.items() if k > 0) >= 3
     in_use = re.search(r'^chorus_students_in_use\{instance="chorus_0_0",model="chorus"\} ([\d.e+]+)$', text, re.M)
     assert in_use and 1 <= float(in_use.group(1)) <= 4
+    # the stub's garbage collections (every thread waits during one) are timed per instance: at least the one that
+    # ends loading (before gc.freeze()) has been published by now
+    gcs = re.search(r'^chorus_gc_collections_total\{instance="chorus_0_0",model="chorus"\} ([\d.e+]+)$', text, re.M)
+    assert gcs and float(gcs.group(1)) >= 1
+    assert re.search(r'^chorus_gc_pause_seconds_total\{instance="chorus_0_0",model="chorus"\} [\d.e+-]+$', text, re.M)
 
 
 def test_concurrent_mixed_task_load_answers_every_request_as_if_alone(server):
