@@ -233,9 +233,7 @@ class ServingLoop:
         if not self._closing and self._run_lock.acquire(blocking=False):
             try:
                 batches = self.scheduler.schedule(self.clock())
-                for i, batch in enumerate(batches):
-                    self._execute(batch, last=i == len(batches) - 1)
-                    self.scheduler.complete(batch, self.clock())
+                self._run_batches(batches)
                 ran = bool(batches)
             except Exception:  # noqa: BLE001 - the worker retries (and flushes) what this left waiting
                 log.exception("running a batch on the request thread failed")
@@ -296,9 +294,7 @@ class ServingLoop:
                 except Exception:  # noqa: BLE001 - a scheduler bug must not stop the worker; requests would hang
                     log.exception("schedule() failed; flushing what waits")
                     batches = self.scheduler.schedule(now, flush=True)
-                for i, batch in enumerate(batches):
-                    self._execute(batch, last=i == len(batches) - 1)
-                    self.scheduler.complete(batch, self.clock())
+                self._run_batches(batches)
             if batches:
                 continue
             if closing and len(self.scheduler) == 0:
@@ -307,6 +303,12 @@ class ServingLoop:
             with self._wake:
                 if not self._closing and not self._kicked:
                     self._wake.wait(timeout=0.05 if due is None else max(0.0, min(due - now, 0.05)))
+
+    def _run_batches(self, batches: list) -> None:
+        """Run one schedule's batches in order (the caller holds the run lock)."""
+        for i, batch in enumerate(batches):
+            self._execute(batch, last=i == len(batches) - 1)
+            self.scheduler.complete(batch, self.clock())
 
     def _execute(self, batch, last: bool = True) -> None:
         """Run one batch and answer the requests it completes (`last`: no other batch of this schedule follows)."""
