@@ -16,11 +16,11 @@ Semantics:
               is a blocking IPC round trip in Triton's Python backend that releases the GIL: on their own threads
               sends overlap each other and the next batch). A request's stages: queue = submit -> its last batch
               starts, compute = that batch's run, send = the batch's end -> done() returned.
-    run_here(): Triton's execute() thread, after submitting its requests (`wake=False`): when the worker is idle (the
-              run lock is free: no batch in flight), schedule and run what is ready on this thread, answering before
-              execute() returns (at low load a request then skips the hand-off to the worker, and its response is
-              sent from inside execute()); then wake the worker for whatever still waits. Whoever runs batches holds
-              the run lock, so the worker and execute() never run the engine at once.
+    Not answered on Triton's execute() thread: running an idle worker's batch there and sending its responses before
+    execute() returns (9a62727, reverted) made Triton's Python backend stall now and then for 0.5 s (perf_analyzer,
+    one request at a time on the CPU: 18.6 infer/s, p99 535 ms, against 533 infer/s, p99 4.6 ms through the worker;
+    `python -m perf.overhead --concurrency 1 --seconds 8 --variants scheduler-students`), as answering from execute()
+    did in session 5.
     close(): stop taking requests, run what waits (flush), stop the worker, then the answerers once all is sent.
 """
 
@@ -188,7 +188,6 @@ class ServingLoop:
         self.scheduler = Scheduler(config, table, choose_k=choose_k)
         self._ids = itertools.count()
         self._wake = threading.Condition()
-        self._run_lock = threading.Lock()  # held by whoever schedules and runs batches: the worker, or run_here()
         self._kicked = False  # a submit since the worker last looked: it must not sleep (a notify it missed)
         self._closing = False
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # (done, result, stages); None stops an answerer
@@ -200,10 +199,9 @@ class ServingLoop:
         self._worker.start()
 
     def submit(self, decoded: DecodedRequest, done: Done, deadline_s: float | None = None,
-               students: int | None = None, wake: bool = True) -> None:
-        """Queue a request's rows; `done` is called once, from the worker or `run_here` (or here, if refused).
-        `students`: at most this many of a task's students answer (0: the teacher; None: as many as the pruning policy
-        allows). `wake=False`: the caller calls `run_here()` next, which wakes the worker if it must."""
+               students: int | None = None) -> None:
+        """Queue a request's rows; `done` is called once, from the worker (or here, if refused). `students`: at most
+        this many of a task's students answer (0: the teacher; None: as many as the pruning policy allows)."""
         if self._closing:
             done(Overloaded("the model is unloading; retry"))
             return
@@ -218,30 +216,9 @@ class ServingLoop:
                 pending.failed = True  # rows already queued are skipped when their batch runs
                 done(refusal.to_error())
                 break
-        if wake:
-            self._wake_worker()
-
-    def _wake_worker(self) -> None:
         with self._wake:
             self._kicked = True
             self._wake.notify()
-
-    def run_here(self) -> bool:
-        """Run what is ready on the calling thread if no batch is running (see the module's semantics); wake the
-        worker for what still waits. True when this thread ran a batch."""
-        ran = False
-        if not self._closing and self._run_lock.acquire(blocking=False):
-            try:
-                batches = self.scheduler.schedule(self.clock())
-                self._run_batches(batches)
-                ran = bool(batches)
-            except Exception:  # noqa: BLE001 - the worker retries (and flushes) what this left waiting
-                log.exception("running a batch on the request thread failed")
-            finally:
-                self._run_lock.release()
-        if len(self.scheduler) or not ran:
-            self._wake_worker()
-        return ran
 
     def close(self, timeout: float = 30.0) -> None:
         """Run everything waiting, then stop the worker (Triton calls finalize on unload)."""
@@ -287,14 +264,15 @@ class ServingLoop:
             closing = self._closing
             with self._wake:
                 self._kicked = False
-            with self._run_lock:
-                now = self.clock()
-                try:
-                    batches = self.scheduler.schedule(now, flush=closing)
-                except Exception:  # noqa: BLE001 - a scheduler bug must not stop the worker; requests would hang
-                    log.exception("schedule() failed; flushing what waits")
-                    batches = self.scheduler.schedule(now, flush=True)
-                self._run_batches(batches)
+            now = self.clock()
+            try:
+                batches = self.scheduler.schedule(now, flush=closing)
+            except Exception:  # noqa: BLE001 - a scheduler bug must not stop the worker; requests would hang
+                log.exception("schedule() failed; flushing what waits")
+                batches = self.scheduler.schedule(now, flush=True)
+            for i, batch in enumerate(batches):
+                self._execute(batch, last=i == len(batches) - 1)
+                self.scheduler.complete(batch, self.clock())
             if batches:
                 continue
             if closing and len(self.scheduler) == 0:
@@ -303,12 +281,6 @@ class ServingLoop:
             with self._wake:
                 if not self._closing and not self._kicked:
                     self._wake.wait(timeout=0.05 if due is None else max(0.0, min(due - now, 0.05)))
-
-    def _run_batches(self, batches: list) -> None:
-        """Run one schedule's batches in order (the caller holds the run lock)."""
-        for i, batch in enumerate(batches):
-            self._execute(batch, last=i == len(batches) - 1)
-            self.scheduler.complete(batch, self.clock())
 
     def _execute(self, batch, last: bool = True) -> None:
         """Run one batch and answer the requests it completes (`last`: no other batch of this schedule follows)."""

@@ -478,9 +478,7 @@ class TritonPythonModel:
             if isinstance(d, Exception):
                 self._send(sender, wanted, d)
             else:
-                self.loop.submit(d, lambda result, s=sender, w=wanted: self._send(s, w, result), deadline_s, students,
-                                 wake=False)
-        self.loop.run_here()  # an idle worker: run and answer here, before returning (else the worker has them)
+                self.loop.submit(d, lambda result, s=sender, w=wanted: self._send(s, w, result), deadline_s, students)
         return None
 
     def _run_inline(self, decoded: list) -> list:

@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def main() -> int:
                 stub = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub .*/{model}/1/model.py"], capture_output=True,
                                       text=True).stdout.split()
                 if stub:
-                    spy = subprocess.Popen(["py-spy", "record", "--pid", stub[0], "--threads", "-f", "raw",
+                    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))  # the venv's
+                    spy = subprocess.Popen([py_spy, "record", "--pid", stub[0], "--threads", "-f", "raw",
                                             "-d", str(int(args.seconds * 3 + 3)), "-o",
                                             str(args.out / f"pyspy-{variant}.txt")],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

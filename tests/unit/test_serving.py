@@ -100,26 +100,6 @@ def test_a_lone_request_is_answered_by_the_worker_and_a_crowd_by_the_answerers(e
     assert len(crowd) == 8 and all(name.startswith("chorus-answers-") for name in crowd)
 
 
-def test_run_here_answers_on_the_request_thread_when_the_worker_is_idle_and_leaves_it_to_a_busy_worker(engine):
-    """Triton's execute() thread submits without waking the worker and calls run_here(): with no batch running, the
-    request runs and is answered on that thread before run_here returns (no hand-off); while the worker holds the run
-    lock (a batch in flight), run_here leaves the request to it."""
-    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0), flat_table())
-    req = requests(1, seed=12)[0]
-    want = engine.run(req.ids, req.tasks)
-    got = []
-    loop.submit(req, lambda r: got.append((threading.current_thread().name, r)), wake=False)
-    assert loop.run_here() is True
-    assert [name for name, _ in got] == [threading.current_thread().name]
-    np.testing.assert_allclose(got[0][1].logits, want.logits, atol=1e-5)
-    answered = threading.Event()
-    with loop._run_lock:  # the worker is running a batch
-        loop.submit(req, lambda r: (got.append((threading.current_thread().name, r)), answered.set()), wake=False)
-        assert loop.run_here() is False and len(got) == 1  # not run here; the worker was woken
-    assert answered.wait(10) and got[1][0] == "chorus-serving"
-    loop.close()
-
-
 def test_a_request_that_cannot_meet_its_deadline_is_refused_and_others_are_served(engine):
     table = profile_engine(engine, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
     loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0), table)
