@@ -50,7 +50,7 @@ from perf.loadgen import LoadGenerator
 LOG = logging.getLogger("perf.bench")
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = (
-    "sp_p50_speedup_vs_teacher", "sp_p50_speedup_vs_triton_baseline", "sp_accuracy_drop_points",
+    "sp_p50_speedup_vs_teacher", "sp_p50_speedup_vs_teacher_perf_analyzer", "sp_p50_speedup_vs_triton_baseline", "sp_accuracy_drop_points",
     "burst_p99_ms_with_pruning", "burst_p99_ms_without_pruning", "burst_p99_ms_with_pruning_instances",
     "max_rate_at_slo_vs_triton_baseline",
     "mixed_tasks_speedup_vs_seqs", "mixed_vs_single_task_ratio", "max_tasks_one_gpu", "padding_fraction",
@@ -584,13 +584,25 @@ class Bench:
             res[label] = loadgen.summarize(outcomes, offsets[-1] if offsets else 1.0)
             res[label]["server_stages_ms"] = stage_means(before, after)
         self.result["students"] = res
+        # The same pair through perf_analyzer (C++ client, Poisson at the same rate): what Triton users quote, without
+        # the Python load generator's own send and callback time in each latency
+        data = workload.write_json(self.out / "raw" / "pa_input_students.json", workload.pa_input_data(rows))
+        for label, students in (("teacher", 0), ("students", k)):
+            r = pa.run(name, server.grpc_url, data, self.out / "raw" / f"pa-students-low-load-{label}.csv",
+                       pa.rate_mode(rate, rate, 1), self.p.pa, parameters={"students": students})
+            row = r["rows"][0] if r["rows"] else {}
+            res[f"pa_{label}"] = {"p50_ms": row.get("p50_ms"), "p99_ms": row.get("p99_ms"),
+                                  "infer_per_s": row.get("infer_per_s"), "command": r["command"],
+                                  "returncode": r["returncode"]}
+            if r["returncode"] != 0:
+                res[f"pa_{label}"]["output_tail"] = r["output_tail"]
         # The burst as issue 6 defines it: the arrival rate steps up 10x for students_burst_s (10 s), between
         # students_calm_s at the base rate (before; after, to show the recovery). The base is the low-load rate
         # above, raised where needed to a fifth of the students' own served saturation with all K, so that 10x the
         # base is at least twice what the K students serve: the burst outruns them and pruning has work to do.
         # (Bursts of 2x the teacher path's saturation stayed within the students' capacity on the GPU, mean k 4.0:
         # perf/results/h100-2026-11-22.)
-        res["saturation"] = sat = self.students_saturation(server, no_prune or name, rows, k)
+        res["saturation"] = sat = self.students_saturation(server, no_prune or name, k)
         self.result["saturation_students_per_s"] = sat_k = sat["infer_per_s"]
         base = max(rate, sat_k / 5) if sat_k else rate
         if not sat_k:
@@ -617,7 +629,7 @@ class Bench:
             res["burst_without_pruning"] = s
         if multi and self.fits("students' burst on several instances", sum(p[0] for p in phases) + 20):
             res["instances"] = {"model": multi, "instances": self.p.students_instances,
-                                "saturation": self.students_saturation(server, multi, rows, k)}
+                                "saturation": self.students_saturation(server, multi, k)}
             res["burst_with_pruning_instances"] = self.phased(server, lambda t: multi, "students",
                                                               "burst-pruning-instances", phases,
                                                               parameters=burst_params, want_students=True, rows=rows)
@@ -629,11 +641,11 @@ class Bench:
                 LOG.info("students' burst, %s: mean k %s, accuracy %s, p99 %s ms", key, fmt(during["students_mean"]),
                          fmt(during["accuracy"]), fmt(during["p99_ms"]))
 
-    def students_saturation(self, server: TritonServer, model: str, rows: list[workload.Row], k: int) -> dict:
-        """Served infer/s of `model` with request parameter students=k on `rows` (the students' task): one
+    def students_saturation(self, server: TritonServer, model: str, k: int) -> dict:
+        """Served infer/s of `model` with request parameter students=k on the students' task's rows: one
         perf_analyzer point at the profile's highest concurrency, as the deployment's saturation is measured."""
         c = max(self.p.concurrency)
-        data = workload.write_json(self.out / "raw" / "pa_input_students.json", workload.pa_input_data(rows))
+        data = self.out / "raw" / "pa_input_students.json"  # written by run_students
         r = pa.run(model, server.grpc_url, data, self.out / "raw" / f"pa-students-{model}-k{k}-c{c}.csv",
                    pa.concurrency_mode(c), self.p.pa, parameters={"students": k})
         res = {"model": model, "students": k, "concurrency": c,
@@ -755,6 +767,9 @@ class Bench:
             t, s = st["teacher"], st["students"]
             if t["p50_ms"] and s["p50_ms"]:
                 keys["sp_p50_speedup_vs_teacher"] = t["p50_ms"] / s["p50_ms"]
+            pt, ps = st.get("pa_teacher") or {}, st.get("pa_students") or {}
+            if pt.get("p50_ms") and ps.get("p50_ms"):
+                keys["sp_p50_speedup_vs_teacher_perf_analyzer"] = pt["p50_ms"] / ps["p50_ms"]
             base = st.get("triton_per_task_teacher", {})
             if base.get("p50_ms") and s["p50_ms"]:
                 keys["sp_p50_speedup_vs_triton_baseline"] = base["p50_ms"] / s["p50_ms"]

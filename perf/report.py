@@ -189,6 +189,8 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                   "| run | sent | refused | p50 ms | p99 ms | accuracy | students in use (mean) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for key, label in (("teacher", "chorus, students=0 (teacher)"), ("students", f"chorus, students={st.get('K')}"),
+                           ("pa_teacher", "the same, perf_analyzer (Poisson): students=0 (teacher)"),
+                           ("pa_students", f"the same, perf_analyzer (Poisson): students={st.get('K')}"),
                            ("triton_per_task_teacher", "the task's own Triton model (teacher)"),
                            ("burst_with_pruning", "bursts, pruning on"), ("burst_without_pruning", "bursts, pruning off"),
                            ("burst_with_pruning_instances",

@@ -26,6 +26,7 @@ SUMMARY = {"gpu": RESULTS / "summary.json", "cpu": RESULTS / "summary-cpu.json"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 DESCRIPTIONS = {
     "sp_p50_speedup_vs_teacher": "p50 latency, chorus teacher (students=0) / students, same server and load",
+    "sp_p50_speedup_vs_teacher_perf_analyzer": "the same ratio measured by perf_analyzer (Poisson, same rate and rows)",
     "sp_p50_speedup_vs_triton_baseline": "p50, the task's own Triton model (dynamic batcher) / chorus students",
     "sp_accuracy_drop_points": "accuracy points lost by students vs the teacher, answered under load",
     "burst_p99_ms_with_pruning": "p99 of answered, students' burst (10x the base for 10 s, over their saturation), pruning on",
