@@ -197,7 +197,7 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                             f"bursts, pruning on, {st.get('instances', {}).get('instances')} instances")):
             x = st.get(key)
             if x:
-                lines.append(f"| {label} | {x.get('sent')} | {x.get('refused')} | {_f(x.get('p50_ms'))} | "
+                lines.append(f"| {label} | {_f(x.get('sent'))} | {_f(x.get('refused'))} | {_f(x.get('p50_ms'))} | "
                              f"{_f(x.get('p99_ms'))} | {_f(x.get('accuracy'))} | {_f(x.get('students_mean'))} |")
         staged = [(key, st[key]["server_stages_ms"]) for key in ("teacher", "students")
                   if (st.get(key) or {}).get("server_stages_ms")]
