@@ -27,6 +27,14 @@ gives the same logits for any batch of that shape. `warm_up` captures the bank-w
 batch runs its own key's graph when captured, else the bank-wide one, and its own key is captured once it has been
 seen `hot_after` times (the hot keys earn their own graph; a rare mix costs no capture).
 
+A hot key is captured off the serving path (`background`, on by default on a GPU): a capture thread records it on its
+own stream (capture_error_mode "thread_local": the serving thread's replays and copies go on meanwhile) while the
+batches of that key keep running on the bank-wide graph; the graph is swapped in once recorded (if the bank's
+addresses did not move meanwhile). Capturing records kernels without running them, so a capture into the shared pool
+never touches memory a replay is using. Before this, each hot key stalled the batch that crossed `hot_after` for the
+whole capture (~65 ms for bert-base on an H100): the mixed-task Poisson sweep's p99 stayed above 20 ms at every rate
+(perf/results/h100-2026-11-22, run AG).
+
 The bank's tensors are captured by address: adding or removing a task writes slots in place (graphs stay valid);
 growing a bank re-allocates, so the graphs are dropped when the bank's version moved and any address changed.
 """
@@ -34,6 +42,8 @@ growing a bank re-allocates, so the graphs are dropped when the bank's version m
 from __future__ import annotations
 
 import bisect
+import logging
+import queue
 import threading
 import time
 
@@ -46,6 +56,8 @@ from chorus.errors import UnknownTask
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MAX_GRAPH_TOKENS = 64 * 128  # larger padded batches run eagerly: launches are a small share of them
+
+log = logging.getLogger(__name__)
 
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -72,7 +84,8 @@ class GraphedForward:
     eagerly."""
 
     def __init__(self, model, capture: bool | None = None, batch_buckets=BATCH_BUCKETS,
-                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int = 8):
+                 length_buckets=LENGTH_BUCKETS, max_tokens: int = MAX_GRAPH_TOKENS, hot_after: int = 8,
+                 background: bool | None = None):
         self.model, self.bank = model, model.bank
         self.device = model.encoder.word_embeddings.weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -83,6 +96,12 @@ class GraphedForward:
         self._graphs: dict[tuple, tuple] = {}
         self._seen: dict[tuple, int] = {}  # batches per key that has no graph of its own yet
         self.hot_after = hot_after
+        self.background = self.capture if background is None else background  # hot keys captured on a thread
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()  # hot keys for the capture thread
+        self._queued: set[tuple] = set()  # keys handed to it and not captured yet
+        self._failed: set[tuple] = set()  # keys whose capture failed: they stay on the bank-wide graph
+        self._capture_lock = threading.Lock()  # one capture at a time (they share the pool)
+        self._capturer: threading.Thread | None = None
         self._wide: tuple[int, tuple[str, ...]] | None = None  # (bank version, the methods registered tasks use)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._version, self._addresses = None, None
@@ -106,6 +125,7 @@ class GraphedForward:
             if addresses != self._addresses:
                 self._graphs.clear()
                 self._seen.clear()
+                self._failed.clear()
                 self._pool = torch.cuda.graph_pool_handle() if self.capture else None
             self._version, self._addresses = version, addresses
         return tensors
@@ -125,30 +145,72 @@ class GraphedForward:
 
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
         start = time.perf_counter()
-        entry = self._capture(key, tensors)
+        with self._capture_lock:
+            entry = self._graphs[key] = self._capture(key, tensors)
         self.captures += 1
         self.capture_s += time.perf_counter() - start
         return entry
 
-    def _capture(self, key: tuple, tensors: dict[str, torch.Tensor]):
+    def _capture(self, key: tuple, tensors: dict[str, torch.Tensor], stream: torch.cuda.Stream | None = None):
+        """Record `key`'s graph (on `stream`, default the shared capture stream) and return its entry."""
         b, t, methods, subsets = key
         ids, mask, rows = self._static(b, t, methods, subsets, tensors)
         if not self.capture:
-            entry = (None, ids, mask, rows, None)
-        else:
-            stream = capture_stream(self.device)
+            return None, ids, mask, rows, None
+        stream = stream or capture_stream(self.device)
+        with torch.cuda.device(self.device):
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.device(self.device):
-                with torch.cuda.stream(stream), torch.inference_mode():
-                    for _ in range(2):  # warm up kernels and the allocator outside the graph
-                        self.model(ids, mask, rows)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream), torch.inference_mode():
-                    out = self.model(ids, mask, rows)
-            entry = (graph, ids, mask, rows, out)
-        self._graphs[key] = entry
-        return entry
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):  # warm up kernels and the allocator outside the graph
+                    self.model(ids, mask, rows)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"), \
+                    torch.inference_mode():
+                out = self.model(ids, mask, rows)
+            stream.synchronize()
+        return graph, ids, mask, rows, out
+
+    def _capture_later(self, key: tuple) -> None:
+        """Hand a hot key to the capture thread (started on first use); the caller holds the lock."""
+        if key in self._queued or key in self._failed:
+            return
+        self._queued.add(key)
+        self._todo.put(key)
+        if self._capturer is None:
+            self._capturer = threading.Thread(target=self._capture_loop, name="chorus-graph-capture", daemon=True)
+            self._capturer.start()
+
+    def _capture_loop(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.capture else None  # not the shared one: the serving thread
+        while True:                                                         # may capture on it meanwhile (students)
+            key = self._todo.get()
+            with self._lock:
+                tensors, addresses = self._check_bank(), self._addresses
+            start = time.perf_counter()
+            try:
+                with self._capture_lock:
+                    entry = self._capture(key, tensors, stream)
+            except Exception:  # noqa: BLE001 - the key keeps running on the bank-wide graph
+                log.exception("capturing the CUDA graph of %s failed; its batches stay on the bank-wide graph", key)
+                entry = None
+            with self._lock:
+                if entry is None:
+                    self._failed.add(key)
+                elif self._addresses == addresses:  # else the bank moved: captured afresh once hot again
+                    self._graphs[key] = entry
+                    self.captures += 1
+                    self.capture_s += time.perf_counter() - start
+                self._queued.discard(key)
+
+    def wait_captures(self, timeout: float = 60.0) -> bool:
+        """Block until the capture thread has nothing left (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._queued:
+                    return True
+            time.sleep(0.005)
+        return False
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tasks: list[str]) -> np.ndarray | None:
         """float32 logits (B, max_labels) for a padded batch (CPU tensors, as `Engine.pad` makes them) of rows of
@@ -180,7 +242,10 @@ class GraphedForward:
             if entry is None and not exact:
                 self._seen[key] = seen = self._seen.get(key, 0) + 1
                 wide = self._wide_key(shape)
-                if seen < self.hot_after and set(key[2]) <= set(wide[2]):
+                if set(key[2]) <= set(wide[2]) and (seen < self.hot_after or self.background):
+                    if seen >= self.hot_after:
+                        self._seen.pop(key, None)
+                        self._capture_later(key)
                     key, subsets = wide, {}
                     entry = self._graphs.get(key)
             if entry is None:

@@ -111,7 +111,7 @@ def steady_state(engine: Engine) -> None:
     """Every batch on its own CUDA graph from its first run, as a served key is once hot (`GraphedForward.hot_after`;
     serving starts each key on its shape's bank-wide graph)."""
     if engine.graphs is not None:
-        engine.graphs.hot_after = 1
+        engine.graphs.hot_after, engine.graphs.background = 1, False  # captured at once
 
 
 @torch.inference_mode()

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in tasks.items():
         engine.load_task(name, path)
     if engine.graphs is not None:
-        engine.graphs.hot_after = 1
+        engine.graphs.hot_after, engine.graphs.background = 1, False  # captured at once
     cuda = args.device.startswith("cuda")
     timed = cuda_ms if cuda else lambda fn: float("nan")
     texts = json.loads((args.bundle / "rt_texts.json").read_text())[:64]

@@ -66,6 +66,22 @@ def test_bank_wide_graphs_serve_every_mix_until_a_key_is_hot(engine):
     assert static.warm_up(max_length=20) == 0
 
 
+def test_a_hot_key_is_captured_off_the_serving_path(engine):
+    """With `background`, the batch that makes a key hot runs on the bank-wide graph like the ones before it and the
+    key goes to the capture thread; once captured, its own graph serves it. Logits equal the fast path throughout."""
+    static = GraphedForward(engine.model, capture=False, batch_buckets=(1, 8), length_buckets=(16, 32), hot_after=2,
+                            background=True)
+    static.warm_up(max_length=20)
+    ids, mask = random_batch(6, 11, 9)
+    want = fast_path(engine, ids, mask, ["lora_r2"] * 6)
+    for _ in range(2):
+        assert_same(static(ids, mask, ["lora_r2"] * 6), want)
+    assert static.wait_captures(timeout=30)
+    assert (8, 16, ("lora",), ()) in static._graphs and static.captures == 5
+    assert_same(static(ids, mask, ["lora_r2"] * 6), want)
+    assert static.captures == 5 and static._capturer.name == "chorus-graph-capture"
+
+
 def test_a_batch_of_one_method_leaves_the_others_out(engine):
     static = GraphedForward(engine.model, capture=False, hot_after=1)
     ids, mask = random_batch(6, 8, 4)
@@ -119,3 +135,26 @@ def test_cuda_graphs_match_the_fast_path_and_survive_a_growing_bank(tmp_path):
         e.add_task(task(name, seed=i))
     tasks = mixed_tasks(7, 8)
     assert_same(e.run(as_rows(ids, mask), tasks).logits, fast_path(e, ids.cuda(), mask.cuda(), tasks))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_captured_in_the_background_while_batches_replay(tmp_path):
+    """Hot keys captured on the capture thread while the serving thread keeps replaying (and running eagerly):
+    every answer equals the fast path, before, during and after the swap."""
+    e = Engine(write_tiny_bert(tmp_path, TINY), device="cuda", capacity=len(PETS) + 1, max_rank=8)
+    for i, name in enumerate(PETS):
+        e.add_task(task(name, seed=i))
+    e.graphs.hot_after = 2
+    assert e.graphs.background and e.graphs.warm_up(e.max_length) > 0
+    batches = [(random_batch(B, T, seed), mixed_tasks(B, seed)) for seed, (B, T) in enumerate(
+        [(3, 9), (7, 11), (5, 30), (2, 5), (16, 20), (1, 3)] * 2)]
+    want = [fast_path(e, ids.cuda(), mask.cuda(), tasks) for (ids, mask), tasks in batches]
+    for _ in range(6):  # keys turn hot and are captured while the later batches replay
+        for ((ids, mask), tasks), w in zip(batches, want):
+            assert_same(e.run(as_rows(ids, mask), tasks).logits, w)
+    assert e.graphs.wait_captures(timeout=120)
+    own = [k for k in e.graphs._graphs if k[2] != e.graphs._wide_key(k[:2])[2] or k[3]]
+    assert own and not e.graphs._failed
+    for ((ids, mask), tasks), w in zip(batches, want):
+        assert_same(e.run(as_rows(ids, mask), tasks).logits, w)
