@@ -184,7 +184,8 @@ STAGES = ("queue", "compute", "send")
 
 def graph_captures(before_text: str, after_text: str) -> dict:
     """CUDA graphs the servers' models captured over a run and the seconds that took (every model of the server:
-    chorus_cuda_graph_capture*_total): each capture stalls the batch that needed it."""
+    chorus_cuda_graph_capture*_total): a students' graph stalls the batch that needed it; the mixed forward's hot
+    keys are captured on a capture thread (chorus.backends.graphs)."""
     before, after = loadgen.parse_prometheus(before_text), loadgen.parse_prometheus(after_text)
     return {key: after.get(f"chorus_cuda_graph_{metric}_total", 0) - before.get(f"chorus_cuda_graph_{metric}_total", 0)
             for key, metric in (("captures", "captures"), ("seconds", "capture_seconds"))}
