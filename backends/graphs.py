@@ -10,10 +10,10 @@ nothing — the same form the ONNX export traces), so shapes depend only on the 
 Semantics (what `GraphedForward(ids, tasks)` returns, the same logits as `MultiTaskModel` on the fast path):
     B, T = rows, longest row;  b, t = the smallest buckets >= B, T     (none: return None, the caller runs eagerly)
     methods = the PET methods of the batch's tasks (gathered ops of other methods are left out of the graph)
-    subsets = for each method with `row_subset` (a dense ΔW per row: MaskBERT, Diff-Pruning) used by at most b/4
-              rows: its op runs on those rows only, padded to b/4 with a row that reads its null slot
-              (`GatheredRows.subsets`); the graph's key holds (method, b/4): one size per bucket, not every power
-              of two, as each key is another graph to capture (below)
+    subsets = for each method with `row_subset` (a dense ΔW per row: MaskBERT, Diff-Pruning) used by n rows,
+              n <= b/4: its op runs on those rows only, padded to the next power of two with a row that reads its
+              null slot (`GatheredRows.subsets`); the graph's key holds (method, that size) (each size is another
+              key: hot ones are captured off the serving path, below)
     static_ids[:b, :t] = ids padded with the pad id; static_mask likewise, every padding row keeping one real position
     static_slots[m][:B] = each row's slot in method m (0: the null slot), padding rows 0; static_heads likewise
     replay graph[(b, t, methods, subsets)];  return static_logits[:B]
@@ -301,15 +301,15 @@ class GraphedForward:
 
     def _subsets(self, b: int, B: int, slots: dict[str, list[int]]) -> dict[str, list[int]]:
         """{method: the batch rows its op runs on} for the `row_subset` methods used by at most a quarter of the
-        batch bucket b: the rows that use it, padded to b/4 with a row that reads its null slot (a padding row, else
-        the first real row that does not use it). A method used by more rows runs on every row."""
+        batch bucket b: the rows that use it, padded to the next power of two with a row that reads its null slot (a
+        padding row, else the first real row that does not use it). A method used by more rows runs on every row."""
         out = {}
         for m, row_slots in slots.items():
             if not getattr(self.bank.methods[m], "row_subset", False):
                 continue
             users = [i for i, s in enumerate(row_slots) if s]
-            n = max(1, b // 4)  # one subset size per batch bucket: each size is another graph to capture
-            if len(users) <= n < b:
+            n = 1 << (len(users) - 1).bit_length()  # powers of two: a few sizes, each another graph key
+            if n <= max(1, b // 4) and n < b:
                 null = B if B < b else next(i for i, s in enumerate(row_slots) if not s)
                 out[m] = users + [null] * (n - len(users))
         return out

@@ -94,19 +94,19 @@ def test_a_batch_of_one_method_leaves_the_others_out(engine):
 
 @pytest.mark.parametrize("B", [24, 8])  # 24: padding rows fill the subsets; 8 (= its bucket): a real null-slot row
 def test_dense_delta_methods_run_on_their_rows_only(engine, B):
-    """MaskBERT and Diff-Pruning (a dense ΔW per row) run on the rows that use them, padded to a quarter of the
-    batch bucket, when they fit there."""
+    """MaskBERT and Diff-Pruning (a dense ΔW per row) run on the rows that use them, padded to a power of two, when
+    that fits in a quarter of the batch bucket."""
     static = GraphedForward(engine.model, capture=False, hot_after=1)
     ids, mask = random_batch(B, 11, 7)
     tasks = ["lora_r2", "maskbert", "ia3", "diff_pruning", "diff_pruning", "bitfit", "maskbert", "diff_pruning"]
     tasks = (tasks * 3)[:B]
     if B == 24:
-        tasks = ["maskbert"] + ["lora_r2"] * 22 + ["diff_pruning"]
+        tasks = ["maskbert"] * 3 + ["lora_r2"] * 20 + ["diff_pruning"]
     assert_same(static(ids, mask, tasks), fast_path(engine, ids, mask, tasks))
     (key,) = static._graphs
-    # a quarter of the batch bucket: B=24 (bucket 32) -> 8 rows each; B=8 -> 2: MaskBERT's 2 rows, Diff-Pruning's
-    # 3 run on every row
-    assert dict(key[3]) == ({"maskbert": 8, "diff_pruning": 8} if B == 24 else {"maskbert": 2})
+    # B=24 (bucket 32, a quarter 8): MaskBERT's 3 rows padded to 4, Diff-Pruning's 1; B=8 (a quarter 2): MaskBERT's
+    # 2 rows, Diff-Pruning's 3 (4 > 2) run on every row
+    assert dict(key[3]) == ({"maskbert": 4, "diff_pruning": 1} if B == 24 else {"maskbert": 2})
     static(ids, mask, ["maskbert"] * B)  # every row uses it: no subset
     assert ((key[0], key[1], ("maskbert",), ())) in static._graphs
 
