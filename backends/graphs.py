@@ -182,8 +182,7 @@ class GraphedForward:
 
     def _capture_loop(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.capture else None  # not the shared one: the serving thread
-        while True:                                                         # may capture on it meanwhile (students)
-            key = self._todo.get()
+        while (key := self._todo.get()) is not None:                        # may capture on it meanwhile (students)
             with self._lock:
                 tensors, addresses = self._check_bank(), self._addresses
             start = time.perf_counter()
@@ -201,6 +200,13 @@ class GraphedForward:
                     self.captures += 1
                     self.capture_s += time.perf_counter() - start
                 self._queued.discard(key)
+
+    def close(self) -> None:
+        """Stop the capture thread (unload): it holds the model and its graphs until it ends."""
+        if self._capturer is not None:
+            self._todo.put(None)
+            self._capturer.join(timeout=30)
+            self._capturer = None
 
     def wait_captures(self, timeout: float = 60.0) -> bool:
         """Block until the capture thread has nothing left (tests, benchmarks); False on timeout."""

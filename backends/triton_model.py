@@ -540,6 +540,8 @@ class TritonPythonModel:
         """Unload: answer everything already queued, then stop the worker."""
         if self.loop is not None:
             self.loop.close()
+        if getattr(self.engine, "graphs", None) is not None:
+            self.engine.graphs.close()  # its capture thread holds the model
         self.metrics.close()
         self.engine = None
         gc.unfreeze()  # what initialize() froze can be collected again

@@ -79,7 +79,10 @@ def test_a_hot_key_is_captured_off_the_serving_path(engine):
     assert static.wait_captures(timeout=30)
     assert (8, 16, ("lora",), ()) in static._graphs and static.captures == 5
     assert_same(static(ids, mask, ["lora_r2"] * 6), want)
-    assert static.captures == 5 and static._capturer.name == "chorus-graph-capture"
+    capturer = static._capturer
+    assert static.captures == 5 and capturer.name == "chorus-graph-capture"
+    static.close()  # unload: the thread ends
+    assert not capturer.is_alive() and static._capturer is None
 
 
 def test_a_batch_of_one_method_leaves_the_others_out(engine):
