@@ -50,7 +50,8 @@ from perf.loadgen import LoadGenerator
 LOG = logging.getLogger("perf.bench")
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = (
-    "sp_p50_speedup_vs_teacher", "sp_p50_speedup_vs_teacher_perf_analyzer", "sp_p50_speedup_vs_triton_baseline", "sp_accuracy_drop_points",
+    "sp_p50_speedup_vs_teacher", "sp_p50_speedup_vs_teacher_perf_analyzer", "sp_p50_speedup_vs_triton_baseline",
+    "sp_accuracy_drop_points",
     "burst_p99_ms_with_pruning", "burst_p99_ms_without_pruning", "burst_p99_ms_with_pruning_instances",
     "max_rate_at_slo_vs_triton_baseline",
     "mixed_tasks_speedup_vs_seqs", "mixed_vs_single_task_ratio", "max_tasks_one_gpu", "padding_fraction",
