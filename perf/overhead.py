@@ -34,14 +34,14 @@ from perf.bench import STAGES, random_students, stage_means
 TINY = EncoderConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=128)
 
 
-def tiny_world(work: Path) -> tuple[dict[str, str], dict[str, str]]:
+def tiny_world(work: Path, tokenizer: Path | None = None) -> tuple[dict[str, str], dict[str, str]]:
     backbone = work / "tiny-bert"
     backbone.mkdir(parents=True, exist_ok=True)
     enc = Encoder(TINY)
     init_random(enc)
     (backbone / "config.json").write_text(json.dumps(TINY.to_hf()))
     save_file({k: v.contiguous() for k, v in enc.hf_parameter_map().items()}, backbone / "model.safetensors")
-    shutil.copy(resolve_backbone("all-MiniLM-L6-v2") / "tokenizer.json", backbone / "tokenizer.json")
+    shutil.copy(tokenizer or resolve_backbone("all-MiniLM-L6-v2") / "tokenizer.json", backbone / "tokenizer.json")
     tasks = {}
     for i, pet in enumerate([{"lora": {"r": 4}}, {"bitfit": {}}, {"ia3": {}}, {"adapter": {"bottleneck": 8}}]):
         name = f"t{i}_{next(iter(pet))}"
@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the all-MiniLM-L6-v2 package's; on the "
+                    "GPU machine .gpu/tokenizer.json)")
     ap.add_argument("--py-spy", action="store_true", help="sample the backend stub with py-spy during each run")
     ap.add_argument("--variants", nargs="+", default=["scheduler-teacher", "scheduler-students", "triton-teacher"],
                     help="<batching>-<teacher|students>; batching: scheduler (as shipped), unbatched (the scheduler "
@@ -65,7 +67,7 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "world"
-    tasks, params = tiny_world(work)
+    tasks, params = tiny_world(work, args.tokenizer)
     repo = args.out / "repo"
     shutil.rmtree(repo, ignore_errors=True)
     repos.scheduler_model(repo, tasks, **params)

@@ -57,6 +57,15 @@ fi
 if [ "${1:-}" = profile ]; then  # perf/profile_mixed.py: where a mixed all-PET batch's time goes (issue 3)
   exec python3 -m perf.profile_mixed --bundle $G --out "$OUT"
 fi
+if [ "${1:-}" = overhead ]; then  # perf/overhead.py (tiny model, this host's cores): the serving path alone
+  shift
+  PERFSITE=/tmp/perf-site
+  mkdir -p "$PERFSITE"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$PERFSITE" $G/grpcio-*.whl $G/protobuf-*.whl \
+    $G/python_rapidjson-*.whl
+  tar -C "$PERFSITE" -xJf $G/tritonclient.tar.xz
+  PYTHONPATH=$PERFSITE exec /tmp/np1env/bin/python3 -m perf.overhead "$@"
+fi
 if [ "${1:-}" = probe ]; then  # perf/gpu/send_probe.py: answering from a worker thread, feature by feature
   exec /tmp/np1env/bin/python3 perf/gpu/send_probe.py "$OUT"
 fi
