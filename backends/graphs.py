@@ -144,9 +144,15 @@ class GraphedForward:
         return ids, mask, rows
 
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
+        """Capture `key` now, on the calling thread (the caller holds the lock)."""
         start = time.perf_counter()
         with self._capture_lock:
-            entry = self._graphs[key] = self._capture(key, tensors)
+            entry = self._capture(key, tensors)
+        return self._keep(key, entry, start)
+
+    def _keep(self, key: tuple, entry: tuple, start: float) -> tuple:
+        """Serve `key` from `entry`, captured since `start` (the caller holds the lock)."""
+        self._graphs[key] = entry
         self.captures += 1
         self.capture_s += time.perf_counter() - start
         return entry
@@ -196,9 +202,7 @@ class GraphedForward:
                 if entry is None:
                     self._failed.add(key)
                 elif self._addresses == addresses:  # else the bank moved: captured afresh once hot again
-                    self._graphs[key] = entry
-                    self.captures += 1
-                    self.capture_s += time.perf_counter() - start
+                    self._keep(key, entry, start)
                 self._queued.discard(key)
 
     def close(self) -> None:

@@ -253,8 +253,8 @@ class Metrics:
             "gc_s": family("chorus_gc_pause_seconds_total", counter,
                            "seconds those collections paused every thread of the process"),
         }
-        self.gc, self._gc_published = GcPauses(), (0, 0.0)
-        self.graph_stats, self._graphs_published = graph_stats, (0, 0.0)
+        self.gc, self.graph_stats = GcPauses(), graph_stats
+        self._published: dict[str, float] = {}  # running totals (collections, captures) as last published
         self.gauges = {
             "queue": family("chorus_queue_depth", gauge, "rows waiting in the scheduler"),
             "last_rows": family("chorus_last_batch_rows", gauge, "rows of the latest batch"),
@@ -297,19 +297,15 @@ class Metrics:
                 self._values["students_in_use"] = batch.k
 
     def publish(self) -> None:
+        totals = {"gc": self.gc.collections, "gc_s": self.gc.seconds}
         if self.graph_stats is not None:
-            captures, seconds = self.graph_stats()
-            n0, s0 = self._graphs_published
-            self._graphs_published = (captures, seconds)
-            if captures != n0:
-                with self._lock:
-                    self._pending.update({"captures": captures - n0, "capture_s": seconds - s0})
-        collections, seconds = self.gc.collections, self.gc.seconds
-        n0, s0 = self._gc_published
-        self._gc_published = (collections, seconds)
+            totals["captures"], totals["capture_s"] = self.graph_stats()
         with self._lock:
-            if collections != n0:
-                self._pending.update({"gc": collections - n0, "gc_s": seconds - s0})
+            for key, total in totals.items():  # counters grow by what the running totals gained since last time
+                if total != self._published.get(key, 0):
+                    self._pending[key] += total - self._published.get(key, 0)
+                    self._published[key] = total
+            if "gc" in self._pending:
                 self._values["gc_longest_s"] = self.gc.longest
             pending, values = self._pending, self._values
             self._pending, self._values = Counter(), {}

@@ -8,14 +8,7 @@
 set -euo pipefail
 G=.gpu
 OUT=${OUT:-/tmp/out}
-PERFSITE=/tmp/perf-site
-mkdir -p "$PERFSITE"
-for f in $G/grpcio-*.whl $G/protobuf-*.whl $G/python_rapidjson-*.whl $G/tritonclient.tar.xz; do
-  [ -e "$f" ] || { echo "missing $f: run \`make perf-gpu-bundle\` on the dev machine and carry .gpu" >&2; exit 2; }
-done
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$PERFSITE" $G/grpcio-*.whl $G/protobuf-*.whl \
-  $G/python_rapidjson-*.whl
-tar -C "$PERFSITE" -xJf $G/tritonclient.tar.xz
+source perf/gpu/client_site.sh  # sets PERFSITE
 FOLDER="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | grep -o 'h[12]00\|a100\|l40s' | head -1 || echo gpu)-$(date -u +%F)"
 RESULTS=/tmp/perf-results/$FOLDER
 # The harness runs under the numpy-1.26 venv: tritonserver's backend stub uses the Python the harness runs with.

@@ -59,11 +59,7 @@ if [ "${1:-}" = profile ]; then  # perf/profile_mixed.py: where a mixed all-PET 
 fi
 if [ "${1:-}" = overhead ]; then  # perf/overhead.py (tiny model, this host's cores): the serving path alone
   shift
-  PERFSITE=/tmp/perf-site
-  mkdir -p "$PERFSITE"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$PERFSITE" $G/grpcio-*.whl $G/protobuf-*.whl \
-    $G/python_rapidjson-*.whl
-  tar -C "$PERFSITE" -xJf $G/tritonclient.tar.xz
+  source perf/gpu/client_site.sh  # sets PERFSITE
   PYTHONPATH=$PERFSITE exec /tmp/np1env/bin/python3 -m perf.overhead "$@"
 fi
 if [ "${1:-}" = probe ]; then  # perf/gpu/send_probe.py: answering from a worker thread, feature by feature
