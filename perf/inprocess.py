@@ -27,6 +27,8 @@ import torch
 
 from chorus.backends.encoder import read_hf_checkpoint
 from chorus.backends.engine import Engine, resolve_backbone
+from chorus.backends.graphs import GraphedForward
+from chorus.backends.pet import fused
 from chorus.backends.reference import merged_state
 from chorus.backends.scheduler import LatencyTable
 from chorus.backends.serving import profile_engine
@@ -134,15 +136,15 @@ def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeat
     by_type = {"+".join(sorted(engine.bank.tasks[t].pet)): t for t in by_task}
     res["single_task_ms_by_pet_type"] = {
         pet: median_s(lambda t=t: engine.run(ids, [t] * len(ids)), dev, repeats) * 1000 for pet, t in sorted(by_type.items())}
-    subset = {type(m) for m in engine.bank.methods.values() if m.row_subset}
-    if engine.graphs is not None and subset:  # the dense-delta methods' ops on every row, as before (one run)
-        for cls in subset:
-            cls.row_subset = False
+    if engine.graphs is not None and fused.serves(engine.device):  # the torch gathered ops, as before the kernels
+        graphs = engine.graphs
+        fused.ENABLED, engine.graphs = False, GraphedForward(engine.model, hot_after=1, background=False)
         try:
-            res["mixed_every_row_ms"] = median_s(lambda: engine.run(ids, tasks), dev, repeats) * 1000
+            res["mixed_unfused_ms"] = median_s(lambda: engine.run(ids, tasks), dev, repeats) * 1000
+            res["single_task_unfused_ms"] = median_s(lambda: engine.run(ids, [tasks[0]] * len(ids)), dev,
+                                                     repeats) * 1000
         finally:
-            for cls in subset:
-                cls.row_subset = True
+            fused.ENABLED, engine.graphs = True, graphs
     if engine.graphs is not None:  # the same batches on the eager fast path (row groups, no graphs)
         graphs, engine.graphs = engine.graphs, None
         try:

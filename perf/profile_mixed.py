@@ -4,7 +4,9 @@
 
 The bert-base-shaped backbone and 64 random tasks of every PET type as the benchmark harness builds them
 (perf.gpu_check), 64 real Rotten Tomatoes sentences. Prints and writes `profile_mixed.json`:
-    graphed ms: the mixed batch, a single-task batch, each PET type alone, the mix without each PET type
+    graphed ms: the mixed batch, a single-task batch, each PET type alone, the mix without each PET type (PET ops
+                as fused Triton kernels where they serve the GPU, `chorus.backends.pet.fused`), and the mixed and
+                single-task batches with the torch gathered ops instead (`:torch_ops`)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -20,6 +22,7 @@ import torch
 
 from chorus.backends.engine import Engine
 from chorus.backends.graphs import GraphedForward
+from chorus.backends.pet import fused
 from perf.gpu_check import cuda_ms, make_backbone, make_tasks
 
 
@@ -68,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         g["alone:" + t] = timed(lambda one=one: engine.run(ids, [one] * 64))
         rest = [n for n in names if not n.endswith("_" + t)]
         g["mixed_without:" + t] = timed(lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)]))
+    if engine.graphs is not None and fused.serves(engine.device):  # the torch gathered ops, in the same process
+        graphs = engine.graphs
+        fused.ENABLED, engine.graphs = False, GraphedForward(engine.model, hot_after=1, background=False)
+        g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
+        g["single:torch_ops"] = timed(lambda: engine.run(ids, [names[0]] * 64))
+        fused.ENABLED, engine.graphs = True, graphs
+    res["fused_pet_kernels"] = fused.serves(engine.device)
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)
     eager = GraphedForward(engine.model, capture=False, hot_after=1)  # each batch's own key, as `graphed_ms`

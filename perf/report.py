@@ -172,7 +172,10 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
                   + (f" (CUDA graphs; eager: mixed {_f(mv.get('mixed_eager_ms'))} ms, single-task "
                      f"{_f(mv.get('single_task_eager_ms'))} ms)" if mv.get("mixed_eager_ms") is not None else "")
                   + (f"; the dense-delta methods' ops on every row instead of their own rows: mixed "
-                     f"{_f(mv.get('mixed_every_row_ms'))} ms" if mv.get("mixed_every_row_ms") is not None else ""),
+                     f"{_f(mv.get('mixed_every_row_ms'))} ms" if mv.get("mixed_every_row_ms") is not None else "")
+                  + (f"; the torch gathered PET ops instead of the fused kernels: mixed {_f(mv.get('mixed_unfused_ms'))}"
+                     f" ms, single-task {_f(mv.get('single_task_unfused_ms'))} ms"
+                     if mv.get("mixed_unfused_ms") is not None else ""),
                   f"- scheduler latency table (raw/latency_table.json, cell-wise min of 2-3 profiles): α(1 row, 16 tokens) "
                   f"{_f(ip.get('latency_table', {}).get('alpha_1x16_ms'))} ms, α(64, 64) "
                   f"{_f(ip.get('latency_table', {}).get('alpha_64x64_ms'))} ms"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod, layer_site
 from chorus.errors import TaskFileError
 
@@ -127,8 +128,11 @@ class Adapter(PetMethod):
 
         def adapter(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             slots = rows.slots[self.name]  # (B,)
-            t = lambda n: rows.tensor(self.name, f"{key}.{n}")[slots]  # noqa: E731
-            down, b_down, up, b_up = t("adapter_down"), t("adapter_down_bias"), t("adapter_up"), t("adapter_up_bias")
+            down, b_down, up, b_up = (rows.tensor(self.name, f"{key}.{n}") for n in self.tensor_names)
+            if fused.available(y):  # each row reads its slot's adapter in the kernels; rows without one skip
+                h = fused.gathered_matmul(y, down, slots, bias=b_down, activation=rows.tensor(self.name, "gelu"))
+                return fused.gathered_matmul(h, up, slots, out=y, bias=b_up)
+            down, b_down, up, b_up = down[slots], b_down[slots], up[slots], b_up[slots]
             z = torch.bmm(y, down.transpose(1, 2)) + b_down.unsqueeze(1)  # (B, T, max_bottleneck)
             gelu = rows.tensor(self.name, "gelu")[slots].view(-1, 1, 1)  # (B, 1, 1)
             h = torch.where(gelu, F.gelu(z), F.relu(z))

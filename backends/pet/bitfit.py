@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod
 
 
@@ -31,6 +32,9 @@ class BitFit(PetMethod):
         key = self._key(site)
 
         def bitfit(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-            return y + rows.tensor(self.name, f"{key}.bias_delta")[rows.slots[self.name]].unsqueeze(1)  # (B, 1, out)
+            bank, slots = rows.tensor(self.name, f"{key}.bias_delta"), rows.slots[self.name]
+            if fused.available(y):  # y is this linear's own fresh output
+                return fused.row_vector_(y, slots, bank)
+            return y + bank[slots].unsqueeze(1)  # (B, 1, out)
 
         return bitfit

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod, layer_site
 
 FEED_FORWARD_OUTPUT = "output.dense"
@@ -53,8 +54,10 @@ class IA3(PetMethod):
         key = self._key(site)
 
         def scale(t: torch.Tensor, rows) -> torch.Tensor:
-            l = rows.tensor(self.name, f"{key}.ia3_l")[rows.slots[self.name]]  # (B, features)
-            return t * (1 + l).unsqueeze(1)
+            bank, slots = rows.tensor(self.name, f"{key}.ia3_l"), rows.slots[self.name]
+            if fused.available(t):  # in place: t is the linear's own output, or (output.dense) the feed-forward
+                return fused.row_vector_(t, slots, bank, scale=True)  # activations only that linear reads
+            return t * (1 + bank[slots]).unsqueeze(1)  # (B, 1, features)
 
         if self.site_stage(site) == "pre":
             return scale

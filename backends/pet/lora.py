@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod
 from chorus.errors import TaskFileError
 
@@ -92,8 +93,11 @@ class LoRA(PetMethod):
 
         def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             slots = rows.slots[self.name]  # (B,)
-            A, B = rows.tensor(self.name, f"{key}.lora_A")[slots], rows.tensor(self.name, f"{key}.lora_B")[slots]
-            down = torch.bmm(x, A.transpose(1, 2)) * rows.tensor(self.name, "scaling")[slots].view(-1, 1, 1)
+            A, B, scaling = (rows.tensor(self.name, n) for n in (f"{key}.lora_A", f"{key}.lora_B", "scaling"))
+            if fused.available(y):  # each row reads its slot's A and B in the kernels; rows without LoRA skip
+                return fused.gathered_matmul(fused.gathered_matmul(x, A, slots, scale=scaling), B, slots, out=y)
+            A, B = A[slots], B[slots]
+            down = torch.bmm(x, A.transpose(1, 2)) * scaling[slots].view(-1, 1, 1)
             return torch.baddbmm(y, down, B.transpose(1, 2))  # y + (B, T, out), max_rank inside, in one GEMM
 
         return lora

@@ -24,6 +24,7 @@ class MaskBERT(SparseDelta):
     tensor_names = ("mask_index", "mask_score")
     index_name, value_name = "mask_index", "mask_score"
     value_optional, default_value = True, -1.0
+    scores_prune = True
 
     def delta_values(self, site, index, values):
         kept = (values >= 0).to(values.dtype)

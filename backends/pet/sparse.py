@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod
 from chorus.errors import TaskFileError
 
@@ -39,12 +40,15 @@ EXACT_FLOAT32_INT = 2**24
 
 
 class SiteIndex(nn.Module):
-    """Positions of every slot at one site: `index` (capacity, max_nnz) int64, `nnz` (capacity,) int64."""
+    """Positions of every slot at one site: `index` (capacity, max_nnz) int64, sorted per slot (a CSR's entries),
+    `nnz` (capacity,) int64, and `rowptr` (capacity, out + 1) int32: where each output row's entries start (the
+    fused kernel's CSR, `chorus.backends.pet.fused.sparse_delta_`)."""
 
-    def __init__(self, capacity: int, max_nnz: int, device):
+    def __init__(self, capacity: int, max_nnz: int, outputs: int, device):
         super().__init__()
         self.register_buffer("index", torch.zeros(capacity, max_nnz, dtype=torch.long, device=device))
         self.register_buffer("nnz", torch.zeros(capacity, dtype=torch.long, device=device))
+        self.register_buffer("rowptr", torch.zeros(capacity, outputs + 1, dtype=torch.int32, device=device))
 
 
 class SparseDelta(PetMethod):
@@ -54,6 +58,7 @@ class SparseDelta(PetMethod):
     bias_name = ""  # optional file tensor (out,) added to the bias, "" if the method has none
     value_optional = False  # a file may leave the values out (then `default_value` fills them)
     default_value = 0.0
+    scores_prune = False  # ΔW's entries are `-W` where the stored value (a score) is negative, else 0 (MaskBERT)
 
     def __init__(self, sites, capacity, device=None, dtype=torch.float32):
         super().__init__(sites, capacity, device, dtype)
@@ -114,7 +119,7 @@ class SparseDelta(PetMethod):
     def _site(self, site: str, nnz: int) -> tuple[SiteIndex, nn.ParameterDict]:
         key = self._key(site)
         if key not in self.indices:
-            self.indices[key] = SiteIndex(self.capacity, 0, self.device)
+            self.indices[key] = SiteIndex(self.capacity, 0, self.site_shapes[site][0], self.device)
             params = {"value": nn.Parameter(torch.zeros(self.capacity, 0, device=self.device, dtype=self.dtype),
                                             requires_grad=False)}
             if self.bias_name:
@@ -151,14 +156,19 @@ class SparseDelta(PetMethod):
 
     @torch.no_grad()
     def store(self, key: str, slot: int, index: torch.Tensor, values: torch.Tensor) -> None:
-        """(Re)write a slot's positions and values at a site (the site holds at least len(index) entries)."""
+        """(Re)write a slot's positions and values at a site (the site holds at least len(index) entries), sorted
+        by position: output row by row, as a CSR, whose row starts go to `rowptr`."""
         n = len(index)
         idx, value = self.indices[key], self.banks[key]["value"]
+        index, order = index.to(idx.index.device).sort()
+        in_f = self.site_shapes[key.replace("__", ".")][1]
         idx.index[slot] = 0
-        idx.index[slot, :n] = index.to(idx.index.device)
+        idx.index[slot, :n] = index
         idx.nnz[slot] = n
+        starts = torch.arange(idx.rowptr.shape[1], device=index.device) * in_f  # output n's first position
+        idx.rowptr[slot] = torch.searchsorted(index, starts).to(torch.int32)
         value[slot] = 0
-        value[slot, :n] = values.to(value.device, value.dtype)
+        value[slot, :n] = values.to(value.device, value.dtype)[order]
         self.nnz_host[key][slot] = n
         self._csr.pop((key, slot), None)
 
@@ -175,6 +185,7 @@ class SparseDelta(PetMethod):
             for key, idx in self.indices.items():
                 idx.index[slot] = 0
                 idx.nnz[slot] = 0
+                idx.rowptr[slot] = 0
                 self.nnz_host[key].pop(slot, None)
                 self._forget(key, slot)
         super().clear(slot)
@@ -183,6 +194,7 @@ class SparseDelta(PetMethod):
         for idx in self.indices.values():
             idx.index = F.pad(idx.index, (0, 0, 0, capacity - len(idx.index)))
             idx.nnz = F.pad(idx.nnz, (0, capacity - len(idx.nnz)))
+            idx.rowptr = F.pad(idx.rowptr, (0, 0, 0, capacity - len(idx.rowptr)))
 
     def stored(self, key: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A slot's positions and values at a site (its nnz entries only)."""
@@ -287,6 +299,11 @@ class SparseDelta(PetMethod):
         out_f, in_f = self.site_shapes[site]
 
         def sparse_delta(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            if fused.available(y):  # each row reads its slot's CSR in the kernel; rows without the method skip
+                return fused.sparse_delta_(
+                    y, x, rows.slots[self.name], self.indices[key].rowptr, rows.tensor(self.name, f"{key}.index"),
+                    rows.tensor(self.name, f"{key}.value"), self.linears[site].weight if self.scores_prune else None,
+                    rows.tensor(self.name, f"{key}.bias") if self.bias_name else None)
             subset = rows.subsets.get(self.name)  # the rows that use the method (graphs), or None: every row
             slots = rows.slots[self.name] if subset is None else rows.slots[self.name][subset]  # (B,)
             xs = x if subset is None else x.index_select(0, subset)

@@ -1,0 +1,138 @@
+"""Fused PET ops for the gathered forward on a GPU: one Triton kernel per op and site, each row reading its own slot.
+
+The gathered form of a PET op (`PetMethod.gathered_op`, what CUDA graphs replay and ONNX exports) is written with
+torch ops over every row of the batch: each row gathers its slot's tensors (`bank[slots]`, a (B, ...) copy of them),
+and rows of tasks without the method run the op on the null slot's zeros. A 64-row batch of 64 tasks of every PET
+type then ran ~1,650 kernels, most of them gathers and broadcast elementwise ops over rows that add nothing (issue 3,
+perf/results/h100-2026-11-22/profile_mixed.md). Here each op is one kernel (two for a bottleneck or the sparse
+product) that reads the slot of its program's row straight from the bank and returns at once for the null slot:
+
+| op | kernel | replaces (torch, per site) |
+| --- | --- | --- |
+| BitFit `y += δb`, IA3 `t ⊙ (1 + l)` | `row_vector_` (in place) | gather + broadcast add (+ add one + multiply) |
+| LoRA `y += s·(x·Aᵀ)·Bᵀ` | `gathered_matmul` twice | gathers of A and B, bmm, scaling, baddbmm |
+| adapter `y += up(act(down(y)))` | `gathered_matmul` twice | four gathers, two bmm, bias adds, both activations and a select |
+| MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)` | `transpose_rows` + `sparse_delta_` | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
+
+The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
+ΔW is densified. The torch forms stay the reference (tests compare both) and what runs on the CPU, under autograd,
+while tracing for export, and wherever Triton does not import (`available`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+# CHORUS_FUSED_PET=0 turns the fused kernels off (benchmarks compare both in one process through `ENABLED`)
+ENABLED = os.environ.get("CHORUS_FUSED_PET", "1") != "0"
+# TRITON_INTERPRET=1: Triton runs its kernels on the CPU through its interpreter (development and tests without a GPU)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernels():
+    try:
+        from chorus.backends.pet import triton_kernels
+    except ImportError:  # no Triton (CPU builds of torch)
+        return None
+    return triton_kernels
+
+
+@functools.cache
+def _runs_on(device: torch.device) -> bool:
+    """Whether Triton compiles and runs a kernel on `device` (it builds its launcher with the host's C compiler)."""
+    try:
+        t = torch.zeros(1, 1, 16, device=device)
+        row_vector_(t, torch.ones(1, dtype=torch.long, device=device), torch.ones(2, 16, device=device))
+        if bool((t == 1).all()):
+            return True
+        log.warning("the fused PET kernels computed a wrong result on %s: the torch ops serve instead", device)
+    except Exception:  # noqa: BLE001 - any failure leaves the torch ops in place
+        log.warning("the fused PET kernels do not run on %s: the torch ops serve instead", device, exc_info=True)
+    return False
+
+
+def serves(device: torch.device) -> bool:
+    """Whether gathered ops on `device` run fused: `ENABLED`, a CUDA device (any under `INTERPRET`), Triton
+    importable, and a first kernel ran there."""
+    return (ENABLED and (device.type == "cuda" or INTERPRET) and _kernels() is not None
+            and _runs_on(torch.device(device)))
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the fused kernels serve an op that writes `t` in place: `serves` its device, `t` contiguous, no
+    autograd, no tracing (export)."""
+    return (serves(t.device) and t.is_contiguous() and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export())
+
+
+def _block(n: int, most: int, least: int = 16) -> int:
+    return max(least, min(most, 1 << (n - 1).bit_length()))
+
+
+def row_vector_(t: torch.Tensor, slots: torch.Tensor, bank: torch.Tensor, scale: bool = False) -> torch.Tensor:
+    """In place: `t[b] += bank[slots[b]]`, or with `scale` `t[b] *= 1 + bank[slots[b]]`; t (B, T, N) contiguous,
+    bank (C, N). Rows on slot 0 are not touched."""
+    B, T, N = t.shape
+    bt, bn = _block(T, 32, 1), _block(N, 256)
+    _kernels().row_vector_kernel[(B, triton_cdiv(T, bt), triton_cdiv(N, bn))](
+        t, slots, bank, T, N, BLOCK_T=bt, BLOCK_N=bn, SCALE=scale)
+    return t
+
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+
+
+def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                    activation: str | torch.Tensor | None = None) -> torch.Tensor:
+    """Per row b with a slot: `act((x[b] · weight[slots[b]]ᵀ) · scale[slot] + bias[slot])`, added into `out` in
+    place when given, else written to a new (B, T, N) tensor whose null-slot rows are left unset.
+
+    x (B, T, K); weight (C, N, K); bias (C, N); scale (C,); activation None, "relu", "gelu" or a (C,) bool tensor
+    (gelu where true, else relu)."""
+    B, T, K = x.shape
+    N = weight.shape[1]
+    x = x.contiguous()
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
+    act = 3 if isinstance(activation, torch.Tensor) else ACTIVATIONS[activation]
+    bt, bn, bk = _block(T, 64), _block(N, 64), _block(K, 64)
+    _kernels().gathered_matmul_kernel[(B, triton_cdiv(T, bt), triton_cdiv(N, bn))](
+        x, weight, slots, out, bias if bias is not None else x, scale if scale is not None else x,
+        activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    return out
+
+
+def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
+                  value: torch.Tensor, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: `y[b] += x[b] · ΔW[slots[b]]ᵀ (+ bias[slot])` for rows with a slot, ΔW a slot's CSR at one site:
+    `index` (C, max_nnz) flat positions `n * in + col`, sorted per slot; `rowptr` (C, out + 1) int32, where each
+    output's entries start; `value` (C, max_nnz) the entries, or with `weight` (out, in) MaskBERT's scores (the entry
+    is `-weight` at positions with a negative score). y (B, T, out) contiguous, x (B, T, in)."""
+    B, T, K = x.shape
+    N = y.shape[2]
+    x, kernels = x.contiguous(), _kernels()
+    xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)  # rows without a slot stay unset (never read)
+    bt, bk = _block(T, 64), 64
+    kernels.transpose_rows_kernel[(B, triton_cdiv(T, bt), triton_cdiv(K, bk))](x, xt, slots, T, K, BLOCK_T=bt,
+                                                                                BLOCK_K=bk)
+    bn, bt = 16, _block(T, 64)
+    kernels.sparse_delta_kernel[(B, triton_cdiv(N, bn), triton_cdiv(T, bt))](
+        y, xt, slots, rowptr, index, value, weight if weight is not None else value,
+        bias if bias is not None else value, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt, CHUNK=8,
+        MASK=weight is not None, HAS_BIAS=bias is not None)
+    return y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,188 @@
+"""The fused PET kernels (`chorus.backends.pet.fused`) against the torch gathered forms they replace and the plain
+per-task references: every PET type, mixed LoRA ranks and adapter widths, sparsities from 1% to 50% (and an output
+row holding an entry for every input), rows on the null slot, dtypes. They need Triton on a CUDA GPU (marked gpu);
+with `TRITON_INTERPRET=1` and Triton installed they also run on the CPU through Triton's interpreter (development).
+The CSR bookkeeping the sparse kernel reads is checked everywhere."""
+
+import os
+
+import pytest
+import torch
+
+from chorus.backends.engine import build_model
+from chorus.backends.pet import GatheredRows, fused
+from chorus.backends.reference import reference_logits
+from tests.unit.test_pet_methods import PETS, TINY, random_batch, task
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") or fused._kernels() is None,
+    reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+def bank_with_every_type(dtype):
+    torch.manual_seed(0)
+    model = build_model(config=TINY, capacity=2, max_rank=8, dtype=dtype, device=DEVICE)  # grows on the way
+    backbone = {k: v.detach().float().cpu().clone() for k, v in model.encoder.hf_parameter_map().items()}
+    specs = [task(n, seed=i) for i, n in enumerate(PETS)]
+    for spec in specs:
+        model.bank.add(spec)
+    return model, backbone, specs
+
+
+def gathered(model, names, ids, mask, enabled):
+    """The gathered forward's logits (what CUDA graphs replay) with the fused kernels on or off."""
+    rows = model.bank.row_tasks(names)
+    rows = GatheredRows(rows.slots, rows.head_slots, model.bank.bank_tensors())
+    fused.ENABLED = enabled
+    try:
+        with torch.inference_mode():
+            return model(ids.to(DEVICE), mask.to(DEVICE), rows).float().cpu()
+    finally:
+        fused.ENABLED = True
+
+
+@pytest.mark.gpu
+@kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,seed", [(1, 4, 0), (13, 9, 1), (40, 33, 2)])
+def test_fused_gathered_forward_matches_the_torch_form_and_the_references(dtype, B, T, seed):
+    model, backbone, specs = bank_with_every_type(dtype)
+    ids, mask = random_batch(B, T, seed)
+    g = torch.Generator().manual_seed(seed)
+    names = [specs[int(i)].name for i in torch.randint(0, len(specs), (B,), generator=g)]
+    got = gathered(model, names, ids, mask, True)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, gathered(model, names, ids, mask, False), rtol=rtol, atol=atol)
+    if dtype == torch.float32:
+        by_name = {s.name: s for s in specs}
+        for i, n in enumerate(names):
+            want = reference_logits(TINY, backbone, by_name[n], ids[i : i + 1], mask[i : i + 1])[0]
+            torch.testing.assert_close(got[i, :2], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"row {i} ({n}): {m}")
+
+
+def _dense(index, value, out_f, in_f):
+    return torch.zeros(out_f * in_f, dtype=torch.float64).index_add(0, index.cpu(), value.double().cpu()).view(
+        out_f, in_f)
+
+
+@pytest.mark.gpu
+@kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows(dtype):
+    """Op by op on random banks: rows on slot 0 are left bit for bit as they were; the others get their slot's
+    term. The sparse bank holds a skewed slot (one output row with an entry for every input, the rest empty)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, K, N, C = 6, 19, 40, 24, 4
+    rand = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
+    slots = torch.tensor([2, 0, 1, 3, 0, 2], device=DEVICE)
+    live = slots.cpu() != 0
+    x, y = rand(B, T, K), rand(B, T, N)
+    rtol, atol = TOLERANCE[dtype]
+
+    def check(got, want):
+        assert torch.equal(got[~live.to(DEVICE)], y[~live.to(DEVICE)])  # null-slot rows untouched
+        torch.testing.assert_close(got[live.to(DEVICE)].double().cpu(), want[live].double(), rtol=rtol, atol=atol)
+
+    vec = rand(C, N)
+    check(fused.row_vector_(y.clone(), slots, vec), y.double().cpu() + vec.double().cpu()[slots.cpu()][:, None])
+    check(fused.row_vector_(y.clone(), slots, vec, scale=True),
+          y.double().cpu() * (1 + vec.double().cpu()[slots.cpu()][:, None]))
+
+    w, bias, scale = rand(C, N, K) * 0.2, rand(C, N), rand(C)
+    gelu = torch.tensor([False, True, False, True], device=DEVICE)
+    z = torch.einsum("btk,bnk->btn", x.double().cpu(), w.double().cpu()[slots.cpu()])
+    z = z * scale.double().cpu()[slots.cpu()][:, None, None] + bias.double().cpu()[slots.cpu()][:, None]
+    act = torch.where(gelu.cpu()[slots.cpu()][:, None, None], torch.nn.functional.gelu(z), torch.relu(z))
+    new = fused.gathered_matmul(x, w, slots, bias=bias, scale=scale, activation=gelu)
+    torch.testing.assert_close(new[live.to(DEVICE)].double().cpu(), act[live], rtol=rtol, atol=atol)
+    check(fused.gathered_matmul(x, w, slots, out=y.clone()), y.double().cpu() + torch.einsum(
+        "btk,bnk->btn", x.double().cpu(), w.double().cpu()[slots.cpu()]))
+
+    dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot
+    entries = [torch.zeros(0, dtype=torch.long)]
+    for s, density in ((1, 0.01), (2, 0.5)):
+        d = (torch.rand(N, K, generator=g) < density) * torch.randn(N, K, generator=g)
+        dense.append(d.double())
+    skewed = torch.zeros(N, K, dtype=torch.float64)
+    skewed[5] = torch.randn(K, generator=g)
+    dense.append(skewed)
+    for d in dense[1:]:
+        entries.append(torch.nonzero(d.flatten()).flatten())
+    most = max(len(e) for e in entries)
+    index = torch.zeros(C, most, dtype=torch.long)
+    value = torch.zeros(C, most, dtype=dtype)
+    rowptr = torch.zeros(C, N + 1, dtype=torch.int32)
+    for s, (e, d) in enumerate(zip(entries, dense)):
+        index[s, : len(e)] = e
+        value[s, : len(e)] = d.flatten()[e].to(dtype)
+        rowptr[s, 1:] = torch.bincount(e // K, minlength=N).cumsum(0)
+    dbias = rand(C, N)
+    want = y.double().cpu() + torch.einsum("btk,bnk->btn", x.double().cpu(),
+                                           torch.stack([_dense(index[s], value[s], N, K) for s in range(C)])[slots.cpu()])
+    check(fused.sparse_delta_(y.clone(), x, slots, rowptr.to(DEVICE), index.to(DEVICE), value.to(DEVICE)), want)
+    check(fused.sparse_delta_(y.clone(), x, slots, rowptr.to(DEVICE), index.to(DEVICE), value.to(DEVICE),
+                              bias=dbias), want + dbias.double().cpu()[slots.cpu()][:, None])
+    weight = rand(N, K)  # MaskBERT: the entry is -weight where the score is negative
+    scores = torch.where(torch.rand(C, most, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    masked = -weight.double().cpu().flatten()[index] * (scores.double() < 0) * (torch.arange(most) < torch.tensor(
+        [len(e) for e in entries])[:, None])
+    want = y.double().cpu() + torch.einsum("btk,bnk->btn", x.double().cpu(),
+                                           torch.stack([_dense(index[s], masked[s], N, K) for s in range(C)])[slots.cpu()])
+    check(fused.sparse_delta_(y.clone(), x, slots, rowptr.to(DEVICE), index.to(DEVICE), scores.to(DEVICE), weight),
+          want)
+
+
+def test_sparse_slots_keep_sorted_positions_and_their_row_starts():
+    """What the fused sparse kernel reads: each slot's positions sorted (a CSR) with `rowptr`, kept through removal
+    of a task and growth of the bank; the values follow their positions."""
+    model = build_model(config=TINY, capacity=2, max_rank=8)
+    specs = {n: task(n, seed=i) for i, n in enumerate(("diff_2pct", "maskbert_30pct", "diff_50pct", "maskbert_1pct"))}
+    for spec in specs.values():
+        model.bank.add(spec)
+    model.bank.remove("maskbert_30pct")
+    for name, spec in specs.items():
+        if name not in model.bank.tasks:
+            continue
+        method = model.bank.methods[next(iter(spec.pet))]
+        slot = model.bank.tasks[name].slots[method.name]
+        for key, idx in method.indices.items():
+            site = key.replace("__", ".")
+            out_f, in_f = method.site_shapes[site]
+            index, values = method.stored(key, slot)
+            assert torch.all(index[1:] > index[:-1]), f"{name} {site}: positions not sorted"
+            counts = torch.bincount(index // in_f, minlength=out_f)
+            assert idx.rowptr[slot].tolist() == [0] + counts.cumsum(0).tolist(), f"{name} {site}"
+            file_index = spec.tensors.get(f"{site}.{method.index_name}")
+            if file_index is None:
+                assert len(index) == 0
+                continue
+            order = file_index.long().argsort()
+            assert torch.equal(index, file_index.long()[order])
+            if method.value_name in ("diff_value",):
+                torch.testing.assert_close(values, spec.tensors[f"{site}.diff_value"][order])
+    free = model.bank.methods["maskbert"].free
+    for key, idx in model.bank.methods["maskbert"].indices.items():
+        assert all(not idx.rowptr[s].any() for s in free if s < len(idx.rowptr)), key
+
+
+def test_a_device_where_the_kernels_do_not_run_keeps_the_torch_ops(monkeypatch, caplog):
+    """Triton imports but cannot build or launch a kernel there (e.g. no C compiler for its launcher): the gathered
+    ops stay on their torch forms, with a warning, instead of failing batches."""
+
+    class Unbuildable:
+        class row_vector_kernel:  # noqa: N801 - stands in for a Triton kernel, launched as kernel[grid](...)
+            def __class_getitem__(cls, grid):
+                raise RuntimeError("failed to build the launcher: no C compiler")
+
+    monkeypatch.setattr(fused, "_kernels", lambda: Unbuildable)
+    monkeypatch.setattr(fused, "INTERPRET", True)  # let the CPU stand for a device
+    fused._runs_on.cache_clear()
+    try:
+        assert not fused.serves(torch.device("cpu"))
+        assert not fused.available(torch.zeros(2, 3, 4))
+        assert "do not run on cpu" in caplog.text
+    finally:
+        fused._runs_on.cache_clear()
