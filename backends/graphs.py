@@ -133,16 +133,17 @@ class GraphedForward:
 
     def _static(self, b: int, t: int, methods: tuple[str, ...], subsets: tuple[tuple[str, int], ...],
                 tensors: dict[str, torch.Tensor]):
+        """A key's static inputs, two tensors (one copy each per batch): `tokens` (2, b, t), the ids and the mask;
+        `index` (1 + methods, b), the rows' head slots and their slots in each method (views of its rows)."""
         dev = self.device
-        ids = torch.full((b, t), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((b, t), dtype=torch.long, device=dev)
-        mask[:, 0] = 1
-        slots = {m: torch.zeros(b, dtype=torch.long, device=dev) for m in methods}
-        heads = torch.zeros(b, dtype=torch.long, device=dev)
-        rows = GatheredRows(slots, heads, {k: v for k, v in tensors.items()
-                                           if k.startswith("head.") or k.split(".", 1)[0] in methods},
+        tokens = torch.zeros((2, b, t), dtype=torch.long, device=dev)
+        tokens[0] = self.pad_id
+        tokens[1, :, 0] = 1
+        index = torch.zeros((1 + len(methods), b), dtype=torch.long, device=dev)
+        rows = GatheredRows({m: index[i] for i, m in enumerate(methods, start=1)}, index[0],
+                            {k: v for k, v in tensors.items() if k.startswith("head.") or k.split(".", 1)[0] in methods},
                             {m: torch.zeros(n, dtype=torch.long, device=dev) for m, n in subsets})
-        return ids, mask, rows
+        return tokens, index, rows
 
     def _build(self, key: tuple, tensors: dict[str, torch.Tensor]):
         """Capture `key` now, on the calling thread (the caller holds the lock)."""
@@ -161,21 +162,21 @@ class GraphedForward:
     def _capture(self, key: tuple, tensors: dict[str, torch.Tensor], stream: torch.cuda.Stream | None = None):
         """Record `key`'s graph (on `stream`, default the shared capture stream) and return its entry."""
         b, t, methods, subsets = key
-        ids, mask, rows = self._static(b, t, methods, subsets, tensors)
+        tokens, index, rows = self._static(b, t, methods, subsets, tensors)
         if not self.capture:
-            return None, ids, mask, rows, None
+            return None, tokens, index, rows, None
         stream = stream or capture_stream(self.device)
         with torch.cuda.device(self.device):
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream), torch.inference_mode():
                 for _ in range(2):  # warm up kernels and the allocator outside the graph
-                    self.model(ids, mask, rows)
+                    self.model(tokens[0], tokens[1], rows)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"), \
                     torch.inference_mode():
-                out = self.model(ids, mask, rows)
+                out = self.model(tokens[0], tokens[1], rows)
             stream.synchronize()
-        return graph, ids, mask, rows, out
+        return graph, tokens, index, rows, out
 
     def _capture_later(self, key: tuple) -> None:
         """Hand a hot key to the capture thread (started on first use); the caller holds the lock."""
@@ -262,27 +263,23 @@ class GraphedForward:
             if entry is None:
                 entry = self._build(key, tensors)
                 self._seen.pop(key, None)
-            graph, ids, mask, rows, out = entry
-            b = ids.shape[0]
-            host_ids = torch.full((b, ids.shape[1]), self.pad_id, dtype=torch.long)
-            host_mask = torch.zeros((b, ids.shape[1]), dtype=torch.long)
-            host_mask[:, 0] = 1
-            host_ids[:B, :T], host_mask[:B, :T] = input_ids, attention_mask
+            graph, tokens, index, rows, out = entry
+            _, b, t = tokens.shape
+            host_tokens = torch.zeros((2, b, t), dtype=torch.long)
+            host_tokens[0], host_tokens[1, :, 0] = self.pad_id, 1
+            host_tokens[0, :B, :T], host_tokens[1, :B, :T] = input_ids, attention_mask
             methods = list(rows.slots)  # the graph's methods: those the batch does not use stay on the null slot
-            host_slots = torch.zeros((len(methods) + 1, b), dtype=torch.long)
-            host_slots[0, :B] = torch.tensor(heads)
+            host_index = torch.zeros((len(methods) + 1, b), dtype=torch.long)
+            host_index[0, :B] = torch.tensor(heads)
             for i, m in enumerate(methods, start=1):
                 if m in slots:
-                    host_slots[i, :B] = torch.tensor(slots[m])
-            ids.copy_(host_ids, non_blocking=True)
-            mask.copy_(host_mask, non_blocking=True)
-            rows.head_slots.copy_(host_slots[0], non_blocking=True)
-            for i, m in enumerate(methods, start=1):
-                rows.slots[m].copy_(host_slots[i], non_blocking=True)
+                    host_index[i, :B] = torch.tensor(slots[m])
+            tokens.copy_(host_tokens, non_blocking=True)
+            index.copy_(host_index, non_blocking=True)
             for m, subset in subsets.items():
                 rows.subsets[m].copy_(torch.tensor(subset), non_blocking=True)
             if graph is None:
-                out = self.model(ids, mask, rows)
+                out = self.model(tokens[0], tokens[1], rows)
             else:
                 graph.replay()
             return out[:B].float().cpu().numpy()

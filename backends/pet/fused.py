@@ -71,6 +71,10 @@ def available(t: torch.Tensor) -> bool:
             and not torch.onnx.is_in_onnx_export())
 
 
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32 as float32 (no TF32 rounding); ignored for halves
+
+
 def _block(n: int, most: int, least: int = 16) -> int:
     return max(least, min(most, 1 << (n - 1).bit_length()))
 
@@ -108,13 +112,16 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
         x, weight, slots, out, bias if bias is not None else x, scale if scale is not None else x,
         activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        PRECISION=_precision(x.dtype))
     return out
 
 
+SPARSE = {"block_n": 16, "block_t": 32, "chunk": 64, "rows": 1, "num_warps": 4}  # the sparse kernel's launch
+
+
 def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
-                  value: torch.Tensor, weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  value: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  **launch) -> torch.Tensor:
     """In place: `y[b] += x[b] · ΔW[slots[b]]ᵀ (+ bias[slot])` for rows with a slot, ΔW a slot's CSR at one site:
     `index` (C, max_nnz) flat positions `n * in + col`, sorted per slot; `rowptr` (C, out + 1) int32, where each
     output's entries start; `value` (C, max_nnz) the entries, or with `weight` (out, in) MaskBERT's scores (the entry
@@ -126,11 +133,13 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
     bt, bk = _block(T, 64), 64
     kernels.transpose_rows_kernel[(B, triton_cdiv(T, bt), triton_cdiv(K, bk))](x, xt, slots, T, K, BLOCK_T=bt,
                                                                                 BLOCK_K=bk)
-    bn, bt = 16, _block(T, 64)
-    kernels.sparse_delta_kernel[(B, triton_cdiv(N, bn), triton_cdiv(T, bt))](
+    opt = {**SPARSE, **launch}  # `launch`: overrides of SPARSE (perf/fused_kernels.py tunes them)
+    bn, bt, rows = opt["block_n"], _block(T, opt["block_t"]), opt["rows"]
+    kernels.sparse_delta_kernel[(triton_cdiv(B, rows), triton_cdiv(N, bn), triton_cdiv(T, bt))](
         y, xt, slots, rowptr, index, value, weight if weight is not None else value,
-        bias if bias is not None else value, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt, CHUNK=8,
-        MASK=weight is not None, HAS_BIAS=bias is not None)
+        bias if bias is not None else value, B, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt,
+        CHUNK=opt["chunk"], ROWS=rows, MASK=weight is not None, HAS_BIAS=bias is not None,
+        PRECISION=_precision(x.dtype), num_warps=opt["num_warps"])
     return y
 
 

@@ -93,41 +93,48 @@ def transpose_rows_kernel(x_ptr, out_ptr, slot_ptr, T, K, BLOCK_T: tl.constexpr,
 
 @triton.jit
 def sparse_delta_kernel(y_ptr, xt_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr,
-                        T, N, K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
-                        MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+                        B, T, N, K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
+                        ROWS: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
     with slot != 0. ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions n * K + col sorted ascending,
     `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value` (MASK, MaskBERT: `-weight[pos]`
-    where value < 0, else 0). xt (B, K, T): x transposed, so an entry's T inputs are contiguous."""
-    b = tl.program_id(0)
-    slot = tl.load(slot_ptr + b)
-    if slot != 0:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_c = tl.arange(0, CHUNK)
-        n_ok, t_ok = offs_n < N, offs_t < T
-        start = tl.load(rowptr_ptr + slot * (N + 1) + offs_n, mask=n_ok, other=0)
-        lens = tl.load(rowptr_ptr + slot * (N + 1) + offs_n + 1, mask=n_ok, other=0) - start
-        longest = tl.max(lens, axis=0)
-        base = slot.to(tl.int64) * max_nnz
-        xt = xt_ptr + b.to(tl.int64) * K * T
-        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for c in range(0, longest, CHUNK):
-            j = c + offs_c[None, :]  # (1, CHUNK) entry numbers within each output's segment
-            ok = (j < lens[:, None])  # (BLOCK_N, CHUNK)
-            entry = base + start[:, None] + j
-            pos = tl.load(index_ptr + entry, mask=ok, other=0)
-            val = tl.load(value_ptr + entry, mask=ok, other=0.0).to(tl.float32)
-            if MASK:
-                w = tl.load(weight_ptr + pos, mask=ok, other=0.0).to(tl.float32)
-                val = tl.where(val < 0, -w, 0.0)
-            col = pos % K
-            xv = tl.load(xt + col[:, :, None] * T + offs_t[None, None, :], mask=ok[:, :, None] & t_ok[None, None, :],
-                         other=0.0).to(tl.float32)  # (BLOCK_N, CHUNK, BLOCK_T)
-            acc += tl.sum(val[:, :, None] * xv, axis=1)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        y_ptrs = y_ptr + b.to(tl.int64) * T * N + offs_t[None, :] * N + offs_n[:, None]
-        mask = n_ok[:, None] & t_ok[None, :]
-        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    where value < 0, else 0). xt (B, K, T): x transposed, so an entry's T inputs are contiguous.
+
+    A program takes ROWS batch rows in turn (fewer programs that only find a null slot); for each, its BLOCK_N
+    outputs own one contiguous run of entries, walked CHUNK entries at a time: their inputs are gathered (CHUNK,
+    BLOCK_T) and added to the outputs by one small matmul with the chunk's entries placed in their output's row
+    (BLOCK_N, CHUNK): the per-output sums are tensor-core work, no scatter, no atomics."""
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, CHUNK)
+    n_ok, t_ok = offs_n < N, offs_t < T
+    for r in range(ROWS):
+        b = tl.program_id(0) * ROWS + r
+        slot = tl.load(slot_ptr + b, mask=b < B, other=0)
+        if slot != 0:
+            rowptr = rowptr_ptr + slot * (N + 1)
+            first = tl.load(rowptr + n0)
+            last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
+            entries = slot.to(tl.int64) * max_nnz
+            xt = xt_ptr + b.to(tl.int64) * K * T
+            acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            for e0 in range(first, last, CHUNK):
+                e = e0 + offs_e
+                ok = e < last
+                pos = tl.load(index_ptr + entries + e, mask=ok, other=0)
+                val = tl.load(value_ptr + entries + e, mask=ok, other=0.0)
+                if MASK:
+                    w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
+                    val = tl.where(val < 0, -w, tl.zeros_like(w))
+                xv = tl.load(xt + (pos % K)[:, None] * T + offs_t[None, :], mask=ok[:, None] & t_ok[None, :],
+                             other=0.0)
+                mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
+                placed = tl.where(mine, val[None, :], tl.zeros_like(val)[None, :]).to(xv.dtype)
+                acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            y_ptrs = y_ptr + b.to(tl.int64) * T * N + offs_t[None, :] * N + offs_n[:, None]
+            mask = n_ok[:, None] & t_ok[None, :]
+            out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,115 @@
+"""Device time per call of the fused PET kernels (`chorus.backends.pet.fused`) at the benchmark's shape, and of the
+sparse kernel's launch variants (what `fused.SPARSE` is tuned from).
+
+    python -m perf.fused_kernels --out $OUT          (on the GPU machine: bash perf/gpu/run.sh kernels)
+
+A 64-row batch of 64 tokens, bert-base's sites (768 -> 768); `active` rows of the 64 use the method (the mixed
+benchmark has 8 rows of each PET type; 0: what a method costs a batch that does not use it; 64: a single-task
+batch). Each measurement is 20 calls captured in one CUDA graph, replayed 20 times: the median replay / 20 (the
+kernels' own time plus their launch gaps inside a graph, as the served forward runs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from chorus.backends.pet import fused
+
+B, T, HIDDEN, SLOTS = 64, 64, 768, 17
+
+
+def graphed_us(fn, calls: int = 20, replays: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
+def sparse_bank(density: float, dtype, g):
+    """SLOTS slots (0 null) of random positions at `density` of a (HIDDEN, HIDDEN) weight, CSR as the bank keeps it."""
+    n = int(density * HIDDEN * HIDDEN)
+    index = torch.zeros(SLOTS, n, dtype=torch.long)
+    rowptr = torch.zeros(SLOTS, HIDDEN + 1, dtype=torch.int32)
+    for s in range(1, SLOTS):
+        pos = torch.randperm(HIDDEN * HIDDEN, generator=g)[:n].sort().values
+        index[s] = pos
+        rowptr[s] = torch.searchsorted(pos, torch.arange(HIDDEN + 1) * HIDDEN)
+    value = (torch.randn(SLOTS, n, generator=g) * 0.02).to(dtype)
+    return rowptr.cuda(), index.cuda(), value.cuda()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if not fused.serves(torch.device("cuda")):
+        print("the fused kernels do not serve this machine (no CUDA device or no Triton)", file=sys.stderr)
+        return 2
+    dtype, g = torch.float16, torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, HIDDEN, generator=g).to(dtype).cuda()
+    y = torch.randn(B, T, HIDDEN, generator=g).to(dtype).cuda()
+    weight = (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
+    vec = (torch.randn(SLOTS, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
+    lora_a = (torch.randn(SLOTS, 16, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
+    lora_b = (torch.randn(SLOTS, HIDDEN, 16, generator=g) * 0.02).to(dtype).cuda()
+    down = (torch.randn(SLOTS, 64, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
+    up = (torch.randn(SLOTS, HIDDEN, 64, generator=g) * 0.02).to(dtype).cuda()
+    bias64, scaling = vec[:, :64].contiguous(), torch.ones(SLOTS, dtype=dtype, device="cuda")
+    gelu = torch.zeros(SLOTS, dtype=torch.bool, device="cuda")
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "T": T,
+                 "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": []}
+    for active in (0, 8, 64):
+        slots = torch.zeros(B, dtype=torch.long)
+        slots[torch.randperm(B, generator=g)[:active]] = torch.randint(1, SLOTS, (active,), generator=g)
+        slots = slots.cuda()
+        ops = {
+            "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec),
+            "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True),
+            "LoRA r16 (two matmuls)": lambda: fused.gathered_matmul(
+                fused.gathered_matmul(x, lora_a, slots, scale=scaling), lora_b, slots, out=y),
+            "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
+                fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu), up, slots, out=y, bias=vec),
+        }
+        for density in (0.05, 0.005):
+            rowptr, index, value = sparse_bank(density, dtype, g)
+            ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
+                y, x, slots, rowptr, index, value, weight))
+            ops[f"Diff-Pruning {density:.1%} + bias"] = (lambda rowptr=rowptr, index=index, value=value:
+                                                         fused.sparse_delta_(y, x, slots, rowptr, index, value,
+                                                                             bias=vec))
+            if active == 8:
+                for variant in ({}, {"block_t": 64}, {"chunk": 128}, {"chunk": 32}, {"block_n": 32},
+                                {"rows": 4}, {"rows": 8}, {"num_warps": 8}, {"block_t": 16}, {"rows": 4, "block_t": 64}):
+                    us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
+                        y, x, slots, rp, ix, va, weight, **v))
+                    res["sparse_variants"].append({"density": density, "launch": {**fused.SPARSE, **variant},
+                                                   "us": us})
+                    print(f"sparse {density:.1%} {variant}: {us:.1f} us", flush=True)
+        for name, fn in ops.items():
+            us = graphed_us(fn)
+            res["us_per_call"][f"{name}, {active}/{B} rows"] = us
+            print(f"{name:32s} {active:2d}/{B} rows {us:8.1f} us", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fused_kernels.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
