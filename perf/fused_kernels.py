@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          fused.sparse_delta_(y, x, slots, rowptr, index, value,
                                                                              bias=vec))
             if active == 8:
-                for variant in ({}, {"block_t": 64}, {"chunk": 128}, {"chunk": 32}, {"block_n": 32},
-                                {"rows": 4}, {"rows": 8}, {"num_warps": 8}, {"block_t": 16}, {"rows": 4, "block_t": 64}):
+                for variant in ({}, {"chunk": 32}, {"chunk": 64}, {"chunk": 128}, {"block_t": 64}, {"block_n": 32},
+                                {"rows": 4}, {"num_warps": 8}, {"block_t": 16}):
                     us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
                         y, x, slots, rp, ix, va, weight, **v))
                     res["sparse_variants"].append({"density": density, "launch": {**fused.SPARSE, **variant},

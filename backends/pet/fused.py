@@ -116,7 +116,9 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
     return out
 
 
-SPARSE = {"block_n": 16, "block_t": 32, "chunk": 64, "rows": 1, "num_warps": 4}  # the sparse kernel's launch
+# The sparse kernel's launch, tuned on the H100 (perf/results/h100-2026-11-22/fused_kernels.md): chunks of 128
+# entries where the site's densest slot holds 2% of its weights or more, else 64.
+SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "rows": 1, "num_warps": 4}
 
 
 def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
@@ -135,10 +137,11 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
                                                                                 BLOCK_K=bk)
     opt = {**SPARSE, **launch}  # `launch`: overrides of SPARSE (perf/fused_kernels.py tunes them)
     bn, bt, rows = opt["block_n"], _block(T, opt["block_t"]), opt["rows"]
+    chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
     kernels.sparse_delta_kernel[(triton_cdiv(B, rows), triton_cdiv(N, bn), triton_cdiv(T, bt))](
         y, xt, slots, rowptr, index, value, weight if weight is not None else value,
         bias if bias is not None else value, B, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt,
-        CHUNK=opt["chunk"], ROWS=rows, MASK=weight is not None, HAS_BIAS=bias is not None,
+        CHUNK=chunk, ROWS=rows, MASK=weight is not None, HAS_BIAS=bias is not None,
         PRECISION=_precision(x.dtype), num_warps=opt["num_warps"])
     return y
 
