@@ -84,7 +84,7 @@ def row_vector_(t: torch.Tensor, slots: torch.Tensor, bank: torch.Tensor, scale:
     bank (C, N). Rows on slot 0 are not touched."""
     B, T, N = t.shape
     bt, bn = _block(T, 32, 1), _block(N, 256)
-    _kernels().row_vector_kernel[(B, triton_cdiv(T, bt), triton_cdiv(N, bn))](
+    _kernels().row_vector_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         t, slots, bank, T, N, BLOCK_T=bt, BLOCK_N=bn, SCALE=scale)
     return t
 
@@ -108,7 +108,7 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
         out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
     act = 3 if isinstance(activation, torch.Tensor) else ACTIVATIONS[activation]
     bt, bn, bk = _block(T, 64), _block(N, 64), _block(K, 64)
-    _kernels().gathered_matmul_kernel[(B, triton_cdiv(T, bt), triton_cdiv(N, bn))](
+    _kernels().gathered_matmul_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         x, weight, slots, out, bias if bias is not None else x, scale if scale is not None else x,
         activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
@@ -133,12 +133,12 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
     x, kernels = x.contiguous(), _kernels()
     xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)  # rows without a slot stay unset (never read)
     bt, bk = _block(T, 64), 64
-    kernels.transpose_rows_kernel[(B, triton_cdiv(T, bt), triton_cdiv(K, bk))](x, xt, slots, T, K, BLOCK_T=bt,
+    kernels.transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, slots, T, K, BLOCK_T=bt,
                                                                                 BLOCK_K=bk)
     opt = {**SPARSE, **launch}  # `launch`: overrides of SPARSE (perf/fused_kernels.py tunes them)
     bn, bt, rows = opt["block_n"], _block(T, opt["block_t"]), opt["rows"]
     chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
-    kernels.sparse_delta_kernel[(triton_cdiv(B, rows), triton_cdiv(N, bn), triton_cdiv(T, bt))](
+    kernels.sparse_delta_kernel[(_cdiv(B, rows), _cdiv(N, bn), _cdiv(T, bt))](
         y, xt, slots, rowptr, index, value, weight if weight is not None else value,
         bias if bias is not None else value, B, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt,
         CHUNK=chunk, ROWS=rows, MASK=weight is not None, HAS_BIAS=bias is not None,
@@ -146,5 +146,5 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
     return y
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
