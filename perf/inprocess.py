@@ -15,6 +15,7 @@ may differ from the harness's: on the GPU machine the harness's numpy-1.26 envir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -116,6 +117,18 @@ def steady_state(engine: Engine) -> None:
         engine.graphs.hot_after, engine.graphs.background = 1, False  # captured at once
 
 
+@contextlib.contextmanager
+def torch_pet_ops(engine: Engine):
+    """Within: the engine's graphed batches run the torch gathered PET ops (graphs of their own, each key captured
+    at once) instead of the fused kernels, to compare both in one process."""
+    graphs = engine.graphs
+    fused.ENABLED, engine.graphs = False, GraphedForward(engine.model, hot_after=1, background=False)
+    try:
+        yield
+    finally:
+        fused.ENABLED, engine.graphs = True, graphs
+
+
 @torch.inference_mode()
 def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeats: int = 5) -> dict:
     """One mixed-task batch vs the same rows one task at a time (SeqS) vs one single-task batch of the same rows."""
@@ -137,14 +150,10 @@ def mixed_vs_seqs(engine: Engine, ids: list[list[int]], tasks: list[str], repeat
     res["single_task_ms_by_pet_type"] = {
         pet: median_s(lambda t=t: engine.run(ids, [t] * len(ids)), dev, repeats) * 1000 for pet, t in sorted(by_type.items())}
     if engine.graphs is not None and fused.serves(engine.device):  # the torch gathered ops, as before the kernels
-        graphs = engine.graphs
-        fused.ENABLED, engine.graphs = False, GraphedForward(engine.model, hot_after=1, background=False)
-        try:
+        with torch_pet_ops(engine):
             res["mixed_unfused_ms"] = median_s(lambda: engine.run(ids, tasks), dev, repeats) * 1000
             res["single_task_unfused_ms"] = median_s(lambda: engine.run(ids, [tasks[0]] * len(ids)), dev,
                                                      repeats) * 1000
-        finally:
-            fused.ENABLED, engine.graphs = True, graphs
     if engine.graphs is not None:  # the same batches on the eager fast path (row groups, no graphs)
         graphs, engine.graphs = engine.graphs, None
         try:

@@ -24,6 +24,7 @@ from chorus.backends.engine import Engine
 from chorus.backends.graphs import GraphedForward
 from chorus.backends.pet import fused
 from perf.gpu_check import cuda_ms, make_backbone, make_tasks
+from perf.inprocess import torch_pet_ops
 
 
 def kernels(fn, top: int, cuda: bool) -> list[dict]:
@@ -72,11 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         rest = [n for n in names if not n.endswith("_" + t)]
         g["mixed_without:" + t] = timed(lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)]))
     if engine.graphs is not None and fused.serves(engine.device):  # the torch gathered ops, in the same process
-        graphs = engine.graphs
-        fused.ENABLED, engine.graphs = False, GraphedForward(engine.model, hot_after=1, background=False)
-        g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
-        g["single:torch_ops"] = timed(lambda: engine.run(ids, [names[0]] * 64))
-        fused.ENABLED, engine.graphs = True, graphs
+        with torch_pet_ops(engine):
+            g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
+            g["single:torch_ops"] = timed(lambda: engine.run(ids, [names[0]] * 64))
     res["fused_pet_kernels"] = fused.serves(engine.device)
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)

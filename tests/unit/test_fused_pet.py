@@ -83,8 +83,8 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows(dtype):
     rtol, atol = TOLERANCE[dtype]
 
     def check(got, want):
-        assert torch.equal(got[~live.to(DEVICE)], y[~live.to(DEVICE)])  # null-slot rows untouched
-        torch.testing.assert_close(got[live.to(DEVICE)].double().cpu(), want[live].double(), rtol=rtol, atol=atol)
+        assert torch.equal(got[~live.to(DEVICE)].cpu(), y[~live.to(DEVICE)].cpu())  # null-slot rows untouched
+        torch.testing.assert_close(got.cpu()[live].double(), want[live].double(), rtol=rtol, atol=atol)
 
     vec = rand(C, N)
     check(fused.row_vector_(y.clone(), slots, vec), y.double().cpu() + vec.double().cpu()[slots.cpu()][:, None])
@@ -101,16 +101,13 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows(dtype):
     check(fused.gathered_matmul(x, w, slots, out=y.clone()), y.double().cpu() + torch.einsum(
         "btk,bnk->btn", x.double().cpu(), w.double().cpu()[slots.cpu()]))
 
-    dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot
-    entries = [torch.zeros(0, dtype=torch.long)]
-    for s, density in ((1, 0.01), (2, 0.5)):
-        d = (torch.rand(N, K, generator=g) < density) * torch.randn(N, K, generator=g)
-        dense.append(d.double())
-    skewed = torch.zeros(N, K, dtype=torch.float64)
+    dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot; slots 1, 2 at 1% and 50%
+    for density in (0.01, 0.5):
+        dense.append(((torch.rand(N, K, generator=g) < density) * torch.randn(N, K, generator=g)).double())
+    skewed = torch.zeros(N, K, dtype=torch.float64)  # slot 3: one output row with an entry for every input
     skewed[5] = torch.randn(K, generator=g)
     dense.append(skewed)
-    for d in dense[1:]:
-        entries.append(torch.nonzero(d.flatten()).flatten())
+    entries = [torch.nonzero(d.flatten()).flatten() for d in dense]
     most = max(len(e) for e in entries)
     index = torch.zeros(C, most, dtype=torch.long)
     value = torch.zeros(C, most, dtype=dtype)
