@@ -222,6 +222,8 @@ class Encoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=None) -> torch.Tensor:
         """input_ids, attention_mask: (B, T) -> pooled (B, hidden)."""
         B, T = input_ids.shape
+        if getattr(rows, "gathered", False):
+            rows.begin(attention_mask)
         positions = torch.arange(T, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         x = self.embeddings_norm(x, rows)  # (B, T, C)

@@ -1,11 +1,12 @@
 """Device time per call of the fused PET kernels (`chorus.backends.pet.fused`) at the benchmark's shape, and of the
 sparse kernel's launch variants (what `fused.SPARSE` is tuned from).
 
-    python -m perf.fused_kernels --out $OUT          (on the GPU machine: bash perf/gpu/run.sh kernels)
+    python -m perf.fused_kernels --bundle .gpu --out $OUT     (on the GPU machine: bash perf/gpu/run.sh kernels)
 
 A 64-row batch of 64 tokens, bert-base's sites (768 -> 768); `active` rows of the 64 use the method (the mixed
 benchmark has 8 rows of each PET type; 0: what a method costs a batch that does not use it; 64: a single-task
-batch). Each measurement is 20 calls captured in one CUDA graph, replayed 20 times: the median replay / 20 (the
+batch); each row with all 64 tokens, and again with the token counts of 64 real Rotten Tomatoes sentences (the rest
+padding, which the kernels skip). Each measurement is 20 calls captured in one CUDA graph, replayed 20 times: the median replay / 20 (the
 kernels' own time plus their launch gaps inside a graph, as the served forward runs them).
 """
 
@@ -42,6 +43,16 @@ def graphed_us(fn, calls: int = 20, replays: int = 20) -> float:
     return statistics.median(times)
 
 
+def rt_lengths(bundle: Path) -> list[int]:
+    """Token counts of the first B Rotten Tomatoes sentences (as profile_mixed batches them), at most T."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    tok.no_padding()
+    texts = json.loads((bundle / "rt_texts.json").read_text())[:B]
+    return [min(T, len(e.ids)) for e in tok.encode_batch(texts)]
+
+
 def sparse_bank(density: float, dtype, g):
     """SLOTS slots (0 null) of random positions at `density` of a (HIDDEN, HIDDEN) weight, CSR as the bank keeps it."""
     n = int(density * HIDDEN * HIDDEN)
@@ -58,6 +69,7 @@ def sparse_bank(density: float, dtype, g):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--bundle", type=Path, default=Path(".gpu"), help="tokenizer.json and rt_texts.json")
     args = ap.parse_args(argv)
     if not fused.serves(torch.device("cuda")):
         print("the fused kernels do not serve this machine (no CUDA device or no Triton)", file=sys.stderr)
@@ -75,37 +87,46 @@ def main(argv: list[str] | None = None) -> int:
     gelu = torch.zeros(SLOTS, dtype=torch.bool, device="cuda")
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "T": T,
                  "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": []}
+    lengths = rt_lengths(args.bundle)
+    res["rt_lengths"] = {"mean": sum(lengths) / B, "longest": max(lengths)}
     for active in (0, 8, 64):
         slots = torch.zeros(B, dtype=torch.long)
         slots[torch.randperm(B, generator=g)[:active]] = torch.randint(1, SLOTS, (active,), generator=g)
         slots = slots.cuda()
-        ops = {
-            "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec),
-            "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True),
-            "LoRA r16 (two matmuls)": lambda: fused.gathered_matmul(
-                fused.gathered_matmul(x, lora_a, slots, scale=scaling), lora_b, slots, out=y),
-            "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
-                fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu), up, slots, out=y, bias=vec),
-        }
-        for density in (0.05, 0.005):
-            rowptr, index, value = sparse_bank(density, dtype, g)
-            ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
-                y, x, slots, rowptr, index, value, weight))
-            ops[f"Diff-Pruning {density:.1%} + bias"] = (lambda rowptr=rowptr, index=index, value=value:
-                                                         fused.sparse_delta_(y, x, slots, rowptr, index, value,
-                                                                             bias=vec))
-            if active == 8:
-                for variant in ({}, {"chunk": 32}, {"chunk": 64}, {"chunk": 128}, {"block_t": 64}, {"block_n": 32},
-                                {"rows": 4}, {"num_warps": 8}, {"block_t": 16}):
-                    us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
-                        y, x, slots, rp, ix, va, weight, **v))
-                    res["sparse_variants"].append({"density": density, "launch": {**fused.SPARSE, **variant},
-                                                   "us": us})
-                    print(f"sparse {density:.1%} {variant}: {us:.1f} us", flush=True)
-        for name, fn in ops.items():
-            us = graphed_us(fn)
-            res["us_per_call"][f"{name}, {active}/{B} rows"] = us
-            print(f"{name:32s} {active:2d}/{B} rows {us:8.1f} us", flush=True)
+        for padded in (False, True):
+            # padded: each row's tokens are a real sentence's (Rotten Tomatoes, as the benchmark's batches), the rest
+            # of the 64 padding the kernels skip; else every row has all 64 tokens
+            plan = fused.Plan.build(slots, T, torch.tensor(lengths, dtype=torch.int32).cuda() if padded else None)
+            ops = {
+                "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec, plan=plan),
+                "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True, plan=plan),
+                "LoRA r16 (two matmuls)": lambda: fused.gathered_matmul(
+                    fused.gathered_matmul(x, lora_a, slots, scale=scaling, plan=plan), lora_b, slots, out=y, plan=plan),
+                "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
+                    fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, plan=plan), up, slots, out=y,
+                    bias=vec, plan=plan),
+            }
+            for density in (0.05, 0.005):
+                rowptr, index, value = sparse_bank(density, dtype, g)
+                ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
+                    y, x, slots, rowptr, index, value, weight, plan=plan))
+                ops[f"Diff-Pruning {density:.1%} + bias"] = (
+                    lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
+                        y, x, slots, rowptr, index, value, bias=vec, plan=plan))
+                if active == 8:
+                    for variant in ({}, {"chunk": 64}, {"chunk": 256}, {"block_t": 64}, {"block_t": 16},
+                                    {"block_n": 32}, {"transposed": False}, {"transposed": False, "block_t": 64},
+                                    {"row_programs": 8}, {"row_programs": 64}, {"num_warps": 2}, {"num_warps": 8}):
+                        us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
+                            y, x, slots, rp, ix, va, weight, plan=plan, **v))
+                        res["sparse_variants"].append({"density": density, "padded": padded,
+                                                       "launch": {**fused.SPARSE, **variant}, "us": us})
+                        print(f"sparse {density:.1%} padded={padded} {variant}: {us:.1f} us", flush=True)
+            for name, fn in ops.items():
+                us = graphed_us(fn)
+                label = f"{name}, {active}/{B} rows" + (", RT lengths" if padded else "")
+                res["us_per_call"][label] = us
+                print(f"{label:58s} {us:8.1f} us", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fused_kernels.json").write_text(json.dumps(res, indent=1))
     return 0

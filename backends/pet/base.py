@@ -65,7 +65,14 @@ class GatheredRows:
     head_slots: torch.Tensor
     tensors: dict[str, torch.Tensor]
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None  # the forward's attention mask (B, T), set by `begin`
+    memo: dict = field(default_factory=dict)  # per-forward values ops share across sites (the fused ops' row plans)
     gathered: ClassVar[bool] = True
+
+    def begin(self, attention_mask: torch.Tensor) -> None:
+        """At the start of each forward: values of the previous one are dropped (a captured graph computes its own)."""
+        self.mask = attention_mask
+        self.memo.clear()
 
     def tensor(self, method: str, name: str) -> torch.Tensor:
         return self.tensors[f"{method}.{name}"]

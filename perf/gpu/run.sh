@@ -58,7 +58,7 @@ if [ "${1:-}" = profile ]; then  # perf/profile_mixed.py: where a mixed all-PET 
   exec python3 -m perf.profile_mixed --bundle $G --out "$OUT"
 fi
 if [ "${1:-}" = kernels ]; then  # perf/fused_kernels.py: each fused PET kernel's device time per call (issue 3)
-  exec python3 -m perf.fused_kernels --out "$OUT"
+  exec python3 -m perf.fused_kernels --bundle $G --out "$OUT"
 fi
 if [ "${1:-}" = overhead ]; then  # perf/overhead.py (tiny model, this host's cores): the serving path alone
   shift
