@@ -23,6 +23,10 @@ import torch
 from chorus.backends.pet import fused
 
 B, T, HIDDEN, SLOTS = 64, 64, 768, 17
+# launch options of the sparse kernel tried against `fused.SPARSE` (MaskBERT, real lengths, 8 and 64 rows)
+VARIANTS = ({}, {"transposed": True}, {"prefetch": True}, {"row_programs": 8}, {"row_programs": 16},
+            {"row_programs": 16, "prefetch": True}, {"chunk": 64}, {"chunk": 256}, {"block_t": 64}, {"block_t": 16},
+            {"block_n": 32}, {"num_warps": 2}, {"num_warps": 8})
 
 
 def graphed_us(fn, calls: int = 20, replays: int = 20) -> float:
@@ -96,32 +100,30 @@ def main(argv: list[str] | None = None) -> int:
         for padded in (False, True):
             # padded: each row's tokens are a real sentence's (Rotten Tomatoes, as the benchmark's batches), the rest
             # of the 64 padding the kernels skip; else every row has all 64 tokens
-            plan = fused.Plan.build(slots, T, torch.tensor(lengths, dtype=torch.int32).cuda() if padded else None)
+            rows = torch.tensor(lengths, dtype=torch.int32).cuda() if padded else None
             ops = {
-                "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec, plan=plan),
-                "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True, plan=plan),
+                "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec, lengths=rows),
+                "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True, lengths=rows),
                 "LoRA r16 (two matmuls)": lambda: fused.gathered_matmul(
-                    fused.gathered_matmul(x, lora_a, slots, scale=scaling, plan=plan), lora_b, slots, out=y, plan=plan),
+                    fused.gathered_matmul(x, lora_a, slots, scale=scaling, lengths=rows), lora_b, slots, out=y, lengths=rows),
                 "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
-                    fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, plan=plan), up, slots, out=y,
-                    bias=vec, plan=plan),
+                    fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, lengths=rows), up, slots, out=y,
+                    bias=vec, lengths=rows),
             }
             for density in (0.05, 0.005):
                 rowptr, index, value = sparse_bank(density, dtype, g)
                 ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
-                    y, x, slots, rowptr, index, value, weight, plan=plan))
+                    y, x, slots, rowptr, index, value, weight, lengths=rows))
                 ops[f"Diff-Pruning {density:.1%} + bias"] = (
                     lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
-                        y, x, slots, rowptr, index, value, bias=vec, plan=plan))
-                if active == 8:
-                    for variant in ({}, {"chunk": 64}, {"chunk": 256}, {"block_t": 64}, {"block_t": 16},
-                                    {"block_n": 32}, {"transposed": False}, {"transposed": False, "block_t": 64},
-                                    {"row_programs": 8}, {"row_programs": 64}, {"num_warps": 2}, {"num_warps": 8}):
+                        y, x, slots, rowptr, index, value, bias=vec, lengths=rows))
+                if active and padded:
+                    for variant in VARIANTS:
                         us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
-                            y, x, slots, rp, ix, va, weight, plan=plan, **v))
-                        res["sparse_variants"].append({"density": density, "padded": padded,
+                            y, x, slots, rp, ix, va, weight, lengths=rows, **v))
+                        res["sparse_variants"].append({"density": density, "rows": active,
                                                        "launch": {**fused.SPARSE, **variant}, "us": us})
-                        print(f"sparse {density:.1%} padded={padded} {variant}: {us:.1f} us", flush=True)
+                        print(f"sparse {density:.1%} {active}/{B} rows {variant}: {us:.1f} us", flush=True)
             for name, fn in ops.items():
                 us = graphed_us(fn)
                 label = f"{name}, {active}/{B} rows" + (", RT lengths" if padded else "")

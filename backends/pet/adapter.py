@@ -130,10 +130,10 @@ class Adapter(PetMethod):
             slots = rows.slots[self.name]  # (B,)
             down, b_down, up, b_up = (rows.tensor(self.name, f"{key}.{n}") for n in self.tensor_names)
             if fused.available(y):  # each row reads its slot's adapter in the kernels; rows without one skip
-                plan = fused.row_plan(rows, self.name, y.shape[1])
+                lengths = fused.row_lengths(rows)
                 h = fused.gathered_matmul(y, down, slots, bias=b_down, activation=rows.tensor(self.name, "gelu"),
-                                          plan=plan)
-                return fused.gathered_matmul(h, up, slots, out=y, bias=b_up, plan=plan)
+                                          lengths=lengths)
+                return fused.gathered_matmul(h, up, slots, out=y, bias=b_up, lengths=lengths)
             down, b_down, up, b_up = down[slots], b_down[slots], up[slots], b_up[slots]
             z = torch.bmm(y, down.transpose(1, 2)) + b_down.unsqueeze(1)  # (B, T, max_bottleneck)
             gelu = rows.tensor(self.name, "gelu")[slots].view(-1, 1, 1)  # (B, 1, 1)

@@ -66,7 +66,7 @@ class GatheredRows:
     tensors: dict[str, torch.Tensor]
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # the forward's attention mask (B, T), set by `begin`
-    memo: dict = field(default_factory=dict)  # per-forward values ops share across sites (the fused ops' row plans)
+    memo: dict = field(default_factory=dict)  # per-forward values ops share across sites (the rows' lengths)
     gathered: ClassVar[bool] = True
 
     def begin(self, attention_mask: torch.Tensor) -> None:

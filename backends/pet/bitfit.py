@@ -34,7 +34,7 @@ class BitFit(PetMethod):
         def bitfit(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             bank, slots = rows.tensor(self.name, f"{key}.bias_delta"), rows.slots[self.name]
             if fused.available(y):  # y is this linear's own fresh output
-                return fused.row_vector_(y, slots, bank, plan=fused.row_plan(rows, self.name, y.shape[1]))
+                return fused.row_vector_(y, slots, bank, lengths=fused.row_lengths(rows))
             return y + bank[slots].unsqueeze(1)  # (B, 1, out)
 
         return bitfit

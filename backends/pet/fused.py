@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -80,46 +79,30 @@ def _block(n: int, most: int, least: int = 16) -> int:
     return max(least, min(most, 1 << (n - 1).bit_length()))
 
 
-class Plan(NamedTuple):
-    """Which rows a fused op runs on, all on the device (built once per forward and method: `row_plan`)."""
-
-    order: torch.Tensor  # (B,) int32: the batch rows that use the method first, in batch order
-    count: torch.Tensor  # (1,) int32: how many rows use it
-    lengths: torch.Tensor  # (B,) int32: each row's tokens (its last kept position + 1); later tokens are padding
-
-    @classmethod
-    def build(cls, slots: torch.Tensor, T: int, lengths: torch.Tensor | None = None) -> Plan:
-        """The plan of a method whose rows read `slots` (B,), 0 the null slot; `lengths` None: every row T tokens."""
-        used = slots != 0
-        order = torch.argsort((~used).to(torch.int8), stable=True).to(torch.int32)
-        if lengths is None:
-            lengths = torch.full_like(order, T)
-        return cls(order, used.sum(dtype=torch.int32).reshape(1), lengths)
+def row_lengths(rows) -> torch.Tensor | None:
+    """Each row's tokens in a gathered batch (`GatheredRows`): (B,) int32, its last kept position + 1 in the
+    forward's attention mask (later tokens are padding: no PET op touches them; attention never reads them and the
+    pooling leaves them out). Computed once per forward (kept in `rows.memo`); None without a mask."""
+    if "lengths" not in rows.memo:
+        mask = rows.mask
+        rows.memo["lengths"] = None if mask is None else (
+            (mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).to(torch.int32)
+    return rows.memo["lengths"]
 
 
-def row_plan(rows, method: str, T: int) -> Plan:
-    """The `Plan` of `method` over a gathered batch (`GatheredRows`), once per forward (kept in `rows.memo`), with the
-    rows' lengths from the forward's attention mask."""
-    key = ("fused plan", method)
-    if key not in rows.memo:
-        if "lengths" not in rows.memo:
-            mask = rows.mask
-            rows.memo["lengths"] = None if mask is None else (
-                (mask != 0) * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).to(torch.int32)
-        rows.memo[key] = Plan.build(rows.slots[method], T, rows.memo["lengths"])
-    return rows.memo[key]
+def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    return torch.full((B,), T, dtype=torch.int32, device=device) if lengths is None else lengths
 
 
 def row_vector_(t: torch.Tensor, slots: torch.Tensor, bank: torch.Tensor, scale: bool = False,
-                plan: Plan | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
     """In place: `t[b] += bank[slots[b]]`, or with `scale` `t[b] *= 1 + bank[slots[b]]`; t (B, T, N) contiguous,
-    bank (C, N). Rows on slot 0, and tokens past a row's length in `plan` (default: every row, all T tokens), are
+    bank (C, N). Rows on slot 0, and tokens past a row's `lengths` (B,) (default: all T), are
     not touched."""
     B, T, N = t.shape
-    plan = plan or Plan.build(slots, T)
     bt, bn = _block(T, 32, 1), _block(N, 256)
     _kernels().row_vector_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        t, *plan, slots, bank, T, N, BLOCK_T=bt, BLOCK_N=bn, SCALE=scale)
+        t, _lengths(lengths, B, T, t.device), slots, bank, T, N, BLOCK_T=bt, BLOCK_N=bn, SCALE=scale)
     return t
 
 
@@ -128,24 +111,23 @@ ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
 
 def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                    activation: str | torch.Tensor | None = None, plan: Plan | None = None) -> torch.Tensor:
+                    activation: str | torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Per row b with a slot: `act((x[b] · weight[slots[b]]ᵀ) · scale[slot] + bias[slot])`, added into `out` in
-    place when given, else written to a new (B, T, N) tensor whose null-slot rows (and tokens past a row's length in
-    `plan`) are left unset.
+    place when given, else written to a new (B, T, N) tensor whose null-slot rows (and tokens past a row's `lengths`)
+    are left unset.
 
     x (B, T, K); weight (C, N, K); bias (C, N); scale (C,); activation None, "relu", "gelu" or a (C,) bool tensor
     (gelu where true, else relu)."""
     B, T, K = x.shape
     N = weight.shape[1]
     x = x.contiguous()
-    plan = plan or Plan.build(slots, T)
     accumulate = out is not None
     if out is None:
         out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
     act = 3 if isinstance(activation, torch.Tensor) else ACTIVATIONS[activation]
     bt, bn, bk = _block(T, 64), _block(N, 64), _block(K, 64)
     _kernels().gathered_matmul_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        x, weight, *plan, slots, out, bias if bias is not None else x, scale if scale is not None else x,
+        x, weight, _lengths(lengths, B, T, x.device), slots, out, bias if bias is not None else x, scale if scale is not None else x,
         activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
         PRECISION=_precision(x.dtype))
@@ -153,39 +135,47 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
 
 
 # The sparse kernel's launch, tuned on the H100 (perf/results/h100-2026-11-22/fused_kernels.md): chunks of 128
-# entries where the site's densest slot holds 2% of its weights or more, else 64; `row_programs`: programs along the
-# batch axis, each taking the plan's rows in turn (fewer programs that find no row); `transposed`: gather the inputs
-# from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself.
-SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "row_programs": 16, "transposed": True, "num_warps": 4}
+# entries where the site's densest slot holds 2% of its weights or more, else 64; `transposed`: gather the inputs
+# from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself;
+# `row_programs`: that many programs along the batch axis, each taking the rows with a slot in turn (None: one per
+# row); `prefetch`: load the next chunk's positions while this one's inputs are gathered.
+SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": False, "row_programs": None, "prefetch": False,
+          "num_warps": 4}
 
 
 def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
                   value: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  plan: Plan | None = None, **launch) -> torch.Tensor:
-    """In place: `y[b] += x[b] · ΔW[slots[b]]ᵀ (+ bias[slot])` for rows with a slot (up to their length in `plan`),
-    ΔW a slot's CSR at one site: `index` (C, max_nnz) flat positions `n * in + col`, sorted per slot; `rowptr`
+                  lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+    """In place: `y[b] += x[b] · ΔW[slots[b]]ᵀ (+ bias[slot])` for rows with a slot (up to their `lengths`), ΔW a
+    slot's CSR at one site: `index` (C, max_nnz) flat positions `n * in + col`, sorted per slot; `rowptr`
     (C, out + 1) int32, where each output's entries start; `value` (C, max_nnz) the entries, or with `weight`
     (out, in) MaskBERT's scores (the entry is `-weight` at positions with a negative score). y (B, T, out)
     contiguous, x (B, T, in)."""
     B, T, K = x.shape
     N = y.shape[2]
     x, kernels = x.contiguous(), _kernels()
-    plan = plan or Plan.build(slots, T)
+    lengths = _lengths(lengths, B, T, x.device)
     opt = {**SPARSE, **launch}  # `launch`: overrides of SPARSE (perf/fused_kernels.py tunes them)
-    programs = min(B, opt["row_programs"])
     if opt["transposed"]:
-        xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)  # rows not in the plan stay unset (never read)
+        xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)  # rows without a slot stay unset (never read)
         bt, bk = _block(T, 64), 64
-        kernels.transpose_rows_kernel[(programs, _cdiv(T, bt), _cdiv(K, bk))](x, xt, *plan, T, K, BLOCK_T=bt,
-                                                                               BLOCK_K=bk)
+        kernels.transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, lengths, slots, T, K, BLOCK_T=bt,
+                                                                       BLOCK_K=bk)
         x = xt
+    programs = opt["row_programs"]
+    if programs:
+        used = slots != 0
+        order = torch.argsort((~used).to(torch.int8), stable=True).to(torch.int32)
+        count = used.sum(dtype=torch.int32).reshape(1)
+    else:
+        order = count = slots  # unused
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
     chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
-    kernels.sparse_delta_kernel[(programs, _cdiv(N, bn), _cdiv(T, bt))](
-        y, x, *plan, slots, rowptr, index, value, weight if weight is not None else value,
+    kernels.sparse_delta_kernel[(min(B, programs or B), _cdiv(N, bn), _cdiv(T, bt))](
+        y, x, order, count, lengths, slots, rowptr, index, value, weight if weight is not None else value,
         bias if bias is not None else value, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt, CHUNK=chunk,
-        TRANSPOSED=opt["transposed"], MASK=weight is not None, HAS_BIAS=bias is not None,
-        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
+        TRANSPOSED=opt["transposed"], MASK=weight is not None, HAS_BIAS=bias is not None, LOOP=bool(programs),
+        PREFETCH=opt["prefetch"], PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
     return y
 
 

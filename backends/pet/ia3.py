@@ -57,7 +57,7 @@ class IA3(PetMethod):
             bank, slots = rows.tensor(self.name, f"{key}.ia3_l"), rows.slots[self.name]
             if fused.available(t):  # in place: t is the linear's own output, or (output.dense) the feed-forward
                 return fused.row_vector_(t, slots, bank, scale=True,  # activations only that linear reads
-                                         plan=fused.row_plan(rows, self.name, t.shape[1]))
+                                         lengths=fused.row_lengths(rows))
             return t * (1 + bank[slots]).unsqueeze(1)  # (B, 1, features)
 
         if self.site_stage(site) == "pre":

@@ -95,9 +95,9 @@ class LoRA(PetMethod):
             slots = rows.slots[self.name]  # (B,)
             A, B, scaling = (rows.tensor(self.name, n) for n in (f"{key}.lora_A", f"{key}.lora_B", "scaling"))
             if fused.available(y):  # each row reads its slot's A and B in the kernels; rows without LoRA skip
-                plan = fused.row_plan(rows, self.name, x.shape[1])
-                down = fused.gathered_matmul(x, A, slots, scale=scaling, plan=plan)
-                return fused.gathered_matmul(down, B, slots, out=y, plan=plan)
+                lengths = fused.row_lengths(rows)
+                down = fused.gathered_matmul(x, A, slots, scale=scaling, lengths=lengths)
+                return fused.gathered_matmul(down, B, slots, out=y, lengths=lengths)
             A, B = A[slots], B[slots]
             down = torch.bmm(x, A.transpose(1, 2)) * scaling[slots].view(-1, 1, 1)
             return torch.baddbmm(y, down, B.transpose(1, 2))  # y + (B, T, out), max_rank inside, in one GEMM

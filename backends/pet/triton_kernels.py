@@ -1,9 +1,9 @@
 """Triton kernels of the fused PET ops (see `chorus.backends.pet.fused`, which launches them; import only with Triton).
 
-Every kernel takes a method's row plan (`fused.Plan`): `order`, the batch rows that use the method first, `count` of
-them, and each row's `length` in tokens. Programs along the grid's first axis take the plan's rows in turn, so a
-method's op costs only what its own rows need, with no host-side grouping of rows (one launch per site, capturable in
-a CUDA graph); a program whose row's tokens end before its block of tokens does nothing (padding adds no work).
+Every kernel takes the batch's per-row slots and lengths and gives each program one batch row: a row whose slot is 0
+(the null slot: the row's task does not use the method) does nothing, so a method's op costs only what its own rows
+need, with no host-side grouping of rows (one launch per site, capturable in a CUDA graph); a program whose block of
+tokens starts past its row's length does nothing either (padding adds no work).
 """
 
 import triton
@@ -16,34 +16,33 @@ def _gelu(z):
 
 
 @triton.jit
-def row_vector_kernel(t_ptr, order_ptr, count_ptr, len_ptr, slot_ptr, bank_ptr, T, N, BLOCK_T: tl.constexpr,
-                      BLOCK_N: tl.constexpr, SCALE: tl.constexpr):
+def row_vector_kernel(t_ptr, len_ptr, slot_ptr, bank_ptr, T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SCALE: tl.constexpr):
     """t[b, :, :] += bank[slot[b]] (SCALE: t[b] *= 1 + bank[slot[b]]), in place; t (B, T, N), bank (C, N)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    for i in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
-        b = tl.load(order_ptr + i).to(tl.int64)
-        slot = tl.load(slot_ptr + b)
-        length = tl.load(len_ptr + b)
-        if (slot != 0) & (t0 < length):
-            vec = tl.load(bank_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            ptrs = t_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
-            mask = (offs_t[:, None] < length) & (offs_n[None, :] < N)
-            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            if SCALE:
-                v = v * (1.0 + vec[None, :])
-            else:
-                v = v + vec[None, :]
-            tl.store(ptrs, v.to(t_ptr.dtype.element_ty), mask=mask)
+    b = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + b)
+    length = tl.load(len_ptr + b)
+    if (slot != 0) & (t0 < length):
+        vec = tl.load(bank_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        ptrs = t_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
+        mask = (offs_t[:, None] < length) & (offs_n[None, :] < N)
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if SCALE:
+            v = v * (1.0 + vec[None, :])
+        else:
+            v = v + vec[None, :]
+        tl.store(ptrs, v.to(t_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def gathered_matmul_kernel(x_ptr, w_ptr, order_ptr, count_ptr, len_ptr, slot_ptr, out_ptr, bias_ptr, scale_ptr,
-                           gelu_ptr, T, N, K, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, bias_ptr, scale_ptr, gelu_ptr, T, N, K,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
                            ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
-    """out[b] (+)= act((x[b] · w[slot[b]]ᵀ) · scale[slot[b]] + bias[slot[b]]) for the plan's rows.
+    """out[b] (+)= act((x[b] · w[slot[b]]ᵀ) · scale[slot[b]] + bias[slot[b]]) for rows with a slot.
 
     x (B, T, K), w (C, N, K), out (B, T, N), bias (C, N), scale (C,), gelu (C,) bool; ACT 0 none, 1 relu, 2 gelu,
     3 per slot (gelu where gelu[slot], else relu). Other rows, and tokens past a row's length, are not written
@@ -52,113 +51,133 @@ def gathered_matmul_kernel(x_ptr, w_ptr, order_ptr, count_ptr, len_ptr, slot_ptr
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    for i in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
-        b = tl.load(order_ptr + i).to(tl.int64)
-        slot = tl.load(slot_ptr + b)
-        length = tl.load(len_ptr + b)
-        if (slot != 0) & (t0 < length):
-            t_ok = offs_t < length
-            x_ptrs = x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :]  # (BLOCK_T, BLOCK_K)
-            w_ptrs = w_ptr + slot * N * K + offs_n[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): w[slot]ᵀ
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                a = tl.load(x_ptrs, mask=t_ok[:, None] & (offs_k[None, :] + k < K), other=0.0)
-                w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] + k < K), other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
-                x_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-            if HAS_SCALE:
-                acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
-            if HAS_BIAS:
-                acc = acc + tl.load(bias_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            if ACT == 1:
-                acc = tl.maximum(acc, 0.0)
-            elif ACT == 2:
+    b = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + b)
+    length = tl.load(len_ptr + b)
+    if (slot != 0) & (t0 < length):
+        t_ok = offs_t < length
+        x_ptrs = x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :]  # (BLOCK_T, BLOCK_K)
+        w_ptrs = w_ptr + slot * N * K + offs_n[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): w[slot]ᵀ
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = tl.load(x_ptrs, mask=t_ok[:, None] & (offs_k[None, :] + k < K), other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] + k < K), other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        elif ACT == 2:
+            acc = _gelu(acc)
+        elif ACT == 3:
+            if tl.load(gelu_ptr + slot) != 0:
                 acc = _gelu(acc)
-            elif ACT == 3:
-                if tl.load(gelu_ptr + slot) != 0:
-                    acc = _gelu(acc)
-                else:
-                    acc = tl.maximum(acc, 0.0)
-            out_ptrs = out_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
-            mask = t_ok[:, None] & (offs_n[None, :] < N)
-            if ACCUMULATE:
-                acc = acc + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                acc = tl.maximum(acc, 0.0)
+        out_ptrs = out_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
+        mask = t_ok[:, None] & (offs_n[None, :] < N)
+        if ACCUMULATE:
+            acc = acc + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def transpose_rows_kernel(x_ptr, out_ptr, order_ptr, count_ptr, len_ptr, T, K, BLOCK_T: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    """out[b] = x[b]ᵀ for the plan's rows, up to each row's length: x (B, T, K) -> out (B, K, T)."""
+def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, slot_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b] = x[b]ᵀ for rows with a slot, up to each row's length: x (B, T, K) -> out (B, K, T)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    for i in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
-        b = tl.load(order_ptr + i).to(tl.int64)
-        length = tl.load(len_ptr + b)
-        if t0 < length:
-            mask = (offs_t[:, None] < length) & (offs_k[None, :] < K)
-            v = tl.load(x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :], mask=mask)
-            tl.store(out_ptr + b * K * T + offs_k[None, :] * T + offs_t[:, None], v, mask=mask)
+    b = tl.program_id(0).to(tl.int64)
+    length = tl.load(len_ptr + b)
+    if (tl.load(slot_ptr + b) != 0) & (t0 < length):
+        mask = (offs_t[:, None] < length) & (offs_k[None, :] < K)
+        v = tl.load(x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :], mask=mask)
+        tl.store(out_ptr + b * K * T + offs_k[None, :] * T + offs_t[:, None], v, mask=mask)
+
+
+@triton.jit
+def _sparse_row(y_ptr, x_ptr, b, slot, length, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, T, N, K,
+                max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr,
+                MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
+    n0 = tl.program_id(1) * BLOCK_N
+    t0 = tl.program_id(2) * BLOCK_T
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, CHUNK)
+    n_ok, t_ok = offs_n < N, offs_t < length
+    rowptr = rowptr_ptr + slot * (N + 1)
+    first = tl.load(rowptr + n0)
+    last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
+    entries = index_ptr + slot.to(tl.int64) * max_nnz
+    values = value_ptr + slot.to(tl.int64) * max_nnz
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    ok = first + offs_e < last
+    pos = tl.load(entries + first + offs_e, mask=ok, other=0)
+    val = tl.load(values + first + offs_e, mask=ok, other=0.0)
+    for e0 in range(first, last, CHUNK):
+        if PREFETCH:  # the next chunk's positions load while this one's inputs are gathered
+            ok_next = e0 + CHUNK + offs_e < last
+            pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0)
+            val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
+        else:
+            ok = e0 + offs_e < last
+            pos = tl.load(entries + e0 + offs_e, mask=ok, other=0)
+            val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
+        entry = val
+        if MASK:
+            w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
+            entry = tl.where(val < 0, -w, tl.zeros_like(w))
+        col = pos % K
+        if TRANSPOSED:
+            x_ptrs = x_ptr + b * K * T + col[:, None] * T + offs_t[None, :]
+        else:
+            x_ptrs = x_ptr + b * T * K + offs_t[None, :] * K + col[:, None]
+        xv = tl.load(x_ptrs, mask=ok[:, None] & t_ok[None, :], other=0.0)  # (CHUNK, BLOCK_T)
+        mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
+        placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
+        acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
+        if PREFETCH:
+            pos, val, ok = pos_next, val_next, ok_next
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
+    mask = n_ok[:, None] & t_ok[None, :]
+    out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def sparse_delta_kernel(y_ptr, x_ptr, order_ptr, count_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr,
                         weight_ptr, bias_ptr, T, N, K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                         CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for the
-    plan's rows. ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions n * K + col sorted ascending,
-    `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value` (MASK, MaskBERT: `-weight[pos]`
-    where value < 0, else 0). x (B, T, K), or TRANSPOSED (B, K, T): then an entry's inputs are contiguous.
+                        LOOP: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
+    """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
+    with a slot, up to their length. ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions n * K + col
+    sorted ascending, `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value` (MASK, MaskBERT:
+    `-weight[pos]` where value < 0, else 0). x (B, T, K), or TRANSPOSED (B, K, T): an entry's inputs contiguous.
+    LOOP: programs along the grid's first axis take the rows of `order` (those with a slot first; `count` of them)
+    in turn, else program b takes row b.
 
-    A program's BLOCK_N outputs own one contiguous run of entries, walked CHUNK entries at a time (the next chunk's
-    positions load while this one's inputs are gathered): the inputs are gathered (CHUNK, BLOCK_T) and added to the
-    outputs by one small matmul with the chunk's entries placed in their output's row (BLOCK_N, CHUNK): the
-    per-output sums are tensor-core work, no scatter, no atomics."""
-    n0 = tl.program_id(1) * BLOCK_N
+    A program's BLOCK_N outputs own one contiguous run of entries, walked CHUNK entries at a time: the inputs are
+    gathered (CHUNK, BLOCK_T) and added to the outputs by one small matmul with the chunk's entries placed in their
+    output's row (BLOCK_N, CHUNK): the per-output sums are tensor-core work, no scatter, no atomics."""
     t0 = tl.program_id(2) * BLOCK_T
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, CHUNK)
-    n_ok = offs_n < N
-    for i in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
-        b = tl.load(order_ptr + i).to(tl.int64)
+    if LOOP:
+        for i in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
+            b = tl.load(order_ptr + i).to(tl.int64)
+            length = tl.load(len_ptr + b)
+            if t0 < length:
+                _sparse_row(y_ptr, x_ptr, b, tl.load(slot_ptr + b), length, rowptr_ptr, index_ptr, value_ptr,
+                            weight_ptr, bias_ptr, T, N, K, max_nnz, BLOCK_N, BLOCK_T, CHUNK, TRANSPOSED, MASK,
+                            HAS_BIAS, PREFETCH, PRECISION)
+    else:
+        b = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + b)
         length = tl.load(len_ptr + b)
         if (slot != 0) & (t0 < length):
-            t_ok = offs_t < length
-            rowptr = rowptr_ptr + slot * (N + 1)
-            first = tl.load(rowptr + n0)
-            last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
-            entries = index_ptr + slot.to(tl.int64) * max_nnz
-            values = value_ptr + slot.to(tl.int64) * max_nnz
-            ok = first + offs_e < last
-            pos = tl.load(entries + first + offs_e, mask=ok, other=0)
-            val = tl.load(values + first + offs_e, mask=ok, other=0.0)
-            acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-            for e0 in range(first, last, CHUNK):
-                ok_next = e0 + CHUNK + offs_e < last
-                pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0)
-                val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
-                entry = val
-                if MASK:
-                    w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
-                    entry = tl.where(val < 0, -w, tl.zeros_like(w))
-                col = pos % K
-                if TRANSPOSED:
-                    x_ptrs = x_ptr + b * K * T + col[:, None] * T + offs_t[None, :]
-                else:
-                    x_ptrs = x_ptr + b * T * K + offs_t[None, :] * K + col[:, None]
-                xv = tl.load(x_ptrs, mask=ok[:, None] & t_ok[None, :], other=0.0)  # (CHUNK, BLOCK_T)
-                mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
-                placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
-                acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
-                pos, val, ok = pos_next, val_next, ok_next
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
-            mask = n_ok[:, None] & t_ok[None, :]
-            out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+            _sparse_row(y_ptr, x_ptr, b, slot, length, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, T, N,
+                        K, max_nnz, BLOCK_N, BLOCK_T, CHUNK, TRANSPOSED, MASK, HAS_BIAS, PREFETCH, PRECISION)

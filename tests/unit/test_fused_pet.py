@@ -72,34 +72,33 @@ def _dense(index, value, out_f, in_f):
 @kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_padding(dtype):
-    """Op by op on random banks, each run on every token and again with a plan of ragged row lengths: rows on slot 0
+    """Op by op on random banks, each run on every token and again with ragged row lengths: rows on slot 0
     and tokens past a row's length are left bit for bit as they were; the others get their slot's term. The sparse
     bank holds a skewed slot (one output row with an entry for every input, the rest empty); the sparse kernel also
-    runs gathering from x itself and with fewer programs than rows."""
+    runs with each launch option (gathering from x transposed, fewer programs than rows, prefetching)."""
     g = torch.Generator().manual_seed(0)
     B, T, K, N, C = 6, 19, 40, 24, 4
     rand = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
     slots = torch.tensor([2, 0, 1, 3, 0, 2], device=DEVICE)
     lengths = torch.tensor([19, 5, 0, 1, 19, 12], dtype=torch.int32)  # row 2 uses a slot but has no tokens
-    ragged = fused.Plan.build(slots, T, lengths.to(DEVICE))
-    assert ragged.count.item() == 4 and ragged.order.tolist()[:4] == [0, 2, 3, 5]
+    ragged = lengths.to(DEVICE)
     live = slots.cpu() != 0
     x, y = rand(B, T, K), rand(B, T, N)
     rtol, atol = TOLERANCE[dtype]
 
     def check(op, want, fresh=False):
-        """`op(plan)` (plan None: every token) against `want`, float64 (B, T, N)."""
-        for plan in (None, ragged):
-            got = op(plan).cpu()
-            touched = live[:, None] & (torch.arange(T)[None, :] < (lengths[:, None] if plan else T))  # (B, T)
+        """`op(lengths)` (None: every token) against `want`, float64 (B, T, N)."""
+        for ragged_rows in (False, True):
+            got = op(ragged if ragged_rows else None).cpu()
+            touched = live[:, None] & (torch.arange(T)[None, :] < (lengths[:, None] if ragged_rows else T))  # (B, T)
             if not fresh:  # in place: every other element bit for bit as it was
                 assert torch.equal(got[~touched], y.cpu()[~touched])
             torch.testing.assert_close(got[touched].double(), want[touched], rtol=rtol, atol=atol)
 
     vec = rand(C, N)
     s, yd = slots.cpu(), y.double().cpu()
-    check(lambda p: fused.row_vector_(y.clone(), slots, vec, plan=p), yd + vec.double().cpu()[s][:, None])
-    check(lambda p: fused.row_vector_(y.clone(), slots, vec, scale=True, plan=p),
+    check(lambda p: fused.row_vector_(y.clone(), slots, vec, lengths=p), yd + vec.double().cpu()[s][:, None])
+    check(lambda p: fused.row_vector_(y.clone(), slots, vec, scale=True, lengths=p),
           yd * (1 + vec.double().cpu()[s][:, None]))
 
     w, bias, scale = rand(C, N, K) * 0.2, rand(C, N), rand(C)
@@ -107,9 +106,9 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     z = torch.einsum("btk,bnk->btn", x.double().cpu(), w.double().cpu()[s])
     z = z * scale.double().cpu()[s][:, None, None] + bias.double().cpu()[s][:, None]
     act = torch.where(gelu.cpu()[s][:, None, None], torch.nn.functional.gelu(z), torch.relu(z))
-    check(lambda p: fused.gathered_matmul(x, w, slots, bias=bias, scale=scale, activation=gelu, plan=p), act,
+    check(lambda p: fused.gathered_matmul(x, w, slots, bias=bias, scale=scale, activation=gelu, lengths=p), act,
           fresh=True)
-    check(lambda p: fused.gathered_matmul(x, w, slots, out=y.clone(), plan=p),
+    check(lambda p: fused.gathered_matmul(x, w, slots, out=y.clone(), lengths=p),
           yd + torch.einsum("btk,bnk->btn", x.double().cpu(), w.double().cpu()[s]))
 
     dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot; slots 1, 2 at 1% and 50%
@@ -131,9 +130,9 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     dbias = rand(C, N)
     want = yd + torch.einsum("btk,bnk->btn", x.double().cpu(),
                              torch.stack([_dense(index[c], value[c], N, K) for c in range(C)])[s])
-    for launch in ({}, {"transposed": False}, {"row_programs": 2}):
-        check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, value.to(DEVICE), plan=p, **launch), want)
-    check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, value.to(DEVICE), bias=dbias, plan=p),
+    for launch in ({}, {"transposed": True}, {"row_programs": 2}, {"prefetch": True}):
+        check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, value.to(DEVICE), lengths=p, **launch), want)
+    check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, value.to(DEVICE), bias=dbias, lengths=p),
           want + dbias.double().cpu()[s][:, None])
     weight = rand(N, K)  # MaskBERT: the entry is -weight where the score is negative
     scores = torch.where(torch.rand(C, most, generator=g) < 0.5, -1.0, 1.0).to(dtype)
@@ -141,8 +140,8 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
         [len(e) for e in entries])[:, None])
     want = yd + torch.einsum("btk,bnk->btn", x.double().cpu(),
                              torch.stack([_dense(index[c], masked[c], N, K) for c in range(C)])[s])
-    for launch in ({}, {"transposed": False}):
-        check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, scores.to(DEVICE), weight, plan=p, **launch),
+    for launch in ({}, {"transposed": True}, {"row_programs": 2, "prefetch": True}):
+        check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, scores.to(DEVICE), weight, lengths=p, **launch),
               want)
 
 
