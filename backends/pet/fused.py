@@ -136,11 +136,9 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
 
 # The sparse kernel's launch, tuned on the H100 (perf/results/h100-2026-11-22/fused_kernels.md): chunks of 128
 # entries where the site's densest slot holds 2% of its weights or more, else 64; `transposed`: gather the inputs
-# from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself;
-# `row_programs`: that many programs along the batch axis, each taking the rows with a slot in turn (None: one per
-# row); `prefetch`: load the next chunk's positions while this one's inputs are gathered.
-SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": False, "row_programs": None, "prefetch": False,
-          "num_warps": 4}
+# from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself; `prefetch`:
+# load the next chunk's positions while this one's inputs are gathered.
+SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": True, "prefetch": True, "num_warps": 4}
 
 
 def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
@@ -162,20 +160,13 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
         kernels.transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, lengths, slots, T, K, BLOCK_T=bt,
                                                                        BLOCK_K=bk)
         x = xt
-    programs = opt["row_programs"]
-    if programs:
-        used = slots != 0
-        order = torch.argsort((~used).to(torch.int8), stable=True).to(torch.int32)
-        count = used.sum(dtype=torch.int32).reshape(1)
-    else:
-        order = count = slots  # unused
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
     chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
-    kernels.sparse_delta_kernel[(min(B, programs or B), _cdiv(N, bn), _cdiv(T, bt))](
-        y, x, order, count, lengths, slots, rowptr, index, value, weight if weight is not None else value,
+    kernels.sparse_delta_kernel[(B, _cdiv(N, bn), _cdiv(T, bt))](
+        y, x, lengths, slots, rowptr, index, value, weight if weight is not None else value,
         bias if bias is not None else value, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt, CHUNK=chunk,
-        TRANSPOSED=opt["transposed"], MASK=weight is not None, HAS_BIAS=bias is not None, LOOP=bool(programs),
-        PREFETCH=opt["prefetch"], PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
+        TRANSPOSED=opt["transposed"], PREFETCH=opt["prefetch"], MASK=weight is not None, HAS_BIAS=bias is not None,
+        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
     return y
 
 

@@ -87,97 +87,78 @@ def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, bias_ptr, s
 
 @triton.jit
 def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, slot_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b] = x[b]ᵀ for rows with a slot, up to each row's length: x (B, T, K) -> out (B, K, T)."""
+    """out[b] = x[b]ᵀ for rows with a slot, in blocks of tokens up to each row's length: x (B, T, K) -> out (B, K, T)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     b = tl.program_id(0).to(tl.int64)
     length = tl.load(len_ptr + b)
     if (tl.load(slot_ptr + b) != 0) & (t0 < length):
-        mask = (offs_t[:, None] < length) & (offs_k[None, :] < K)
+        mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)  # whole blocks (vectorized); later ones are skipped
         v = tl.load(x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :], mask=mask)
         tl.store(out_ptr + b * K * T + offs_k[None, :] * T + offs_t[:, None], v, mask=mask)
 
 
 @triton.jit
-def _sparse_row(y_ptr, x_ptr, b, slot, length, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, T, N, K,
-                max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr,
-                MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
-    n0 = tl.program_id(1) * BLOCK_N
-    t0 = tl.program_id(2) * BLOCK_T
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, CHUNK)
-    n_ok, t_ok = offs_n < N, offs_t < length
-    rowptr = rowptr_ptr + slot * (N + 1)
-    first = tl.load(rowptr + n0)
-    last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
-    entries = index_ptr + slot.to(tl.int64) * max_nnz
-    values = value_ptr + slot.to(tl.int64) * max_nnz
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    ok = first + offs_e < last
-    pos = tl.load(entries + first + offs_e, mask=ok, other=0)
-    val = tl.load(values + first + offs_e, mask=ok, other=0.0)
-    for e0 in range(first, last, CHUNK):
-        if PREFETCH:  # the next chunk's positions load while this one's inputs are gathered
-            ok_next = e0 + CHUNK + offs_e < last
-            pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0)
-            val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
-        else:
-            ok = e0 + offs_e < last
-            pos = tl.load(entries + e0 + offs_e, mask=ok, other=0)
-            val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
-        entry = val
-        if MASK:
-            w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
-            entry = tl.where(val < 0, -w, tl.zeros_like(w))
-        col = pos % K
-        if TRANSPOSED:
-            x_ptrs = x_ptr + b * K * T + col[:, None] * T + offs_t[None, :]
-        else:
-            x_ptrs = x_ptr + b * T * K + offs_t[None, :] * K + col[:, None]
-        xv = tl.load(x_ptrs, mask=ok[:, None] & t_ok[None, :], other=0.0)  # (CHUNK, BLOCK_T)
-        mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
-        placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
-        acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
-        if PREFETCH:
-            pos, val, ok = pos_next, val_next, ok_next
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
-    mask = n_ok[:, None] & t_ok[None, :]
-    out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def sparse_delta_kernel(y_ptr, x_ptr, order_ptr, count_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr,
-                        weight_ptr, bias_ptr, T, N, K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                        CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        LOOP: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
+def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, T, N,
+                        K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
     with a slot, up to their length. ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions n * K + col
     sorted ascending, `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value` (MASK, MaskBERT:
     `-weight[pos]` where value < 0, else 0). x (B, T, K), or TRANSPOSED (B, K, T): an entry's inputs contiguous.
-    LOOP: programs along the grid's first axis take the rows of `order` (those with a slot first; `count` of them)
-    in turn, else program b takes row b.
 
-    A program's BLOCK_N outputs own one contiguous run of entries, walked CHUNK entries at a time: the inputs are
-    gathered (CHUNK, BLOCK_T) and added to the outputs by one small matmul with the chunk's entries placed in their
-    output's row (BLOCK_N, CHUNK): the per-output sums are tensor-core work, no scatter, no atomics."""
+    A program's BLOCK_N outputs own one contiguous run of entries, walked CHUNK entries at a time (PREFETCH: the next
+    chunk's positions load while this one's inputs are gathered): the inputs are gathered (CHUNK, BLOCK_T) and added
+    to the outputs by one small matmul with the chunk's entries placed in their output's row (BLOCK_N, CHUNK): the
+    per-output sums are tensor-core work, no scatter, no atomics. Inputs past the row's length are read as they are
+    (rows padded to T keep the gathers vectorized; those tokens' sums are never stored)."""
+    n0 = tl.program_id(1) * BLOCK_N
     t0 = tl.program_id(2) * BLOCK_T
-    if LOOP:
-        for i in range(tl.program_id(0), tl.load(count_ptr), tl.num_programs(0)):
-            b = tl.load(order_ptr + i).to(tl.int64)
-            length = tl.load(len_ptr + b)
-            if t0 < length:
-                _sparse_row(y_ptr, x_ptr, b, tl.load(slot_ptr + b), length, rowptr_ptr, index_ptr, value_ptr,
-                            weight_ptr, bias_ptr, T, N, K, max_nnz, BLOCK_N, BLOCK_T, CHUNK, TRANSPOSED, MASK,
-                            HAS_BIAS, PREFETCH, PRECISION)
-    else:
-        b = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_ptr + b)
-        length = tl.load(len_ptr + b)
-        if (slot != 0) & (t0 < length):
-            _sparse_row(y_ptr, x_ptr, b, slot, length, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, T, N,
-                        K, max_nnz, BLOCK_N, BLOCK_T, CHUNK, TRANSPOSED, MASK, HAS_BIAS, PREFETCH, PRECISION)
+    b = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + b)
+    length = tl.load(len_ptr + b)
+    if (slot != 0) & (t0 < length):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_e = tl.arange(0, CHUNK)
+        rowptr = rowptr_ptr + slot * (N + 1)
+        first = tl.load(rowptr + n0)
+        last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
+        entries = index_ptr + slot.to(tl.int64) * max_nnz
+        values = value_ptr + slot.to(tl.int64) * max_nnz
+        x_row = x_ptr + b * T * K
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        ok_next = first + offs_e < last
+        pos_next = tl.load(entries + first + offs_e, mask=ok_next, other=0).to(tl.int32)  # < 2**31: a weight's size
+        val_next = tl.load(values + first + offs_e, mask=ok_next, other=0.0)
+        for e0 in range(first, last, CHUNK):
+            if PREFETCH:
+                ok, pos, val = ok_next, pos_next, val_next
+                ok_next = e0 + CHUNK + offs_e < last
+                pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0).to(tl.int32)
+                val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
+            else:
+                ok = e0 + offs_e < last
+                pos = tl.load(entries + e0 + offs_e, mask=ok, other=0).to(tl.int32)
+                val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
+            entry = val
+            if MASK:
+                w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
+                entry = tl.where(val < 0, -w, tl.zeros_like(w))
+            col = pos % K
+            if TRANSPOSED:
+                x_ptrs = x_row + col[:, None] * T + offs_t[None, :]
+            else:
+                x_ptrs = x_row + offs_t[None, :] * K + col[:, None]
+            xv = tl.load(x_ptrs, mask=ok[:, None] & (offs_t < T)[None, :], other=0.0)  # (CHUNK, BLOCK_T)
+            mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
+            placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
+            acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
+        mask = (offs_n < N)[:, None] & (offs_t < length)[None, :]
+        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
