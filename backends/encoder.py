@@ -222,7 +222,8 @@ class Encoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=None) -> torch.Tensor:
         """input_ids, attention_mask: (B, T) -> pooled (B, hidden)."""
         B, T = input_ids.shape
-        if getattr(rows, "gathered", False):
+        gathered = getattr(rows, "gathered", False)
+        if gathered:
             rows.begin(attention_mask)
         positions = torch.arange(T, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
@@ -232,6 +233,8 @@ class Encoder(nn.Module):
         mask.masked_fill_(~keep[:, None, None, :], torch.finfo(x.dtype).min)
         for layer in self.layers:
             x = layer(x, mask, rows)
+        if gathered:
+            rows.memo.clear()  # what the layers shared (e.g. transposed inputs) is not kept past the forward
         weights = keep.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
         return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 

@@ -5,8 +5,9 @@
 The bert-base-shaped backbone and 64 random tasks of every PET type as the benchmark harness builds them
 (perf.gpu_check), 64 real Rotten Tomatoes sentences. Prints and writes `profile_mixed.json`:
     graphed ms: the mixed batch, a single-task batch, each PET type alone, the mix without each PET type (PET ops
-                as fused Triton kernels where they serve the GPU, `chorus.backends.pet.fused`), and the mixed and
-                single-task batches with the torch gathered ops instead (`:torch_ops`)
+                as fused Triton kernels where they serve the GPU, `chorus.backends.pet.fused`), each the median of
+                ROUNDS rounds over all of them in turn; and the mixed and single-task batches with the torch
+                gathered ops instead (`:torch_ops`)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from chorus.backends.graphs import GraphedForward
 from chorus.backends.pet import fused
 from perf.gpu_check import cuda_ms, make_backbone, make_tasks
 from perf.inprocess import torch_pet_ops
+
+ROUNDS = 3
 
 
 def kernels(fn, top: int, cuda: bool) -> list[dict]:
@@ -64,14 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     mixed = [names[i % len(names)] for i in range(64)]
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": 64,
                  "longest": max(map(len, ids)), "graphed_ms": {}}
-    g = res["graphed_ms"]
-    g["mixed"] = timed(lambda: engine.run(ids, mixed))
-    g["single:" + names[0]] = timed(lambda: engine.run(ids, [names[0]] * 64))
+    runs = {"mixed": lambda: engine.run(ids, mixed), "single:" + names[0]: lambda: engine.run(ids, [names[0]] * 64)}
     for t in types:
         one = next(n for n in names if n.endswith("_" + t))
-        g["alone:" + t] = timed(lambda one=one: engine.run(ids, [one] * 64))
+        runs["alone:" + t] = lambda one=one: engine.run(ids, [one] * 64)
         rest = [n for n in names if not n.endswith("_" + t)]
-        g["mixed_without:" + t] = timed(lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)]))
+        runs["mixed_without:" + t] = lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)])
+    # rounds over every batch in turn, each figure the median of its rounds: a slow spell of the host or the GPU
+    # falls on all of them alike rather than on whichever ran then
+    rounds: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(ROUNDS):
+        for k, fn in runs.items():
+            rounds[k].append(timed(fn))
+    g = res["graphed_ms"] = {k: statistics.median(v) for k, v in rounds.items()}
+    res["graphed_ms_rounds"] = rounds
+    # the same 64 rows as single-task batches of each PET type, weighted by the type's rows in the mix
+    share = {t: sum(n.endswith("_" + t) for n in mixed) / len(mixed) for t in types}
+    res["single_task_mean_ms"] = sum(share[t] * g["alone:" + t] for t in types)
     if engine.graphs is not None and fused.serves(engine.device):  # the torch gathered ops, in the same process
         with torch_pet_ops(engine):
             g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     res["fused_pet_kernels"] = fused.serves(engine.device)
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)
+    print(f"{'single-task batches, mean over the mix':40s} {res['single_task_mean_ms']:8.2f} ms", flush=True)
     eager = GraphedForward(engine.model, capture=False, hot_after=1)  # each batch's own key, as `graphed_ms`
     pad_ids, mask = engine.pad(ids)
     res["kernels_mixed"] = kernels(lambda: eager(pad_ids, mask, mixed), 30, cuda)

@@ -141,25 +141,37 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
 SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": True, "prefetch": True, "num_warps": 4}
 
 
+def transposed(x: torch.Tensor, lengths: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+    """x (B, T, K) -> each row transposed (B, K, T), in blocks of tokens that start before the row's `lengths` (later
+    blocks are left unset: the sparse kernel never reads them). With `memo` (a forward's `rows.memo`) once per input
+    tensor: a layer's query and value linears read the same x, and each sparse method there reads it."""
+    if memo is not None and ("transposed", id(x)) in memo:
+        return memo["transposed", id(x)][1]
+    B, T, K = x.shape
+    xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)
+    bt, bk = _block(T, 64), 64
+    _kernels().transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, lengths, T, K, BLOCK_T=bt, BLOCK_K=bk)
+    if memo is not None:
+        memo["transposed", id(x)] = (x, xt)  # holds x: its id stays its own until the memo is cleared
+    return xt
+
+
 def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
                   value: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+                  lengths: torch.Tensor | None = None, memo: dict | None = None, **launch) -> torch.Tensor:
     """In place: `y[b] += x[b] · ΔW[slots[b]]ᵀ (+ bias[slot])` for rows with a slot (up to their `lengths`), ΔW a
     slot's CSR at one site: `index` (C, max_nnz) flat positions `n * in + col`, sorted per slot; `rowptr`
     (C, out + 1) int32, where each output's entries start; `value` (C, max_nnz) the entries, or with `weight`
     (out, in) MaskBERT's scores (the entry is `-weight` at positions with a negative score). y (B, T, out)
-    contiguous, x (B, T, in)."""
+    contiguous, x (B, T, in). `memo`: where x's transposed form is kept for the forward's other sparse ops
+    (`transposed`)."""
     B, T, K = x.shape
     N = y.shape[2]
     x, kernels = x.contiguous(), _kernels()
     lengths = _lengths(lengths, B, T, x.device)
     opt = {**SPARSE, **launch}  # `launch`: overrides of SPARSE (perf/fused_kernels.py tunes them)
     if opt["transposed"]:
-        xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)  # rows without a slot stay unset (never read)
-        bt, bk = _block(T, 64), 64
-        kernels.transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, lengths, slots, T, K, BLOCK_T=bt,
-                                                                       BLOCK_K=bk)
-        x = xt
+        x = transposed(x, lengths, memo)
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
     chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
     kernels.sparse_delta_kernel[(B, _cdiv(N, bn), _cdiv(T, bt))](

@@ -86,15 +86,14 @@ def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, bias_ptr, s
 
 
 @triton.jit
-def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, slot_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b] = x[b]ᵀ for rows with a slot, in blocks of tokens up to each row's length: x (B, T, K) -> out (B, K, T)."""
+def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b] = x[b]ᵀ, x (B, T, K) -> out (B, K, T), in blocks of tokens that start before the row's length."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     b = tl.program_id(0).to(tl.int64)
-    length = tl.load(len_ptr + b)
-    if (tl.load(slot_ptr + b) != 0) & (t0 < length):
-        mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)  # whole blocks (vectorized); later ones are skipped
+    if t0 < tl.load(len_ptr + b):
+        mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)  # whole blocks (vectorized)
         v = tl.load(x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :], mask=mask)
         tl.store(out_ptr + b * K * T + offs_k[None, :] * T + offs_t[:, None], v, mask=mask)
 
