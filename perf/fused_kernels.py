@@ -26,6 +26,9 @@ B, T, HIDDEN, SLOTS = 64, 64, 768, 17
 # launch options of the sparse kernel tried against `fused.SPARSE` (MaskBERT, real lengths, 8 and 64 rows)
 VARIANTS = ({}, {"transposed": False}, {"prefetch": False}, {"transposed": False, "prefetch": False}, {"chunk": 64},
             {"chunk": 256}, {"block_t": 64}, {"block_t": 16}, {"block_n": 32}, {"num_warps": 2}, {"num_warps": 8})
+GATHERED_VARIANTS = ({}, {"block_k": 128}, {"block_k": 256}, {"block_t": 32}, {"block_t": 16},
+                     {"block_t": 32, "block_k": 128}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2},
+                     {"num_stages": 4})
 
 
 def graphed_us(fn, calls: int = 20, replays: int = 20) -> float:
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     bias64, scaling = vec[:, :64].contiguous(), torch.ones(SLOTS, dtype=dtype, device="cuda")
     gelu = torch.zeros(SLOTS, dtype=torch.bool, device="cuda")
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "T": T,
-                 "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": []}
+                 "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": [],
+                 "gathered_variants": []}
     lengths = rt_lengths(args.bundle)
     res["rt_lengths"] = {"mean": sum(lengths) / B, "longest": max(lengths)}
     for active in (0, 8, 64):
@@ -109,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                     fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, lengths=rows), up, slots, out=y,
                     bias=vec, lengths=rows),
             }
+            if active and padded:  # the down projection's launch (one K loop per program: its latency chain)
+                for variant in GATHERED_VARIANTS:
+                    for name, fn in (("LoRA r16 down", lambda v=variant: fused.gathered_matmul(
+                            x, lora_a, slots, scale=scaling, lengths=rows, **v)),
+                                     ("adapter m64 down", lambda v=variant: fused.gathered_matmul(
+                            y, down, slots, bias=bias64, activation=gelu, lengths=rows, **v))):
+                        us = graphed_us(fn)
+                        res["gathered_variants"].append({"op": name, "rows": active,
+                                                         "launch": {**fused.GATHERED, **variant}, "us": us})
+                        print(f"{name} {active}/{B} rows {variant}: {us:.1f} us", flush=True)
             for density in (0.05, 0.005):
                 rowptr, index, value = sparse_bank(density, dtype, g)
                 ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(

@@ -107,11 +107,14 @@ def row_vector_(t: torch.Tensor, slots: torch.Tensor, bank: torch.Tensor, scale:
 
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+# The gathered matmul's launch (largest blocks; `launch` overrides, perf/fused_kernels.py tries them)
+GATHERED = {"block_t": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                    activation: str | torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                    activation: str | torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                    **launch) -> torch.Tensor:
     """Per row b with a slot: `act((x[b] · weight[slots[b]]ᵀ) · scale[slot] + bias[slot])`, added into `out` in
     place when given, else written to a new (B, T, N) tensor whose null-slot rows (and tokens past a row's `lengths`)
     are left unset.
@@ -125,12 +128,13 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
     if out is None:
         out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
     act = 3 if isinstance(activation, torch.Tensor) else ACTIVATIONS[activation]
-    bt, bn, bk = _block(T, 64), _block(N, 64), _block(K, 64)
+    opt = {**GATHERED, **launch}
+    bt, bn, bk = _block(T, opt["block_t"]), _block(N, opt["block_n"]), _block(K, opt["block_k"])
     _kernels().gathered_matmul_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         x, weight, _lengths(lengths, B, T, x.device), slots, out, bias if bias is not None else x, scale if scale is not None else x,
         activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
-        PRECISION=_precision(x.dtype))
+        PRECISION=_precision(x.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
     return out
 
 
