@@ -10,11 +10,11 @@ nothing — the same form the ONNX export traces), so shapes depend only on the 
 Semantics (what `GraphedForward(ids, tasks)` returns, the same logits as `MultiTaskModel` on the fast path):
     B, T = rows, longest row;  b, t = the smallest buckets >= B, T     (none: return None, the caller runs eagerly)
     methods = the PET methods of the batch's tasks (gathered ops of other methods are left out of the graph)
-    subsets = (only where the fused PET kernels do not serve the device: those skip rows on the null slot)
-              for each method with `row_subset` (a dense ΔW per row: MaskBERT, Diff-Pruning) used by n rows,
-              n <= b/4: its op runs on those rows only, padded to the next power of two with a row that reads its
-              null slot (`GatheredRows.subsets`); the graph's key holds (method, that size) (each size is another
-              key: hot ones are captured off the serving path, below)
+    subsets = for each method with `row_subset` (a per-row cost close to the shared op's: MaskBERT, Diff-Pruning)
+              used by n rows, n <= b/4: its op runs on those rows only, padded to the next power of two with a row
+              that reads its null slot (`GatheredRows.subsets`; the torch form computes on them only, the fused
+              kernel launches programs for them only); the graph's key holds (method, that size) (each size is
+              another key: hot ones are captured off the serving path, below)
     static_ids[:b, :t] = ids padded with the pad id; static_mask likewise, every padding row keeping one real position
     static_slots[m][:B] = each row's slot in method m (0: the null slot), padding rows 0; static_heads likewise
     replay graph[(b, t, methods, subsets)];  return static_logits[:B]
@@ -51,7 +51,7 @@ import time
 import numpy as np
 import torch
 
-from chorus.backends.pet import GatheredRows, fused
+from chorus.backends.pet import GatheredRows
 from chorus.errors import UnknownTask
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -312,8 +312,6 @@ class GraphedForward:
         batch bucket b: the rows that use it, padded to the next power of two with a row that reads its null slot (a
         padding row, else the first real row that does not use it). A method used by more rows runs on every row."""
         out = {}
-        if fused.serves(self.device):  # the fused kernels skip rows on the null slot themselves
-            return out
         for m, row_slots in slots.items():
             if not getattr(self.bank.methods[m], "row_subset", False):
                 continue

@@ -103,9 +103,8 @@ class PetMethod(nn.Module):
                        # output (IA3, 1), then ops on the finished output (adapters, 2) — what merging into W means
 
     site_kind: str = "linear"  # what the method's sites are: the encoder's linears, or its LayerNorms ("LayerNorm")
-    # The gathered op costs per row about what the shared op does (a dense ΔW per row): a graphed batch runs it on
-    # the rows that use the method only (`GatheredRows.subsets`), not on every row (the torch form only: the fused
-    # kernels skip rows on the null slot themselves).
+    # The gathered op costs per row about what the shared op does (a dense ΔW per row), or its fused kernel's grid
+    # is large per row: a graphed batch runs it on the rows that use the method only (`GatheredRows.subsets`).
     row_subset: bool = False
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):

@@ -162,13 +162,15 @@ def transposed(x: torch.Tensor, lengths: torch.Tensor, memo: dict | None = None)
 
 def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr: torch.Tensor, index: torch.Tensor,
                   value: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  lengths: torch.Tensor | None = None, memo: dict | None = None, **launch) -> torch.Tensor:
+                  lengths: torch.Tensor | None = None, rows: torch.Tensor | None = None, memo: dict | None = None,
+                  **launch) -> torch.Tensor:
     """In place: `y[b] += x[b] · ΔW[slots[b]]ᵀ (+ bias[slot])` for rows with a slot (up to their `lengths`), ΔW a
     slot's CSR at one site: `index` (C, max_nnz) flat positions `n * in + col`, sorted per slot; `rowptr`
     (C, out + 1) int32, where each output's entries start; `value` (C, max_nnz) the entries, or with `weight`
     (out, in) MaskBERT's scores (the entry is `-weight` at positions with a negative score). y (B, T, out)
-    contiguous, x (B, T, in). `memo`: where x's transposed form is kept for the forward's other sparse ops
-    (`transposed`)."""
+    contiguous, x (B, T, in). `rows` (n,) int64: the batch rows to run on (every row that uses a slot, and any
+    others), launching programs for those only (`GatheredRows.subsets`); None: every row. `memo`: where x's
+    transposed form is kept for the forward's other sparse ops (`transposed`)."""
     B, T, K = x.shape
     N = y.shape[2]
     x, kernels = x.contiguous(), _kernels()
@@ -178,10 +180,10 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
         x = transposed(x, lengths, memo)
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
     chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
-    kernels.sparse_delta_kernel[(B, _cdiv(N, bn), _cdiv(T, bt))](
-        y, x, lengths, slots, rowptr, index, value, weight if weight is not None else value,
+    kernels.sparse_delta_kernel[(B if rows is None else len(rows), _cdiv(N, bn), _cdiv(T, bt))](
+        y, x, slots if rows is None else rows, lengths, slots, rowptr, index, value, weight if weight is not None else value,
         bias if bias is not None else value, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt, CHUNK=chunk,
-        TRANSPOSED=opt["transposed"], PREFETCH=opt["prefetch"], MASK=weight is not None, HAS_BIAS=bias is not None,
+        ROWS=rows is not None, TRANSPOSED=opt["transposed"], PREFETCH=opt["prefetch"], MASK=weight is not None, HAS_BIAS=bias is not None,
         PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
     return y
 

@@ -307,7 +307,7 @@ class SparseDelta(PetMethod):
                     y, x, rows.slots[self.name], self.indices[key].rowptr, rows.tensor(self.name, f"{key}.index"),
                     rows.tensor(self.name, f"{key}.value"), self.linears[site].weight if self.scores_prune else None,
                     rows.tensor(self.name, f"{key}.bias") if self.bias_name else None,
-                    lengths=fused.row_lengths(rows), memo=rows.memo)
+                    lengths=fused.row_lengths(rows), rows=rows.subsets.get(self.name), memo=rows.memo)
             subset = rows.subsets.get(self.name)  # the rows that use the method (graphs), or None: every row
             slots = rows.slots[self.name] if subset is None else rows.slots[self.name][subset]  # (B,)
             xs = x if subset is None else x.index_select(0, subset)

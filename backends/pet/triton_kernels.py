@@ -99,14 +99,16 @@ def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, T, K, BLOCK_T: tl.constexpr, 
 
 
 @triton.jit
-def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, T, N,
-                        K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def sparse_delta_kernel(y_ptr, x_ptr, rows_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr, weight_ptr,
+                        bias_ptr, T, N, K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
+                        ROWS: tl.constexpr, TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr, MASK: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
     with a slot, up to their length. ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions n * K + col
     sorted ascending, `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value` (MASK, MaskBERT:
     `-weight[pos]` where value < 0, else 0). x (B, T, K), or TRANSPOSED (B, K, T): an entry's inputs contiguous.
+    ROWS: the grid's first axis runs over `rows` (the batch rows to take, e.g. those that use the method), else over
+    every batch row.
 
     A program's BLOCK_N outputs own one contiguous run of entries, walked CHUNK entries at a time (PREFETCH: the next
     chunk's positions load while this one's inputs are gathered): the inputs are gathered (CHUNK, BLOCK_T) and added
@@ -115,7 +117,10 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, 
     (rows padded to T keep the gathers vectorized; those tokens' sums are never stored)."""
     n0 = tl.program_id(1) * BLOCK_N
     t0 = tl.program_id(2) * BLOCK_T
-    b = tl.program_id(0).to(tl.int64)
+    if ROWS:
+        b = tl.load(rows_ptr + tl.program_id(0))
+    else:
+        b = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + b)
     length = tl.load(len_ptr + b)
     if (slot != 0) & (t0 < length):

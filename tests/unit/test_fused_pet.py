@@ -75,7 +75,8 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     """Op by op on random banks, each run on every token and again with ragged row lengths: rows on slot 0
     and tokens past a row's length are left bit for bit as they were; the others get their slot's term. The sparse
     bank holds a skewed slot (one output row with an entry for every input, the rest empty); the sparse kernel also
-    runs with each launch option (gathering from x itself or transposed, prefetching or not)."""
+    runs with each launch option (gathering from x itself or transposed, prefetching or not) and on a subset
+    of the rows."""
     g = torch.Generator().manual_seed(0)
     B, T, K, N, C = 6, 19, 40, 24, 4
     rand = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
@@ -130,7 +131,9 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     dbias = rand(C, N)
     want = yd + torch.einsum("btk,bnk->btn", x.double().cpu(),
                              torch.stack([_dense(index[c], value[c], N, K) for c in range(C)])[s])
-    for launch in ({}, {"transposed": False}, {"prefetch": False}, {"transposed": False, "prefetch": False}):
+    subset = torch.tensor([5, 0, 3, 2, 4], device=DEVICE)  # every row with a slot and a null-slot one (graphs)
+    for launch in ({}, {"transposed": False}, {"prefetch": False}, {"transposed": False, "prefetch": False},
+                   {"rows": subset}):
         check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, value.to(DEVICE), lengths=p, **launch), want)
     check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, value.to(DEVICE), bias=dbias, lengths=p),
           want + dbias.double().cpu()[s][:, None])

@@ -96,12 +96,12 @@ def test_a_batch_of_one_method_leaves_the_others_out(engine):
     assert ("lora",) in keys and ("maskbert",) in keys and ("bitfit", "ia3", "lora") in keys
 
 
+@pytest.mark.parametrize("enabled", [False, True], ids=["torch_ops", "fused_where_served"])
 @pytest.mark.parametrize("B", [24, 8])  # 24: padding rows fill the subsets; 8 (= its bucket): a real null-slot row
-def test_dense_delta_methods_run_on_their_rows_only(engine, B, monkeypatch):
-    """MaskBERT and Diff-Pruning's torch gathered form (a dense ΔW per row) runs on the rows that use them, padded to
-    a power of two, when that fits in a quarter of the batch bucket (the fused kernels, off here, need no subsets:
-    they skip null-slot rows themselves)."""
-    monkeypatch.setattr(fused, "ENABLED", False)
+def test_dense_delta_methods_run_on_their_rows_only(engine, B, enabled, monkeypatch):
+    """MaskBERT and Diff-Pruning's gathered forms (torch: a dense ΔW per row; fused: programs per row) run on the
+    rows that use them, padded to a power of two, when that fits in a quarter of the batch bucket."""
+    monkeypatch.setattr(fused, "ENABLED", enabled)
     static = GraphedForward(engine.model, capture=False, hot_after=1)
     ids, mask = random_batch(B, 11, 7)
     tasks = ["lora_r2", "maskbert", "ia3", "diff_pruning", "diff_pruning", "bitfit", "maskbert", "diff_pruning"]
