@@ -23,9 +23,11 @@ import torch
 from chorus.backends.pet import fused
 
 B, T, HIDDEN, SLOTS = 64, 64, 768, 17
-# launch options of the sparse kernel tried against `fused.SPARSE` (MaskBERT, real lengths, 8 and 64 rows)
-VARIANTS = ({}, {"transposed": False}, {"prefetch": False}, {"transposed": False, "prefetch": False}, {"chunk": 64},
-            {"chunk": 256}, {"block_t": 64}, {"block_t": 16}, {"block_n": 32}, {"num_warps": 2}, {"num_warps": 8})
+# launch options of the sparse kernel tried against `fused.SPARSE` (MaskBERT, real lengths, programs for the 8 or 64
+# rows that use it, as graphs launch it)
+VARIANTS = ({}, {"transposed": False}, {"prefetch": False}, {"chunk": 64}, {"chunk": 256}, {"block_t": 64},
+            {"block_t": 64, "chunk": 256}, {"block_t": 16}, {"block_n": 32}, {"block_n": 32, "chunk": 256},
+            {"num_warps": 2}, {"num_warps": 8}, {"chunk": 256, "num_warps": 8})
 GATHERED_VARIANTS = ({}, {"block_k": 128}, {"block_k": 256}, {"block_t": 32}, {"block_t": 16},
                      {"block_t": 32, "block_k": 128}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2},
                      {"num_stages": 4})
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 if active and padded:
                     for variant in VARIANTS:
                         us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
-                            y, x, slots, rp, ix, va, weight, lengths=rows, **v))
+                            y, x, slots, rp, ix, va, weight, lengths=rows, rows=users, **v))
                         res["sparse_variants"].append({"density": density, "rows": active,
                                                        "launch": {**fused.SPARSE, **variant}, "us": us})
                         print(f"sparse {density:.1%} {active}/{B} rows {variant}: {us:.1f} us", flush=True)
