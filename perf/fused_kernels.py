@@ -6,8 +6,8 @@ sparse kernel's launch variants (what `fused.SPARSE` is tuned from).
 A 64-row batch of 64 tokens, bert-base's sites (768 -> 768); `active` rows of the 64 use the method (the mixed
 benchmark has 8 rows of each PET type; 0: what a method costs a batch that does not use it; 64: a single-task
 batch); each row with all 64 tokens, and again with the token counts of 64 real Rotten Tomatoes sentences (the rest
-padding, which the kernels skip). Each measurement is 20 calls captured in one CUDA graph, replayed 20 times: the median replay / 20 (the
-kernels' own time plus their launch gaps inside a graph, as the served forward runs them).
+padding, which the kernels skip). Each measurement is 20 calls captured in one CUDA graph, replayed 20 times: the
+median replay / 20 (the kernels' own time plus their launch gaps inside a graph, as the served forward runs them).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec, lengths=rows),
                 "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True, lengths=rows),
                 "LoRA r16 (two matmuls)": lambda: fused.gathered_matmul(
-                    fused.gathered_matmul(x, lora_a, slots, scale=scaling, lengths=rows), lora_b, slots, out=y, lengths=rows),
+                    fused.gathered_matmul(x, lora_a, slots, scale=scaling, lengths=rows), lora_b, slots, out=y,
+                    lengths=rows),
                 "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
                     fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, lengths=rows), up, slots, out=y,
                     bias=vec, lengths=rows),

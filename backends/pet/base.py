@@ -66,11 +66,12 @@ class GatheredRows:
     tensors: dict[str, torch.Tensor]
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # the forward's attention mask (B, T), set by `begin`
-    memo: dict = field(default_factory=dict)  # per-forward values ops share across sites (the rows' lengths)
+    memo: dict = field(default_factory=dict)  # what a forward's ops share across sites (rows' lengths, transposed x)
     gathered: ClassVar[bool] = True
 
     def begin(self, attention_mask: torch.Tensor) -> None:
-        """At the start of each forward: values of the previous one are dropped (a captured graph computes its own)."""
+        """At the start of each forward (`Encoder.forward`): its mask; what the previous forward's ops shared is dropped
+        (a captured graph computes its own)."""
         self.mask = attention_mask
         self.memo.clear()
 

@@ -12,11 +12,14 @@ product) that reads the slot of its program's row straight from the bank and ret
 | BitFit `y += δb`, IA3 `t ⊙ (1 + l)` | `row_vector_` (in place) | gather + broadcast add (+ add one + multiply) |
 | LoRA `y += s·(x·Aᵀ)·Bᵀ` | `gathered_matmul` twice | gathers of A and B, bmm, scaling, baddbmm |
 | adapter `y += up(act(down(y)))` | `gathered_matmul` twice | four gathers, two bmm, bias adds, both activations and a select |
-| MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)` | `transpose_rows` + `sparse_delta_` | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
+| MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)` | `sparse_delta_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
 
 The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
-ΔW is densified. The torch forms stay the reference (tests compare both) and what runs on the CPU, under autograd,
-while tracing for export, and wherever Triton does not import (`available`).
+ΔW is densified; its input's transposed form is made once per linear input and forward (`transposed`), and in a
+graph its programs run over the rows that use the method only (`GatheredRows.subsets`). Every kernel also skips the
+padding past each row's length (`row_lengths`, from the forward's attention mask; perf/results/h100-2026-11-23).
+The torch forms stay the reference (tests compare both) and what runs on the CPU, under autograd, while tracing for
+export, and wherever Triton does not import (`available`).
 """
 
 from __future__ import annotations
@@ -97,8 +100,7 @@ def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
 def row_vector_(t: torch.Tensor, slots: torch.Tensor, bank: torch.Tensor, scale: bool = False,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
     """In place: `t[b] += bank[slots[b]]`, or with `scale` `t[b] *= 1 + bank[slots[b]]`; t (B, T, N) contiguous,
-    bank (C, N). Rows on slot 0, and tokens past a row's `lengths` (B,) (default: all T), are
-    not touched."""
+    bank (C, N). Rows on slot 0, and tokens past a row's `lengths` (B,) (default: all T), are not touched."""
     B, T, N = t.shape
     bt, bn = _block(T, 32, 1), _block(N, 256)
     _kernels().row_vector_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
@@ -131,9 +133,9 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
     opt = {**GATHERED, **launch}
     bt, bn, bk = _block(T, opt["block_t"]), _block(N, opt["block_n"]), _block(K, opt["block_k"])
     _kernels().gathered_matmul_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        x, weight, _lengths(lengths, B, T, x.device), slots, out, bias if bias is not None else x, scale if scale is not None else x,
-        activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
+        x, weight, _lengths(lengths, B, T, x.device), slots, out, bias if bias is not None else x,
+        scale if scale is not None else x, activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn,
+        BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
         PRECISION=_precision(x.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
     return out
 
@@ -181,10 +183,11 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
     chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
     kernels.sparse_delta_kernel[(B if rows is None else len(rows), _cdiv(N, bn), _cdiv(T, bt))](
-        y, x, slots if rows is None else rows, lengths, slots, rowptr, index, value, weight if weight is not None else value,
-        bias if bias is not None else value, T, N, K, index.shape[1], BLOCK_N=bn, BLOCK_T=bt, CHUNK=chunk,
-        ROWS=rows is not None, TRANSPOSED=opt["transposed"], PREFETCH=opt["prefetch"], MASK=weight is not None, HAS_BIAS=bias is not None,
-        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
+        y, x, slots if rows is None else rows, lengths, slots, rowptr, index, value,
+        weight if weight is not None else value, bias if bias is not None else value, T, N, K, index.shape[1],
+        BLOCK_N=bn, BLOCK_T=bt, CHUNK=chunk, ROWS=rows is not None, TRANSPOSED=opt["transposed"],
+        PREFETCH=opt["prefetch"], MASK=weight is not None, HAS_BIAS=bias is not None, PRECISION=_precision(y.dtype),
+        num_warps=opt["num_warps"])
     return y
 
 
