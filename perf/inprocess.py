@@ -121,12 +121,12 @@ def steady_state(engine: Engine) -> None:
 def torch_pet_ops(engine: Engine):
     """Within: the engine's graphed batches run the torch gathered PET ops (graphs of their own, each key captured
     at once) instead of the fused kernels, to compare both in one process."""
-    graphs = engine.graphs
+    graphs, enabled = engine.graphs, fused.ENABLED
     fused.ENABLED, engine.graphs = False, GraphedForward(engine.model, hot_after=1, background=False)
     try:
         yield
     finally:
-        fused.ENABLED, engine.graphs = True, graphs
+        fused.ENABLED, engine.graphs = enabled, graphs
 
 
 @torch.inference_mode()

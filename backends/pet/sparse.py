@@ -302,13 +302,13 @@ class SparseDelta(PetMethod):
         out_f, in_f = self.site_shapes[site]
 
         def sparse_delta(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+            subset = rows.subsets.get(self.name)  # the rows that use the method (graphs), or None: every row
             if fused.available(y):  # each row reads its slot's CSR in the kernel; rows without the method skip
                 return fused.sparse_delta_(
                     y, x, rows.slots[self.name], self.indices[key].rowptr, rows.tensor(self.name, f"{key}.index"),
                     rows.tensor(self.name, f"{key}.value"), self.linears[site].weight if self.scores_prune else None,
                     rows.tensor(self.name, f"{key}.bias") if self.bias_name else None,
-                    lengths=fused.row_lengths(rows), rows=rows.subsets.get(self.name), memo=rows.memo)
-            subset = rows.subsets.get(self.name)  # the rows that use the method (graphs), or None: every row
+                    lengths=fused.row_lengths(rows), rows=subset, memo=rows.memo)
             slots = rows.slots[self.name] if subset is None else rows.slots[self.name][subset]  # (B,)
             xs = x if subset is None else x.index_select(0, subset)
             index = rows.tensor(self.name, f"{key}.index")[slots]  # (B, max_nnz) flat positions row * in + col
