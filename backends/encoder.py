@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chorus.backends.pet import fused
 from chorus.errors import TaskFileError
 
 # The linears of one BERT layer, by their Hugging Face module path under `encoder.layer.{i}.`.
@@ -122,11 +123,28 @@ class PetLinear(nn.Module):
             elif op.method in rows.slots:  # a method the batch's rows do not use is left out of the gathered form
                 x = op.gathered(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
+        if gathered:
+            return self._gathered_post_ops(x, y, rows)
         for op in self.ops:
-            if not gathered:
-                y = op(x, y, rows)
-            elif op.method in rows.slots:
-                y = op.gathered(x, y, rows)
+            y = op(x, y, rows)
+        return y
+
+    def _gathered_post_ops(self, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+        """The post ops' gathered forms, leaving out methods the batch's rows do not use. Where the fused kernels
+        serve, ops with a fused form (`op.fused`) give their terms to `fused.PostOps`, which launches them together
+        in place on y, this linear's own fresh output (a few kernels per site, not one or two per method)."""
+        pending = fused.PostOps(x, rows) if fused.available(y) else None
+        for op in self.ops:
+            if op.method not in rows.slots:
+                continue
+            if pending is not None and op.fused is not None:
+                pending.add(y, *op.fused(x, rows))
+                continue
+            if pending is not None:
+                pending.run(y)
+            y = op.gathered(x, y, rows)
+        if pending is not None:
+            pending.run(y)
         return y
 
 

@@ -1,7 +1,8 @@
-"""Device time per call of the fused PET kernels (`chorus.backends.pet.fused`) at the benchmark's shape, and of the
-sparse kernel's launch variants (what `fused.SPARSE` is tuned from).
+"""Device time per call of the fused PET kernels (`chorus.backends.pet.fused`) at the benchmark's shape, one
+site's ops of several methods in one launch against one launch each, and (`--variants`) the launch variants of the
+matmul and sparse kernels (what `fused.GATHERED` and `fused.SPARSE` are tuned from).
 
-    python -m perf.fused_kernels --bundle .gpu --out $OUT     (on the GPU machine: bash perf/gpu/run.sh kernels)
+    python -m perf.fused_kernels --bundle .gpu --out $OUT [--variants]   (on the GPU: bash perf/gpu/run.sh kernels)
 
 A 64-row batch of 64 tokens, bert-base's sites (768 -> 768); `active` rows of the 64 use the method (the mixed
 benchmark has 8 rows of each PET type; 0: what a method costs a batch that does not use it; 64: a single-task
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, default=Path(".gpu"), help="tokenizer.json and rt_texts.json")
+    ap.add_argument("--variants", action="store_true", help="also every launch variant of the matmul and sparse kernels")
     args = ap.parse_args(argv)
     if not fused.serves(torch.device("cuda")):
         print("the fused kernels do not serve this machine (no CUDA device or no Triton)", file=sys.stderr)
@@ -107,17 +109,38 @@ def main(argv: list[str] | None = None) -> int:
             # padded: each row's tokens are a real sentence's (Rotten Tomatoes, as the benchmark's batches), the rest
             # of the 64 padding the kernels skip; else every row has all 64 tokens
             rows = torch.tensor(lengths, dtype=torch.int32).cuda() if padded else None
+            lora_down = lambda s=slots: fused.gathered_matmul(x, lora_a, s, scale=scaling, lengths=rows)  # noqa: E731
             ops = {
-                "row_vector (BitFit)": lambda: fused.row_vector_(y, slots, vec, lengths=rows),
-                "row_vector scale (IA3)": lambda: fused.row_vector_(y, slots, vec, scale=True, lengths=rows),
-                "LoRA r16 (two matmuls)": lambda: fused.gathered_matmul(
-                    fused.gathered_matmul(x, lora_a, slots, scale=scaling, lengths=rows), lora_b, slots, out=y,
-                    lengths=rows),
+                "epilogue: bias (BitFit)": lambda: fused.epilogue_(y, bias=(slots, vec), lengths=rows),
+                "epilogue: scale (IA3)": lambda: fused.epilogue_(y, scale=(slots, vec), lengths=rows),
+                "LoRA r16 (down + epilogue)": lambda: fused.epilogue_(y, low_rank=(slots, lora_down(), lora_b),
+                                                                      lengths=rows),
                 "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
                     fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, lengths=rows), up, slots, out=y,
                     bias=vec, lengths=rows),
             }
-            if active and padded:  # the down projection's launch (one K loop per program: its latency chain)
+            if active == 8 and padded:  # one site's ops for three methods' rows (8 each, disjoint): one launch or
+                other = torch.zeros_like(slots)  # one per method, as session 10 ran them
+                free = torch.nonzero(slots == 0).flatten()
+                third = torch.zeros_like(slots)
+                other[free[:8]], third[free[8:16]] = slots[users], slots[users]
+                ops["BitFit + LoRA + IA3 rows, one epilogue"] = lambda o=other, t=third: fused.epilogue_(
+                    y, bias=(slots, vec), low_rank=(o, lora_down(o), lora_b), scale=(t, vec), lengths=rows)
+                ops["BitFit + LoRA + IA3 rows, one launch each"] = lambda o=other, t=third: (
+                    fused.epilogue_(y, bias=(slots, vec), lengths=rows),
+                    fused.epilogue_(y, low_rank=(o, lora_down(o), lora_b), lengths=rows),
+                    fused.epilogue_(y, scale=(t, vec), lengths=rows))
+                rowptr, index, value = sparse_bank(0.05, dtype, g)
+                subset_b = torch.nonzero(other).flatten()
+                terms = [{"slots": slots, "rowptr": rowptr, "index": index, "value": value, "weight": weight,
+                          "rows": users},
+                         {"slots": other, "rowptr": rowptr, "index": index, "value": value, "bias": vec,
+                          "rows": subset_b}]
+                ops["MaskBERT + Diff-Pruning 5% rows, one launch"] = lambda tm=terms: fused.sparse_deltas_(
+                    y, x, tm, rows)
+                ops["MaskBERT + Diff-Pruning 5% rows, one launch each"] = lambda tm=terms: [
+                    fused.sparse_deltas_(y, x, [t], rows) for t in tm]
+            if active and padded and args.variants:  # the down projection's launch (one K loop per program)
                 for variant in GATHERED_VARIANTS:
                     for name, fn in (("LoRA r16 down", lambda v=variant: fused.gathered_matmul(
                             x, lora_a, slots, scale=scaling, lengths=rows, **v)),
@@ -138,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 ops[f"Diff-Pruning {density:.1%} + bias"] = (
                     lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
                         y, x, slots, rowptr, index, value, bias=vec, lengths=rows))
-                if active and padded:
+                if active and padded and args.variants:
                     for variant in VARIANTS:
                         us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
                             y, x, slots, rp, ix, va, weight, lengths=rows, rows=users, **v))

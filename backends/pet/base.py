@@ -146,6 +146,12 @@ class PetMethod(nn.Module):
         its own slot, with no data-dependent Python (it traces into one graph for any batch)."""
         raise NotImplementedError
 
+    def fused_op(self, site: str):
+        """The fused form of a post op at `site`, where the fused kernels serve a gathered forward:
+        `op(x, rows) -> (kind, term)`, the term `fused.PostOps` launches with the site's other post ops ("bias",
+        "low_rank", "scale" or "sparse"; see there). None (the default): the gathered op runs on its own."""
+        return None
+
     def bank_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the gathered ops read, by export name `{site key}.{tensor}` (subclasses add per-slot scalars);
         live references, not copies. Empty while no task has written a site."""
@@ -219,6 +225,7 @@ class PetMethod(nn.Module):
         op.order = self.op_order
         op.method = self.name  # a gathered forward leaves out the ops of methods its rows do not use
         op.gathered = self.gathered_op(site)
+        op.fused = self.fused_op(site)
         ops = self.linears[site].pre_ops if self.site_stage(site) == "pre" else self.linears[site].ops
         ops.append(op)
         ops.sort(key=lambda o: getattr(o, "order", 0))  # stable: same order, first hooked first

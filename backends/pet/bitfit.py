@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod
 
 
@@ -32,9 +31,10 @@ class BitFit(PetMethod):
         key = self._key(site)
 
         def bitfit(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-            bank, slots = rows.tensor(self.name, f"{key}.bias_delta"), rows.slots[self.name]
-            if fused.available(y):  # y is this linear's own fresh output
-                return fused.row_vector_(y, slots, bank, lengths=fused.row_lengths(rows))
-            return y + bank[slots].unsqueeze(1)  # (B, 1, out)
+            return y + rows.tensor(self.name, f"{key}.bias_delta")[rows.slots[self.name]].unsqueeze(1)  # (B, 1, out)
 
         return bitfit
+
+    def fused_op(self, site: str):
+        key = self._key(site)
+        return lambda x, rows: ("bias", (rows.slots[self.name], rows.tensor(self.name, f"{key}.bias_delta")))

@@ -1,18 +1,20 @@
-"""Fused PET ops for the gathered forward on a GPU: one Triton kernel per op and site, each row reading its own slot.
+"""Fused PET ops for the gathered forward on a GPU: a few Triton kernels per linear site, each row reading its own slot.
 
 The gathered form of a PET op (`PetMethod.gathered_op`, what CUDA graphs replay and ONNX exports) is written with
 torch ops over every row of the batch: each row gathers its slot's tensors (`bank[slots]`, a (B, ...) copy of them),
 and rows of tasks without the method run the op on the null slot's zeros. A 64-row batch of 64 tasks of every PET
 type then ran ~1,650 kernels, most of them gathers and broadcast elementwise ops over rows that add nothing (issue 3,
-perf/results/h100-2026-11-22/profile_mixed.md). Here each op is one kernel (two for a bottleneck or the sparse
-product) that reads the slot of its program's row straight from the bank and returns at once for the null slot:
+perf/results/h100-2026-11-22/profile_mixed.md). Here the kernels read the slot of their program's row straight from
+the bank and return at once for the null slot, and a linear's post ops of every method run together (`PostOps`,
+from each method's `fused_op`):
 
 | op | kernel | replaces (torch, per site) |
 | --- | --- | --- |
-| BitFit `y += δb`, IA3 `t ⊙ (1 + l)` | `row_vector_` (in place) | gather + broadcast add (+ add one + multiply) |
-| LoRA `y += s·(x·Aᵀ)·Bᵀ` | `gathered_matmul` twice | gathers of A and B, bmm, scaling, baddbmm |
+| BitFit `y += δb`, LoRA's up-projection, IA3 `y ⊙ (1 + l)`: all of a site's in one pass | `epilogue_` (in place) | gathers, broadcast adds, baddbmm, add one + multiply |
+| LoRA's down-projection `s·(x·Aᵀ)` | `gathered_matmul` | gathers of A, bmm, scaling |
+| IA3 before `output.dense` | `epilogue_` (scale) | gather, add one, multiply |
 | adapter `y += up(act(down(y)))` | `gathered_matmul` twice | four gathers, two bmm, bias adds, both activations and a select |
-| MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)` | `sparse_delta_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
+| MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)`: both methods in one launch | `sparse_deltas_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
 
 The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
 ΔW is densified; its input's transposed form is made once per linear input and forward (`transposed`), and in a
@@ -51,7 +53,7 @@ def _runs_on(device: torch.device) -> bool:
     """Whether Triton compiles and runs a kernel on `device` (it builds its launcher with the host's C compiler)."""
     try:
         t = torch.zeros(1, 1, 16, device=device)
-        row_vector_(t, torch.ones(1, dtype=torch.long, device=device), torch.ones(2, 16, device=device))
+        epilogue_(t, bias=(torch.ones(1, dtype=torch.long, device=device), torch.ones(2, 16, device=device)))
         if bool((t == 1).all()):
             return True
         log.warning("the fused PET kernels computed a wrong result on %s: the torch ops serve instead", device)
@@ -97,15 +99,56 @@ def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
     return torch.full((B,), T, dtype=torch.int32, device=device) if lengths is None else lengths
 
 
-def row_vector_(t: torch.Tensor, slots: torch.Tensor, bank: torch.Tensor, scale: bool = False,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """In place: `t[b] += bank[slots[b]]`, or with `scale` `t[b] *= 1 + bank[slots[b]]`; t (B, T, N) contiguous,
-    bank (C, N). Rows on slot 0, and tokens past a row's `lengths` (B,) (default: all T), are not touched."""
-    B, T, N = t.shape
-    bt, bn = _block(T, 32, 1), _block(N, 256)
-    _kernels().row_vector_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        t, _lengths(lengths, B, T, t.device), slots, bank, T, N, BLOCK_T=bt, BLOCK_N=bn, SCALE=scale)
-    return t
+def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None = None, scale: tuple | None = None,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """In place, one kernel: `y[b] = (y[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) * (1 + scale_bank[ss])`, where bs, ls,
+    ss are row b's slots: `bias` = (slots (B,), bank (C, N)) (BitFit), `low_rank` = (slots, down (B, T, R), up (C, N,
+    R)) (LoRA's up-projection; down's rows on slot 0 are never read), `scale` = (slots, bank (C, N)) (IA3); each
+    optional. y (B, T, N) contiguous. Rows on every term's slot 0, and tokens past a row's `lengths` (B,) (default:
+    all T), are not touched."""
+    B, T, N = y.shape
+    lengths = _lengths(lengths, B, T, y.device)
+    R = low_rank[1].shape[2] if low_rank is not None else 1
+    bs, bias_bank = bias if bias is not None else (lengths, y)  # placeholders of absent terms are never read
+    ls, down, up = low_rank if low_rank is not None else (lengths, y, y)
+    ss, scale_bank = scale if scale is not None else (lengths, y)
+    bt, bn = _block(T, 32), _block(N, 128)
+    _kernels().epilogue_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
+        y, lengths, bs, bias_bank, ls, down.contiguous(), up, ss, scale_bank, T, N, R, BLOCK_T=bt, BLOCK_N=bn,
+        BLOCK_R=_block(R, 64), HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
+        HAS_SCALE=scale is not None, PRECISION=_precision(y.dtype))
+    return y
+
+
+class PostOps:
+    """The fused post ops of one linear in a gathered forward, collected from the PET methods' fused forms
+    (`PetMethod.fused_op`: each gives a term, e.g. `("bias", (slots, bank))`) and launched together, in place on the
+    linear's fresh output: the sparse deltas (MaskBERT, Diff-Pruning) two methods to a kernel (`sparse_deltas_`),
+    then the bias (BitFit), low-rank (LoRA's up-projection) and scale (IA3) terms as one `epilogue_` pass — a kernel
+    or two per site where each method's op was one or two of its own. Terms arrive in the linear's op order (weight
+    deltas, then scalings); a term that cannot join what is pending (a second of its kind, or a delta after a
+    scaling) runs what is pending first. x: the linear's input, which the sparse products read."""
+
+    def __init__(self, x: torch.Tensor, rows):
+        self.x, self.rows = x, rows
+        self.sparse: list[dict] = []
+        self.dense: dict[str, tuple] = {}
+
+    def add(self, y: torch.Tensor, kind: str, term) -> None:
+        if "scale" in self.dense and kind != "scale" or kind in self.dense:
+            self.run(y)
+        if kind == "sparse":
+            self.sparse.append(term)
+        else:
+            self.dense[kind] = term
+
+    def run(self, y: torch.Tensor) -> None:
+        lengths = row_lengths(self.rows)
+        if self.sparse:
+            sparse_deltas_(y, self.x, self.sparse, lengths, self.rows.memo)
+        if self.dense:
+            epilogue_(y, **self.dense, lengths=lengths)
+        self.sparse, self.dense = [], {}
 
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
@@ -173,6 +216,16 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
     contiguous, x (B, T, in). `rows` (n,) int64: the batch rows to run on (every row that uses a slot, and any
     others), launching programs for those only (`GatheredRows.subsets`); None: every row. `memo`: where x's
     transposed form is kept for the forward's other sparse ops (`transposed`)."""
+    term = {"slots": slots, "rowptr": rowptr, "index": index, "value": value, "weight": weight, "bias": bias,
+            "rows": rows}
+    return sparse_deltas_(y, x, [term], lengths, memo, **launch)
+
+
+def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths: torch.Tensor | None = None,
+                   memo: dict | None = None, **launch) -> torch.Tensor:
+    """`sparse_delta_` for several sparse methods at one site (`terms`: each a dict of its arguments `slots`,
+    `rowptr`, `index`, `value`, `weight`, `bias`, `rows`), two to a kernel: the two methods' programs share one grid
+    (rows of each with few users fill the device together rather than one after the other)."""
     B, T, K = x.shape
     N = y.shape[2]
     x, kernels = x.contiguous(), _kernels()
@@ -181,13 +234,26 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
     if opt["transposed"]:
         x = transposed(x, lengths, memo)
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
-    chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
-    kernels.sparse_delta_kernel[(B if rows is None else len(rows), _cdiv(N, bn), _cdiv(T, bt))](
-        y, x, slots if rows is None else rows, lengths, slots, rowptr, index, value,
-        weight if weight is not None else value, bias if bias is not None else value, T, N, K, index.shape[1],
-        BLOCK_N=bn, BLOCK_T=bt, CHUNK=chunk, ROWS=rows is not None, TRANSPOSED=opt["transposed"],
-        PREFETCH=opt["prefetch"], MASK=weight is not None, HAS_BIAS=bias is not None, PRECISION=_precision(y.dtype),
-        num_warps=opt["num_warps"])
+
+    def args(term: dict | None) -> tuple[list, dict, int]:
+        if term is None:  # no second method: placeholders, never read
+            return [lengths, lengths, lengths, lengths, y, y, y, 0], {"CHUNK": 16, "ROWS": False, "MASK": False,
+                                                                       "BIAS": False}, 0
+        index, rows = term["index"], term["rows"]
+        chunk = opt["chunk"] or (128 if index.shape[1] >= 0.02 * N * K else 64)
+        weight, bias = term.get("weight"), term.get("bias")
+        return ([rows if rows is not None else lengths, term["slots"], term["rowptr"], index, term["value"],
+                 weight if weight is not None else term["value"], bias if bias is not None else term["value"],
+                 index.shape[1]],
+                {"CHUNK": chunk, "ROWS": rows is not None, "MASK": weight is not None, "BIAS": bias is not None},
+                B if rows is None else len(rows))
+
+    for i in range(0, len(terms), 2):
+        (a, fa, na), (b, fb, nb) = args(terms[i]), args(terms[i + 1] if i + 1 < len(terms) else None)
+        kernels.sparse_delta_kernel[(na + nb, _cdiv(N, bn), _cdiv(T, bt))](
+            y, x, lengths, T, N, K, na, *a, *b, BLOCK_N=bn, BLOCK_T=bt, TWO=nb > 0, TRANSPOSED=opt["transposed"],
+            PREFETCH=opt["prefetch"], PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
+            **{f"{k}_B": v for k, v in fb.items()}, num_warps=opt["num_warps"])
     return y
 
 

@@ -55,9 +55,8 @@ class IA3(PetMethod):
 
         def scale(t: torch.Tensor, rows) -> torch.Tensor:
             bank, slots = rows.tensor(self.name, f"{key}.ia3_l"), rows.slots[self.name]
-            if fused.available(t):  # in place: t is the linear's own output, or (output.dense) the feed-forward
-                return fused.row_vector_(t, slots, bank, scale=True,  # activations only that linear reads
-                                         lengths=fused.row_lengths(rows))
+            if fused.available(t):  # in place: (output.dense) the feed-forward activations, which only it reads
+                return fused.epilogue_(t, scale=(slots, bank), lengths=fused.row_lengths(rows))
             return t * (1 + bank[slots]).unsqueeze(1)  # (B, 1, features)
 
         if self.site_stage(site) == "pre":
@@ -67,4 +66,10 @@ class IA3(PetMethod):
             return scale(y, rows)
 
         return ia3
+
+    def fused_op(self, site: str):
+        if self.site_stage(site) == "pre":
+            return None
+        key = self._key(site)
+        return lambda x, rows: ("scale", (rows.slots[self.name], rows.tensor(self.name, f"{key}.ia3_l")))
 

@@ -94,12 +94,21 @@ class LoRA(PetMethod):
         def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             slots = rows.slots[self.name]  # (B,)
             A, B, scaling = (rows.tensor(self.name, n) for n in (f"{key}.lora_A", f"{key}.lora_B", "scaling"))
-            if fused.available(y):  # each row reads its slot's A and B in the kernels; rows without LoRA skip
-                lengths = fused.row_lengths(rows)
-                down = fused.gathered_matmul(x, A, slots, scale=scaling, lengths=lengths)
-                return fused.gathered_matmul(down, B, slots, out=y, lengths=lengths)
             A, B = A[slots], B[slots]
             down = torch.bmm(x, A.transpose(1, 2)) * scaling[slots].view(-1, 1, 1)
             return torch.baddbmm(y, down, B.transpose(1, 2))  # y + (B, T, out), max_rank inside, in one GEMM
+
+        return lora
+
+    def fused_op(self, site: str):
+        key = self._key(site)
+
+        def lora(x: torch.Tensor, rows) -> tuple:
+            """The down-projection now (each row reads its slot's A; rows without LoRA skip), the up-projection as
+            the site's low-rank term."""
+            slots = rows.slots[self.name]
+            A, B, scaling = (rows.tensor(self.name, n) for n in (f"{key}.lora_A", f"{key}.lora_B", "scaling"))
+            down = fused.gathered_matmul(x, A, slots, scale=scaling, lengths=fused.row_lengths(rows))
+            return "low_rank", (slots, down, B)
 
         return lora

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod
 from chorus.errors import TaskFileError
 
@@ -294,6 +293,15 @@ class SparseDelta(PetMethod):
 
         return sparse_delta
 
+    def fused_op(self, site: str):
+        key = self._key(site)
+        return lambda x, rows: ("sparse", {  # each row reads its slot's CSR in the kernel; rows without it skip
+            "slots": rows.slots[self.name], "rowptr": self.indices[key].rowptr,
+            "index": rows.tensor(self.name, f"{key}.index"), "value": rows.tensor(self.name, f"{key}.value"),
+            "weight": self.linears[site].weight if self.scores_prune else None,
+            "bias": rows.tensor(self.name, f"{key}.bias") if self.bias_name else None,
+            "rows": rows.subsets.get(self.name)})  # the rows that use the method (graphs), or None: every row
+
     def bank_tensors(self):
         return {**super().bank_tensors(), **{f"{key}.index": idx.index for key, idx in self.indices.items()}}
 
@@ -303,12 +311,6 @@ class SparseDelta(PetMethod):
 
         def sparse_delta(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             subset = rows.subsets.get(self.name)  # the rows that use the method (graphs), or None: every row
-            if fused.available(y):  # each row reads its slot's CSR in the kernel; rows without the method skip
-                return fused.sparse_delta_(
-                    y, x, rows.slots[self.name], self.indices[key].rowptr, rows.tensor(self.name, f"{key}.index"),
-                    rows.tensor(self.name, f"{key}.value"), self.linears[site].weight if self.scores_prune else None,
-                    rows.tensor(self.name, f"{key}.bias") if self.bias_name else None,
-                    lengths=fused.row_lengths(rows), rows=subset, memo=rows.memo)
             slots = rows.slots[self.name] if subset is None else rows.slots[self.name][subset]  # (B,)
             xs = x if subset is None else x.index_select(0, subset)
             index = rows.tensor(self.name, f"{key}.index")[slots]  # (B, max_nnz) flat positions row * in + col

@@ -16,25 +16,46 @@ def _gelu(z):
 
 
 @triton.jit
-def row_vector_kernel(t_ptr, len_ptr, slot_ptr, bank_ptr, T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SCALE: tl.constexpr):
-    """t[b, :, :] += bank[slot[b]] (SCALE: t[b] *= 1 + bank[slot[b]]), in place; t (B, T, N), bank (C, N)."""
+def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_ptr, up_ptr, scale_slot_ptr,
+                    scale_ptr, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """In place, the dense post ops of one linear for each row b, in one pass over y (B, T, N):
+    `y[b] = (y[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])`, sb, sl, ss the row's slots in the bias, low-rank
+    and scale banks (bias (C, N), up (C, N, R), scale (C, N); down (B, T, R), unset where sl is 0). A bank's null
+    slot (0) is zeros: it adds nothing or scales by one. Rows with no slot at all, and tokens past a row's length,
+    are not touched."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + b)
     length = tl.load(len_ptr + b)
-    if (slot != 0) & (t0 < length):
-        vec = tl.load(bank_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        ptrs = t_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
-        mask = (offs_t[:, None] < length) & (offs_n[None, :] < N)
+    sb, sl, ss = 0, 0, 0
+    if HAS_BIAS:
+        sb = tl.load(bias_slot_ptr + b)
+    if HAS_LOW_RANK:
+        sl = tl.load(low_slot_ptr + b)
+    if HAS_SCALE:
+        ss = tl.load(scale_slot_ptr + b)
+    if ((sb != 0) | (sl != 0) | (ss != 0)) & (t0 < length):
+        n_ok = offs_n < N
+        t_ok = offs_t < length
+        ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
+        mask = t_ok[:, None] & n_ok[None, :]
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        if SCALE:
-            v = v * (1.0 + vec[None, :])
-        else:
-            v = v + vec[None, :]
-        tl.store(ptrs, v.to(t_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_LOW_RANK:
+            offs_r = tl.arange(0, BLOCK_R)
+            r_ok = (offs_r < R) & (sl != 0)  # down is unset on rows without a low-rank slot: never read
+            d = tl.load(down_ptr + b * T * R + offs_t[:, None] * R + offs_r[None, :],
+                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_T, BLOCK_R)
+            u = tl.load(up_ptr + sl * N * R + offs_n[None, :] * R + offs_r[:, None],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_N): up[sl]ᵀ
+            v = tl.dot(d, u, v, input_precision=PRECISION)
+        if HAS_SCALE:
+            v *= 1.0 + tl.load(scale_ptr + ss * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -99,69 +120,107 @@ def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, T, K, BLOCK_T: tl.constexpr, 
 
 
 @triton.jit
-def sparse_delta_kernel(y_ptr, x_ptr, rows_ptr, len_ptr, slot_ptr, rowptr_ptr, index_ptr, value_ptr, weight_ptr,
-                        bias_ptr, T, N, K, max_nnz, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr,
-                        ROWS: tl.constexpr, TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr, MASK: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
-    with a slot, up to their length. ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions n * K + col
-    sorted ascending, `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value` (MASK, MaskBERT:
-    `-weight[pos]` where value < 0, else 0). x (B, T, K), or TRANSPOSED (B, K, T): an entry's inputs contiguous.
-    ROWS: the grid's first axis runs over `rows` (the batch rows to take, e.g. those that use the method), else over
-    every batch row.
+def _sparse_sum(acc, x_row, slot, n0, offs_t, T, N, K, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, max_nnz,
+                BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr,
+                MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_T) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t (`sparse_delta_kernel`)."""
+    offs_e = tl.arange(0, CHUNK)
+    rowptr = rowptr_ptr + slot * (N + 1)
+    first = tl.load(rowptr + n0)
+    last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
+    entries = index_ptr + slot.to(tl.int64) * max_nnz
+    values = value_ptr + slot.to(tl.int64) * max_nnz
+    ok_next = first + offs_e < last
+    pos_next = tl.load(entries + first + offs_e, mask=ok_next, other=0).to(tl.int32)  # < 2**31: a weight's size
+    val_next = tl.load(values + first + offs_e, mask=ok_next, other=0.0)
+    for e0 in range(first, last, CHUNK):
+        if PREFETCH:
+            ok, pos, val = ok_next, pos_next, val_next
+            ok_next = e0 + CHUNK + offs_e < last
+            pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0).to(tl.int32)
+            val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
+        else:
+            ok = e0 + offs_e < last
+            pos = tl.load(entries + e0 + offs_e, mask=ok, other=0).to(tl.int32)
+            val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
+        entry = val
+        if MASK:
+            w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
+            entry = tl.where(val < 0, -w, tl.zeros_like(w))
+        col = pos % K
+        if TRANSPOSED:
+            x_ptrs = x_row + col[:, None] * T + offs_t[None, :]
+        else:
+            x_ptrs = x_row + offs_t[None, :] * K + col[:, None]
+        xv = tl.load(x_ptrs, mask=ok[:, None] & (offs_t < T)[None, :], other=0.0)  # (CHUNK, BLOCK_T)
+        mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
+        placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
+        acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    return acc
 
-    A program's BLOCK_N outputs own one contiguous run of entries, walked CHUNK entries at a time (PREFETCH: the next
-    chunk's positions load while this one's inputs are gathered): the inputs are gathered (CHUNK, BLOCK_T) and added
-    to the outputs by one small matmul with the chunk's entries placed in their output's row (BLOCK_N, CHUNK): the
-    per-output sums are tensor-core work, no scatter, no atomics. Inputs past the row's length are read as they are
-    (rows padded to T keep the gathers vectorized; those tokens' sums are never stored)."""
+
+@triton.jit
+def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
+                        rows_a, slot_a, rowptr_a, index_a, value_a, weight_a, bias_a, nnz_a,
+                        rows_b, slot_b, rowptr_b, index_b, value_b, weight_b, bias_b, nnz_b,
+                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, TWO: tl.constexpr, TRANSPOSED: tl.constexpr,
+                        PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+                        CHUNK_A: tl.constexpr, ROWS_A: tl.constexpr, MASK_A: tl.constexpr, BIAS_A: tl.constexpr,
+                        CHUNK_B: tl.constexpr, ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr):
+    """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
+    with a slot, up to their length; for one sparse method (A) or, TWO, for two (A and B: e.g. MaskBERT and
+    Diff-Pruning at one site) in one launch. A method's ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions
+    n * K + col sorted ascending, `rowptr[slot]` (N + 1,) where output n's entries start; ΔW's entry is `value`
+    (MASK, MaskBERT: `-weight[pos]` where value < 0, else 0). x (B, T, K), or TRANSPOSED (B, K, T): an entry's
+    inputs contiguous.
+
+    The grid's first axis runs over method A's rows (`rows_a` (n_a,) with ROWS_A: the batch rows that use it, else
+    every row), then method B's (`rows_b` with ROWS_B, else every row). A's program for a row that uses A also adds
+    B's term if the row uses B; B's programs take the rows that use B and not A: every (row, method) once, no two
+    programs on one row (no atomics).
+
+    A program's BLOCK_N outputs own one contiguous run of a slot's entries, walked CHUNK entries at a time (PREFETCH:
+    the next chunk's positions load while this one's inputs are gathered): the inputs are gathered (CHUNK, BLOCK_T)
+    and added to the outputs by one small matmul with the chunk's entries placed in their output's row
+    (BLOCK_N, CHUNK): the per-output sums are tensor-core work, no scatter. Inputs past the row's length are read as
+    they are (rows padded to T keep the gathers vectorized; those tokens' sums are never stored)."""
     n0 = tl.program_id(1) * BLOCK_N
     t0 = tl.program_id(2) * BLOCK_T
-    if ROWS:
-        b = tl.load(rows_ptr + tl.program_id(0))
+    p = tl.program_id(0)
+    in_a = p < n_a
+    if ROWS_A:
+        b = tl.load(rows_a + tl.minimum(p, n_a - 1))
     else:
-        b = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + b)
+        b = p.to(tl.int64)
+    if TWO:
+        if ROWS_B:
+            b_b = tl.load(rows_b + tl.maximum(p - n_a, 0))
+        else:
+            b_b = tl.maximum(p - n_a, 0).to(tl.int64)
+        b = tl.where(in_a, b, b_b)
+    sa = tl.load(slot_a + b)
+    do_a = in_a & (sa != 0)
+    do_b = sa != sa  # false: no method B
+    sb = sa
+    if TWO:
+        sb = tl.load(slot_b + b)
+        do_b = (sb != 0) & (in_a == (sa != 0))  # A's program for a row of A; else B's program for a row not of A
     length = tl.load(len_ptr + b)
-    if (slot != 0) & (t0 < length):
+    if (do_a | do_b) & (t0 < length):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        offs_e = tl.arange(0, CHUNK)
-        rowptr = rowptr_ptr + slot * (N + 1)
-        first = tl.load(rowptr + n0)
-        last = tl.load(rowptr + tl.minimum(n0 + BLOCK_N, N))
-        entries = index_ptr + slot.to(tl.int64) * max_nnz
-        values = value_ptr + slot.to(tl.int64) * max_nnz
         x_row = x_ptr + b * T * K
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        ok_next = first + offs_e < last
-        pos_next = tl.load(entries + first + offs_e, mask=ok_next, other=0).to(tl.int32)  # < 2**31: a weight's size
-        val_next = tl.load(values + first + offs_e, mask=ok_next, other=0.0)
-        for e0 in range(first, last, CHUNK):
-            if PREFETCH:
-                ok, pos, val = ok_next, pos_next, val_next
-                ok_next = e0 + CHUNK + offs_e < last
-                pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0).to(tl.int32)
-                val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
-            else:
-                ok = e0 + offs_e < last
-                pos = tl.load(entries + e0 + offs_e, mask=ok, other=0).to(tl.int32)
-                val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
-            entry = val
-            if MASK:
-                w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
-                entry = tl.where(val < 0, -w, tl.zeros_like(w))
-            col = pos % K
-            if TRANSPOSED:
-                x_ptrs = x_row + col[:, None] * T + offs_t[None, :]
-            else:
-                x_ptrs = x_row + offs_t[None, :] * K + col[:, None]
-            xv = tl.load(x_ptrs, mask=ok[:, None] & (offs_t < T)[None, :], other=0.0)  # (CHUNK, BLOCK_T)
-            mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
-            placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
-            acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        if do_a:
+            acc = _sparse_sum(acc, x_row, sa, n0, offs_t, T, N, K, rowptr_a, index_a, value_a, weight_a, bias_a,
+                              nnz_a, BLOCK_N, CHUNK_A, TRANSPOSED, PREFETCH, MASK_A, BIAS_A, PRECISION)
+        if TWO:
+            if do_b:
+                acc = _sparse_sum(acc, x_row, sb, n0, offs_t, T, N, K, rowptr_b, index_b, value_b, weight_b, bias_b,
+                                  nnz_b, BLOCK_N, CHUNK_B, TRANSPOSED, PREFETCH, MASK_B, BIAS_B, PRECISION)
         y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
         mask = (offs_n < N)[:, None] & (offs_t < length)[None, :]
         out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc

@@ -87,8 +87,8 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     x, y = rand(B, T, K), rand(B, T, N)
     rtol, atol = TOLERANCE[dtype]
 
-    def check(op, want, fresh=False):
-        """`op(lengths)` (None: every token) against `want`, float64 (B, T, N)."""
+    def check(op, want, fresh=False, live=live):
+        """`op(lengths)` (None: every token) against `want`, float64 (B, T, N); `live`: the rows it may change."""
         for ragged_rows in (False, True):
             got = op(ragged if ragged_rows else None).cpu()
             touched = live[:, None] & (torch.arange(T)[None, :] < (lengths[:, None] if ragged_rows else T))  # (B, T)
@@ -96,11 +96,23 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
                 assert torch.equal(got[~touched], y.cpu()[~touched])
             torch.testing.assert_close(got[touched].double(), want[touched], rtol=rtol, atol=atol)
 
-    vec = rand(C, N)
+    vec, scales, up, R = rand(C, N), rand(C, N), rand(C, N, 5), 5  # R: a rank below the kernel's 16-wide block
+    down = rand(B, T, R)
+    down[slots == 0] = float("nan")  # rows without a low-rank slot: never read (the down-projection leaves them unset)
     s, yd = slots.cpu(), y.double().cpu()
-    check(lambda p: fused.row_vector_(y.clone(), slots, vec, lengths=p), yd + vec.double().cpu()[s][:, None])
-    check(lambda p: fused.row_vector_(y.clone(), slots, vec, scale=True, lengths=p),
-          yd * (1 + vec.double().cpu()[s][:, None]))
+    low = torch.einsum("btr,bnr->btn", down.double().nan_to_num().cpu(), up.double().cpu()[s])
+    check(lambda p: fused.epilogue_(y.clone(), bias=(slots, vec), lengths=p), yd + vec.double().cpu()[s][:, None])
+    check(lambda p: fused.epilogue_(y.clone(), scale=(slots, vec), lengths=p), yd * (1 + vec.double().cpu()[s][:, None]))
+    check(lambda p: fused.epilogue_(y.clone(), low_rank=(slots, down, up), lengths=p), yd + low)
+    # all three in one pass, each term with its own slots (rows 1 and 4 have none): bias, then low rank, then scale
+    low_slots, scale_slots = torch.tensor([1, 0, 0, 2, 0, 3], device=DEVICE), torch.tensor([0, 0, 3, 1, 0, 2],
+                                                                                            device=DEVICE)
+    down2 = rand(B, T, R)
+    down2[low_slots == 0] = float("nan")
+    low2 = torch.einsum("btr,bnr->btn", down2.double().nan_to_num().cpu(), up.double().cpu()[low_slots.cpu()])
+    check(lambda p: fused.epilogue_(y.clone(), bias=(slots, vec), low_rank=(low_slots, down2, up),
+                                    scale=(scale_slots, scales), lengths=p),
+          (yd + vec.double().cpu()[s][:, None] + low2) * (1 + scales.double().cpu()[scale_slots.cpu()][:, None]))
 
     w, bias, scale = rand(C, N, K) * 0.2, rand(C, N), rand(C)
     gelu = torch.tensor([False, True, False, True], device=DEVICE)
@@ -147,6 +159,20 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
         check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, scores.to(DEVICE), weight, lengths=p, **launch),
               want)
 
+    # two sparse methods in one launch (MaskBERT's scores and Diff-Pruning's values with a bias), each with its own
+    # slots: rows 2 and 3 use both, row 1 only the second; with and without row subsets (padded with a null row)
+    slots_b = torch.tensor([0, 1, 2, 3, 0, 0], device=DEVICE)
+    sb = slots_b.cpu()
+    both = want + torch.einsum("btk,bnk->btn", x.double().cpu(), torch.stack(
+        [_dense(index[c], value[c], N, K) for c in range(C)])[sb]) + (dbias.double().cpu()[sb] * (sb != 0)[:, None])[
+        :, None]  # the bias of a bank's slot 0 is zeros; here it is random: rows off slot B get none
+    for rows_a, rows_b in ((None, None), (subset, torch.tensor([1, 2, 3, 4, 4, 4], device=DEVICE)), (subset, None)):
+        terms = [{"slots": slots, "rowptr": csr[0], "index": csr[1], "value": scores.to(DEVICE), "weight": weight,
+                  "rows": rows_a},
+                 {"slots": slots_b, "rowptr": csr[0], "index": csr[1], "value": value.to(DEVICE), "bias": dbias,
+                  "rows": rows_b}]
+        check(lambda p: fused.sparse_deltas_(y.clone(), x, terms, p), both, live=live | (sb != 0))
+
 
 def test_sparse_slots_keep_sorted_positions_and_their_row_starts():
     """What the fused sparse kernel reads: each slot's positions sorted (a CSR) with `rowptr`, kept through removal
@@ -186,7 +212,7 @@ def test_a_device_where_the_kernels_do_not_run_keeps_the_torch_ops(monkeypatch, 
     ops stay on their torch forms, with a warning, instead of failing batches."""
 
     class Unbuildable:
-        class row_vector_kernel:  # noqa: N801 - stands in for a Triton kernel, launched as kernel[grid](...)
+        class epilogue_kernel:  # noqa: N801 - stands in for a Triton kernel, launched as kernel[grid](...)
             def __class_getitem__(cls, grid):
                 raise RuntimeError("failed to build the launcher: no C compiler")
 
