@@ -30,6 +30,7 @@ LAYER_LINEARS = (
 )
 # The LayerNorms ("norm sites"), by their Hugging Face module path: the embeddings' and, per layer, these two.
 EMBEDDINGS_NORM = "embeddings.LayerNorm"
+ACTIVATIONS = {"gelu": F.gelu}  # what the feed-forward's intermediate linear applies (exact gelu, as BERT)
 LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
 
 
@@ -115,34 +116,49 @@ class PetLinear(nn.Module):
         self.pre_ops: list = []
         self.ops: list = []
 
-    def forward(self, x: torch.Tensor, rows) -> torch.Tensor:  # x: (B, T, in)
+    def forward(self, x: torch.Tensor, rows, activation: str | None = None, then: list = (),
+                pre_ops: list | None = None) -> torch.Tensor:
+        """x (B, T, in) -> (B, T, out). `activation` ("gelu" or None) follows the post ops; `then`: ops of the
+        pre-op form on the (activated) output, the next linear's pre ops, which that linear then leaves out
+        (`pre_ops=()`): `FeedForward` passes the output linear's, so that the fused path scales that linear's input in
+        this linear's pass. `pre_ops`: this linear's own (default)."""
         gathered = getattr(rows, "gathered", False)
-        for op in self.pre_ops:
+        for op in self.pre_ops if pre_ops is None else pre_ops:
             if not gathered:
                 x = op(x, rows)
             elif op.method in rows.slots:  # a method the batch's rows do not use is left out of the gathered form
                 x = op.gathered(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
         if gathered:
-            return self._gathered_post_ops(x, y, rows)
+            return self._gathered_post_ops(x, y, rows, activation, then)
         for op in self.ops:
             y = op(x, y, rows)
+        if activation is not None:
+            y = ACTIVATIONS[activation](y)
+        for op in then:
+            y = op(y, rows)
         return y
 
-    def _gathered_post_ops(self, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-        """The post ops' gathered forms, leaving out methods the batch's rows do not use. Where the fused kernels
-        serve, ops with a fused form (`op.fused`) give their terms to `fused.PostOps`, which launches them together
-        in place on y, this linear's own fresh output (a few kernels per site, not one or two per method)."""
+    def _gathered_post_ops(self, x: torch.Tensor, y: torch.Tensor, rows, activation: str | None,
+                           then: list) -> torch.Tensor:
+        """The post ops', the activation's and `then`'s gathered forms, leaving out methods the batch's rows do not
+        use. Where the fused kernels serve, each step with a fused form gives its term to `fused.PostOps`, which
+        launches them together in place on y, this linear's own fresh output (a kernel or two per site, not one or
+        two per method and a third for the activation)."""
+        steps = [(op.fused and (lambda op=op: op.fused(x, rows)), lambda y, op=op: op.gathered(x, y, rows))
+                 for op in self.ops if op.method in rows.slots]
+        if activation is not None:
+            steps.append((lambda: ("activation", activation), ACTIVATIONS[activation]))
+        steps += [(op.fused and (lambda op=op: op.fused(None, rows)), lambda y, op=op: op.gathered(y, rows))
+                  for op in then if op.method in rows.slots]
         pending = fused.PostOps(x, rows) if fused.available(y) else None
-        for op in self.ops:
-            if op.method not in rows.slots:
-                continue
-            if pending is not None and op.fused is not None:
-                pending.add(y, *op.fused(x, rows))
+        for term, apply in steps:
+            if pending is not None and term:
+                pending.add(y, *term())
                 continue
             if pending is not None:
                 pending.run(y)
-            y = op.gathered(x, y, rows)
+            y = apply(y)
         if pending is not None:
             pending.run(y)
         return y
@@ -204,7 +220,8 @@ class FeedForward(nn.Module):
         self.norm = PetLayerNorm(f"{prefix}.output.LayerNorm", cfg.hidden_size, cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:
-        return self.norm(x + self.output(F.gelu(self.intermediate(x, rows)), rows), rows)
+        h = self.intermediate(x, rows, activation="gelu", then=self.output.pre_ops)  # the output's input, made here
+        return self.norm(x + self.output(h, rows, pre_ops=()), rows)
 
 
 class Layer(nn.Module):

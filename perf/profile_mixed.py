@@ -28,7 +28,7 @@ from chorus.backends.pet import fused
 from perf.gpu_check import cuda_ms, make_backbone, make_tasks
 from perf.inprocess import torch_pet_ops
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def kernels(fn, top: int, cuda: bool) -> list[dict]:
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             rounds[k].append(timed(fn))
     g = res["graphed_ms"] = {k: statistics.median(v) for k, v in rounds.items()}
     res["graphed_ms_rounds"] = rounds
+    # the ratio within each round (the two batches timed moments apart), and its median over the rounds
+    res["single_over_mixed_rounds"] = [s / m for s, m in zip(rounds["single:" + names[0]], rounds["mixed"])]
+    res["single_over_mixed"] = statistics.median(res["single_over_mixed_rounds"])
     # the same 64 rows as single-task batches of each PET type, weighted by the type's rows in the mix
     share = {t: sum(n.endswith("_" + t) for n in mixed) / len(mixed) for t in types}
     res["single_task_mean_ms"] = sum(share[t] * g["alone:" + t] for t in types)
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)
     print(f"{'single-task batches, mean over the mix':40s} {res['single_task_mean_ms']:8.2f} ms", flush=True)
+    print(f"{'single-task / mixed, median of rounds':40s} {res['single_over_mixed']:8.2f}", flush=True)
     eager = GraphedForward(engine.model, capture=False, hot_after=1)  # each batch's own key, as `graphed_ms`
     pad_ids, mask = engine.pad(ids)
     res["kernels_mixed"] = kernels(lambda: eager(pad_ids, mask, mixed), 30, cuda)

@@ -100,23 +100,27 @@ def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
 
 
 def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None = None, scale: tuple | None = None,
+              activation: str | None = None, then: tuple | None = None,
               lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """In place, one kernel: `y[b] = (y[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) * (1 + scale_bank[ss])`, where bs, ls,
-    ss are row b's slots: `bias` = (slots (B,), bank (C, N)) (BitFit), `low_rank` = (slots, down (B, T, R), up (C, N,
-    R)) (LoRA's up-projection; down's rows on slot 0 are never read), `scale` = (slots, bank (C, N)) (IA3); each
-    optional. y (B, T, N) contiguous. Rows on every term's slot 0, and tokens past a row's `lengths` (B,) (default:
-    all T), are not touched."""
+    """In place, one kernel: `y[b] = act((y[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) * (1 + scale_bank[ss])) *
+    (1 + then_bank[ts])`, where bs, ls, ss, ts are row b's slots: `bias` = (slots (B,), bank (C, N)) (BitFit),
+    `low_rank` = (slots, down (B, T, R), up (C, N, R)) (LoRA's up-projection; down's rows on slot 0 are never read),
+    `scale` = (slots, bank (C, N)) (IA3), `activation` None or "gelu" (every row), `then` = (slots, bank (C, N)) (the
+    next linear's IA3 on its input); each optional. y (B, T, N) contiguous. Tokens past a row's `lengths` (B,)
+    (default: all T) are not touched, nor, without an activation, rows on every term's slot 0."""
     B, T, N = y.shape
     lengths = _lengths(lengths, B, T, y.device)
     R = low_rank[1].shape[2] if low_rank is not None else 1
     bs, bias_bank = bias if bias is not None else (lengths, y)  # placeholders of absent terms are never read
     ls, down, up = low_rank if low_rank is not None else (lengths, y, y)
     ss, scale_bank = scale if scale is not None else (lengths, y)
+    ts, then_bank = then if then is not None else (lengths, y)
     bt, bn = _block(T, 32), _block(N, 128)
     _kernels().epilogue_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        y, lengths, bs, bias_bank, ls, down.contiguous(), up, ss, scale_bank, T, N, R, BLOCK_T=bt, BLOCK_N=bn,
-        BLOCK_R=_block(R, 64), HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
-        HAS_SCALE=scale is not None, PRECISION=_precision(y.dtype))
+        y, lengths, bs, bias_bank, ls, down.contiguous(), up, ss, scale_bank, ts, then_bank, T, N, R, BLOCK_T=bt,
+        BLOCK_N=bn, BLOCK_R=_block(R, 64), HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
+        HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation], HAS_THEN=then is not None,
+        PRECISION=_precision(y.dtype))
     return y
 
 
@@ -124,18 +128,23 @@ class PostOps:
     """The fused post ops of one linear in a gathered forward, collected from the PET methods' fused forms
     (`PetMethod.fused_op`: each gives a term, e.g. `("bias", (slots, bank))`) and launched together, in place on the
     linear's fresh output: the sparse deltas (MaskBERT, Diff-Pruning) two methods to a kernel (`sparse_deltas_`),
-    then the bias (BitFit), low-rank (LoRA's up-projection) and scale (IA3) terms as one `epilogue_` pass — a kernel
-    or two per site where each method's op was one or two of its own. Terms arrive in the linear's op order (weight
-    deltas, then scalings); a term that cannot join what is pending (a second of its kind, or a delta after a
-    scaling) runs what is pending first. x: the linear's input, which the sparse products read."""
+    then the bias (BitFit), low-rank (LoRA's up-projection) and scale (IA3) terms, the linear's activation and the
+    next linear's input scaling (IA3 before the feed-forward output) as one `epilogue_` pass — a kernel or two per
+    site where each method's op was one or two of its own. Terms arrive in order (weight deltas, scalings, the
+    activation, scalings of the activated output); a term that cannot join what is pending (a second of its kind, or
+    a delta after a scaling) runs what is pending first. x: the linear's input, which the sparse products read."""
 
     def __init__(self, x: torch.Tensor, rows):
         self.x, self.rows = x, rows
         self.sparse: list[dict] = []
-        self.dense: dict[str, tuple] = {}
+        self.dense: dict = {}
+
+    STAGES = {"sparse": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3}  # the pass's order
 
     def add(self, y: torch.Tensor, kind: str, term) -> None:
-        if "scale" in self.dense and kind != "scale" or kind in self.dense:
+        if kind == "scale" and "activation" in self.dense:
+            kind = "then"  # scales the activated output
+        if kind in self.dense or any(self.STAGES[k] > self.STAGES[kind] for k in self.dense):
             self.run(y)
         if kind == "sparse":
             self.sparse.append(term)

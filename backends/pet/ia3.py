@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod, layer_site
 
 FEED_FORWARD_OUTPUT = "output.dense"
@@ -55,8 +54,6 @@ class IA3(PetMethod):
 
         def scale(t: torch.Tensor, rows) -> torch.Tensor:
             bank, slots = rows.tensor(self.name, f"{key}.ia3_l"), rows.slots[self.name]
-            if fused.available(t):  # in place: (output.dense) the feed-forward activations, which only it reads
-                return fused.epilogue_(t, scale=(slots, bank), lengths=fused.row_lengths(rows))
             return t * (1 + bank[slots]).unsqueeze(1)  # (B, 1, features)
 
         if self.site_stage(site) == "pre":
@@ -67,9 +64,7 @@ class IA3(PetMethod):
 
         return ia3
 
-    def fused_op(self, site: str):
-        if self.site_stage(site) == "pre":
-            return None
-        key = self._key(site)
+    def fused_op(self, site: str):  # post sites: a scaling of the output; output.dense: of the intermediate's
+        key = self._key(site)         # activated output, in that linear's pass (`PetLinear.forward`'s `then`)
         return lambda x, rows: ("scale", (rows.slots[self.name], rows.tensor(self.name, f"{key}.ia3_l")))
 

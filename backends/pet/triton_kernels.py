@@ -17,27 +17,29 @@ def _gelu(z):
 
 @triton.jit
 def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_ptr, up_ptr, scale_slot_ptr,
-                    scale_ptr, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    scale_ptr, then_slot_ptr, then_ptr, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_THEN: tl.constexpr, PRECISION: tl.constexpr):
     """In place, the dense post ops of one linear for each row b, in one pass over y (B, T, N):
-    `y[b] = (y[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])`, sb, sl, ss the row's slots in the bias, low-rank
-    and scale banks (bias (C, N), up (C, N, R), scale (C, N); down (B, T, R), unset where sl is 0). A bank's null
-    slot (0) is zeros: it adds nothing or scales by one. Rows with no slot at all, and tokens past a row's length,
-    are not touched."""
+    `y[b] = act((y[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])) * (1 + then[st])`, sb, sl, ss, st the row's
+    slots in the bias, low-rank, scale and after-activation scale banks (bias, scale, then (C, N), up (C, N, R);
+    down (B, T, R), unset where sl is 0); ACT 0 none, 2 exact gelu. A bank's null slot (0) is zeros: it adds nothing
+    or scales by one. Tokens past a row's length are not touched, nor (without ACT) rows with no slot at all."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(0).to(tl.int64)
     length = tl.load(len_ptr + b)
-    sb, sl, ss = 0, 0, 0
+    sb, sl, ss, st = 0, 0, 0, 0
     if HAS_BIAS:
         sb = tl.load(bias_slot_ptr + b)
     if HAS_LOW_RANK:
         sl = tl.load(low_slot_ptr + b)
     if HAS_SCALE:
         ss = tl.load(scale_slot_ptr + b)
-    if ((sb != 0) | (sl != 0) | (ss != 0)) & (t0 < length):
+    if HAS_THEN:
+        st = tl.load(then_slot_ptr + b)
+    if ((ACT != 0) | (sb != 0) | (sl != 0) | (ss != 0) | (st != 0)) & (t0 < length):
         n_ok = offs_n < N
         t_ok = offs_t < length
         ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
@@ -55,6 +57,10 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
             v = tl.dot(d, u, v, input_precision=PRECISION)
         if HAS_SCALE:
             v *= 1.0 + tl.load(scale_ptr + ss * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 2:
+            v = _gelu(v)
+        if HAS_THEN:
+            v *= 1.0 + tl.load(then_ptr + st * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -113,6 +113,11 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     check(lambda p: fused.epilogue_(y.clone(), bias=(slots, vec), low_rank=(low_slots, down2, up),
                                     scale=(scale_slots, scales), lengths=p),
           (yd + vec.double().cpu()[s][:, None] + low2) * (1 + scales.double().cpu()[scale_slots.cpu()][:, None]))
+    # the feed-forward's pass: bias, gelu on every row (rows on no slot too), then the next linear's input scaling
+    gelu_then = torch.nn.functional.gelu(yd + vec.double().cpu()[s][:, None]) * (
+        1 + scales.double().cpu()[scale_slots.cpu()][:, None])
+    check(lambda p: fused.epilogue_(y.clone(), bias=(slots, vec), activation="gelu", then=(scale_slots, scales),
+                                    lengths=p), gelu_then, live=torch.ones(B, dtype=torch.bool))
 
     w, bias, scale = rand(C, N, K) * 0.2, rand(C, N), rand(C)
     gelu = torch.tensor([False, True, False, True], device=DEVICE)
