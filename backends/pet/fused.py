@@ -134,12 +134,12 @@ class PostOps:
     activation, scalings of the activated output); a term that cannot join what is pending (a second of its kind, or
     a delta after a scaling) runs what is pending first. x: the linear's input, which the sparse products read."""
 
+    STAGES = {"sparse": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3}  # the pass's order
+
     def __init__(self, x: torch.Tensor, rows):
         self.x, self.rows = x, rows
         self.sparse: list[dict] = []
         self.dense: dict = {}
-
-    STAGES = {"sparse": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3}  # the pass's order
 
     def add(self, y: torch.Tensor, kind: str, term) -> None:
         if kind == "scale" and "activation" in self.dense:

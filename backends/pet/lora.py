@@ -93,9 +93,8 @@ class LoRA(PetMethod):
 
         def lora(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             slots = rows.slots[self.name]  # (B,)
-            A, B, scaling = (rows.tensor(self.name, n) for n in (f"{key}.lora_A", f"{key}.lora_B", "scaling"))
-            A, B = A[slots], B[slots]
-            down = torch.bmm(x, A.transpose(1, 2)) * scaling[slots].view(-1, 1, 1)
+            A, B = rows.tensor(self.name, f"{key}.lora_A")[slots], rows.tensor(self.name, f"{key}.lora_B")[slots]
+            down = torch.bmm(x, A.transpose(1, 2)) * rows.tensor(self.name, "scaling")[slots].view(-1, 1, 1)
             return torch.baddbmm(y, down, B.transpose(1, 2))  # y + (B, T, out), max_rank inside, in one GEMM
 
         return lora

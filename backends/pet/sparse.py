@@ -19,9 +19,9 @@ task at a site: a MaskBERT task pruning 30% pays for it on every row of the batc
 T >= 20: the H100 measured 259 ms for a graphed mixed batch of 64 rows that way) the op scatters each row's entries
 into a dense (out, in) ΔW for that batch and multiplies: the smaller temporary, and one batched GEMM. Per row that
 costs about what the shared op does, so graphed batches run it on the rows that use the method only (`row_subset`).
-On a GPU with Triton neither runs: the fused kernel (`chorus.backends.pet.fused.sparse_delta_`) reads each row's slot
-as a CSR in place — positions are stored sorted, with `SiteIndex.rowptr` marking where each output row's entries
-start — and skips rows on the null slot.
+On a GPU with Triton neither runs: the fused kernel (`fused_op`, `chorus.backends.pet.fused.sparse_deltas_`) reads
+each row's slot as a CSR in place — positions are stored sorted, with `SiteIndex.rowptr` marking where each output
+row's entries start — and skips rows on the null slot.
 
 Positions travel in task files as float32 (chorus's files are float tensors) and are exact below 2^24 — every
 position of bert-large's largest linear (4096 × 1024) is; the loader refuses anything else.
