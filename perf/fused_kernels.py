@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, default=Path(".gpu"), help="tokenizer.json and rt_texts.json")
-    ap.add_argument("--variants", action="store_true", help="also every launch variant of the matmul and sparse kernels")
+    ap.add_argument("--variants", action="store_true",
+                    help="also every launch variant of the matmul and sparse kernels")
     args = ap.parse_args(argv)
     if not fused.serves(torch.device("cuda")):
         print("the fused kernels do not serve this machine (no CUDA device or no Triton)", file=sys.stderr)

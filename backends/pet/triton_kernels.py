@@ -129,7 +129,8 @@ def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, T, K, BLOCK_T: tl.constexpr, 
 def _sparse_sum(acc, x_row, slot, n0, offs_t, T, N, K, rowptr_ptr, index_ptr, value_ptr, weight_ptr, bias_ptr, max_nnz,
                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr,
                 MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_T) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t (`sparse_delta_kernel`)."""
+    """acc (BLOCK_N, BLOCK_T) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t
+    (`sparse_delta_kernel`)."""
     offs_e = tl.arange(0, CHUNK)
     rowptr = rowptr_ptr + slot * (N + 1)
     first = tl.load(rowptr + n0)

@@ -102,7 +102,8 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     s, yd = slots.cpu(), y.double().cpu()
     low = torch.einsum("btr,bnr->btn", down.double().nan_to_num().cpu(), up.double().cpu()[s])
     check(lambda p: fused.epilogue_(y.clone(), bias=(slots, vec), lengths=p), yd + vec.double().cpu()[s][:, None])
-    check(lambda p: fused.epilogue_(y.clone(), scale=(slots, vec), lengths=p), yd * (1 + vec.double().cpu()[s][:, None]))
+    check(lambda p: fused.epilogue_(y.clone(), scale=(slots, vec), lengths=p),
+          yd * (1 + vec.double().cpu()[s][:, None]))
     check(lambda p: fused.epilogue_(y.clone(), low_rank=(slots, down, up), lengths=p), yd + low)
     # all three in one pass, each term with its own slots (rows 1 and 4 have none): bias, then low rank, then scale
     low_slots, scale_slots = torch.tensor([1, 0, 0, 2, 0, 3], device=DEVICE), torch.tensor([0, 0, 3, 1, 0, 2],
