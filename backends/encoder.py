@@ -117,11 +117,15 @@ class PetLinear(nn.Module):
         self.ops: list = []
 
     def forward(self, x: torch.Tensor, rows, activation: str | None = None, then: list = (),
-                pre_ops: list | None = None) -> torch.Tensor:
+                pre_ops: list | None = None, residual: torch.Tensor | None = None,
+                overlap: fused.Overlap | None = None) -> torch.Tensor:
         """x (B, T, in) -> (B, T, out). `activation` ("gelu" or None) follows the post ops; `then`: ops of the
         pre-op form on the (activated) output, the next linear's pre ops, which that linear then leaves out
         (`pre_ops=()`): `FeedForward` passes the output linear's, so that the fused path scales that linear's input in
-        this linear's pass. `pre_ops`: this linear's own (default)."""
+        this linear's pass. `pre_ops`: this linear's own (default). `residual` (B, T, out): added last (a sublayer's
+        input, before its LayerNorm), in the fused path within the post ops' pass. `overlap`: where the fused path may
+        defer this linear's post ops (its sparse products run on a side stream meanwhile): the output is final once
+        `overlap.finish()` has run."""
         gathered = getattr(rows, "gathered", False)
         for op in self.pre_ops if pre_ops is None else pre_ops:
             if not gathered:
@@ -130,38 +134,40 @@ class PetLinear(nn.Module):
                 x = op.gathered(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
         if gathered:
-            return self._gathered_post_ops(x, y, rows, activation, then)
+            return self._gathered_post_ops(x, y, rows, activation, then, residual, overlap)
         for op in self.ops:
             y = op(x, y, rows)
         if activation is not None:
             y = ACTIVATIONS[activation](y)
         for op in then:
             y = op(y, rows)
-        return y
+        return y if residual is None else y + residual
 
-    def _gathered_post_ops(self, x: torch.Tensor, y: torch.Tensor, rows, activation: str | None,
-                           then: list) -> torch.Tensor:
-        """The post ops', the activation's and `then`'s gathered forms, leaving out methods the batch's rows do not
-        use. Where the fused kernels serve, each step with a fused form gives its term to `fused.PostOps`, which
-        launches them together in place on y, this linear's own fresh output (a kernel or two per site, not one or
-        two per method and a third for the activation)."""
+    def _gathered_post_ops(self, x: torch.Tensor, y: torch.Tensor, rows, activation: str | None, then: list,
+                           residual: torch.Tensor | None, overlap: fused.Overlap | None) -> torch.Tensor:
+        """The post ops', the activation's, `then`'s and the residual's gathered forms, leaving out methods the
+        batch's rows do not use. Where the fused kernels serve, each step with a fused form gives its term to
+        `fused.PostOps`, which launches them together on y, this linear's own fresh output (a kernel or two per site,
+        not one or two per method, a third for the activation and a fourth for the residual)."""
         steps = [(op.fused and (lambda op=op: op.fused(x, rows)), lambda y, op=op: op.gathered(x, y, rows))
                  for op in self.ops if op.method in rows.slots]
         if activation is not None:
             steps.append((lambda: ("activation", activation), ACTIVATIONS[activation]))
         steps += [(op.fused and (lambda op=op: op.fused(None, rows)), lambda y, op=op: op.gathered(y, rows))
                   for op in then if op.method in rows.slots]
+        if residual is not None:
+            steps.append((lambda: ("residual", residual), lambda y: y + residual))
         pending = fused.PostOps(x, rows) if fused.available(y) else None
         for term, apply in steps:
             if pending is not None and term:
-                pending.add(y, *term())
+                y = pending.add(y, *term())
                 continue
             if pending is not None:
-                pending.run(y)
+                y = pending.run(y)
             y = apply(y)
-        if pending is not None:
-            pending.run(y)
-        return y
+        if pending is None or (overlap is not None and overlap.defer(pending, y)):
+            return y
+        return pending.run(y)
 
 
 class PetLayerNorm(nn.LayerNorm):
@@ -204,12 +210,16 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rows) -> torch.Tensor:
         B, T, C = x.shape
-        # (B, T, C) -> (B, heads, T, C // heads)
-        q, k, v = (lin(x, rows).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))
+        # the fused gathered path runs the query's and value's sparse products on a side stream beside the value's
+        # and key's shared ops (`fused.Overlap`): value before key gives the value's products that much cover
+        overlap = fused.Overlap() if getattr(rows, "gathered", False) else None
+        q, v, k = (lin(x, rows, overlap=overlap) for lin in (self.query, self.value, self.key))
+        if overlap is not None:
+            overlap.finish()
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # per head
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, C // heads)
         a = a.transpose(1, 2).reshape(B, T, C)
-        return self.norm(x + self.dense(a, rows), rows)
+        return self.norm(self.dense(a, rows, residual=x), rows)
 
 
 class FeedForward(nn.Module):
@@ -221,7 +231,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:
         h = self.intermediate(x, rows, activation="gelu", then=self.output.pre_ops)  # the output's input, made here
-        return self.norm(x + self.output(h, rows, pre_ops=()), rows)
+        return self.norm(self.output(h, rows, pre_ops=(), residual=x), rows)
 
 
 class Layer(nn.Module):

@@ -1,6 +1,6 @@
 """Device time per call of the fused PET kernels (`chorus.backends.pet.fused`) at the benchmark's shape, one
 site's ops of several methods in one launch against one launch each, and (`--variants`) the launch variants of the
-matmul and sparse kernels (what `fused.GATHERED` and `fused.SPARSE` are tuned from).
+matmul, adapter and sparse kernels (what `fused.GATHERED`, `fused.ADAPTER` and `fused.SPARSE` are tuned from).
 
     python -m perf.fused_kernels --bundle .gpu --out $OUT [--variants]   (on the GPU: bash perf/gpu/run.sh kernels)
 
@@ -29,6 +29,8 @@ B, T, HIDDEN, SLOTS = 64, 64, 768, 17
 VARIANTS = ({}, {"transposed": False}, {"prefetch": False}, {"chunk": 64}, {"chunk": 256}, {"block_t": 64},
             {"block_t": 64, "chunk": 256}, {"block_t": 16}, {"block_n": 32}, {"block_n": 32, "chunk": 256},
             {"num_warps": 2}, {"num_warps": 8}, {"chunk": 256, "num_warps": 8})
+ADAPTER_VARIANTS = ({}, {"block_n": 64}, {"block_n": 128}, {"block_t": 16}, {"block_t": 16, "block_n": 64},
+                    {"block_k": 128}, {"num_warps": 8}, {"num_warps": 2})
 GATHERED_VARIANTS = ({}, {"block_k": 128}, {"block_k": 256}, {"block_t": 32}, {"block_t": 16},
                      {"block_t": 32, "block_k": 128}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2},
                      {"num_stages": 4})
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     gelu = torch.zeros(SLOTS, dtype=torch.bool, device="cuda")
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "T": T,
                  "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": [],
-                 "gathered_variants": []}
+                 "gathered_variants": [], "adapter_variants": []}
     lengths = rt_lengths(args.bundle)
     res["rt_lengths"] = {"mean": sum(lengths) / B, "longest": max(lengths)}
     for active in (0, 8, 64):
@@ -116,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                 "epilogue: scale (IA3)": lambda: fused.epilogue_(y, scale=(slots, vec), lengths=rows),
                 "LoRA r16 (down + epilogue)": lambda: fused.epilogue_(y, low_rank=(slots, lora_down(), lora_b),
                                                                       lengths=rows),
-                "adapter m64 (two matmuls)": lambda: fused.gathered_matmul(
-                    fused.gathered_matmul(y, down, slots, bias=bias64, activation=gelu, lengths=rows), up, slots, out=y,
-                    bias=vec, lengths=rows),
+                "adapter m64 + bias + residual (one kernel)": lambda: fused.adapter_(
+                    y, slots, down, bias64, up, vec, gelu, bias=(slots, vec), residual=x, lengths=rows),
+                "residual: epilogue": lambda: fused.epilogue_(y, residual=x, lengths=rows),
+                "residual: torch add": lambda: torch.add(y, x),
             }
             if active == 8 and padded:  # one site's ops for three methods' rows (8 each, disjoint): one launch or
                 other = torch.zeros_like(slots)  # one per method, as session 10 ran them
@@ -143,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                     fused.sparse_deltas_(y, x, [t], rows) for t in tm]
             if active and padded and args.variants:  # the down projection's launch (one K loop per program)
                 for variant in GATHERED_VARIANTS:
-                    for name, fn in (("LoRA r16 down", lambda v=variant: fused.gathered_matmul(
-                            x, lora_a, slots, scale=scaling, lengths=rows, **v)),
-                                     ("adapter m64 down", lambda v=variant: fused.gathered_matmul(
-                            y, down, slots, bias=bias64, activation=gelu, lengths=rows, **v))):
-                        us = graphed_us(fn)
-                        res["gathered_variants"].append({"op": name, "rows": active,
-                                                         "launch": {**fused.GATHERED, **variant}, "us": us})
-                        print(f"{name} {active}/{B} rows {variant}: {us:.1f} us", flush=True)
+                    us = graphed_us(lambda v=variant: fused.gathered_matmul(x, lora_a, slots, scaling, rows, **v))
+                    res["gathered_variants"].append({"op": "LoRA r16 down", "rows": active,
+                                                     "launch": {**fused.GATHERED, **variant}, "us": us})
+                    print(f"LoRA r16 down {active}/{B} rows {variant}: {us:.1f} us", flush=True)
+                for variant in ADAPTER_VARIANTS:
+                    us = graphed_us(lambda v=variant: fused.adapter_(y, slots, down, bias64, up, vec, gelu,
+                                                                     residual=x, lengths=rows, **v))
+                    res["adapter_variants"].append({"rows": active, "launch": {**fused.ADAPTER, **variant}, "us": us})
+                    print(f"adapter m64 {active}/{B} rows {variant}: {us:.1f} us", flush=True)
             for density in (0.05, 0.005):
                 rowptr, index, value = sparse_bank(density, dtype, g)
                 ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(

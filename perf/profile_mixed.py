@@ -8,6 +8,8 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
                 as fused Triton kernels where they serve the GPU, `chorus.backends.pet.fused`), each the median of
                 ROUNDS rounds over all of them in turn; and the mixed and single-task batches with the torch
                 gathered ops instead (`:torch_ops`)
+    replay ms: the mixed and single-task batches' graphs replayed alone (device time, no host work), and the mixed
+               one with the sparse products on the main stream (`fused.OVERLAP` off)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -43,6 +45,20 @@ def kernels(fn, top: int, cuda: bool) -> list[dict]:
     total = sum(map(us, rows))
     return [{"kernel": e.key[:90], "calls": e.count, "ms": us(e) / 1000, "share": us(e) / total}
             for e in rows[:top]] + [{"kernel": "TOTAL", "ms": total / 1000}]
+
+
+def replay_ms(fn, repeat: int = 50) -> float:
+    """The device time of the CUDA graph `fn` (an `Engine.run`) replays: that graph replayed on its own, the median
+    of `repeat` (the batch's host work — padding, slots, copies, labels — left out)."""
+    used = []
+    replay = torch.cuda.CUDAGraph.replay
+    torch.cuda.CUDAGraph.replay = lambda graph: (used.append(graph), replay(graph))[1]
+    try:
+        fn()
+        fn()  # a second time: the batch's own key is captured on its first (hot_after = 1)
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
+    return cuda_ms(used[-1].replay, repeat=repeat)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         with torch_pet_ops(engine):
             g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
             g["single:torch_ops"] = timed(lambda: engine.run(ids, [names[0]] * 64))
+    if engine.graphs is not None:  # the graphs alone: replays of the captured forward, no host work between
+        res["replay_ms"] = {k: replay_ms(runs[k]) for k in ("mixed", "single:" + names[0])}
+        res["single_over_mixed_replay"] = res["replay_ms"]["single:" + names[0]] / res["replay_ms"]["mixed"]
+        if fused.serves(engine.device):  # sparse products on the main stream (no `fused.Overlap`), graphs anew
+            fused.OVERLAP, graphs = False, engine.graphs
+            engine.graphs = GraphedForward(engine.model, hot_after=1, background=False)
+            try:
+                res["replay_ms"]["mixed:no_overlap"] = replay_ms(runs["mixed"])
+            finally:
+                fused.OVERLAP, engine.graphs = True, graphs
+        for k, v in res["replay_ms"].items():
+            print(f"replay {k:33s} {v:8.3f} ms", flush=True)
+        print(f"{'single-task / mixed, replays':40s} {res['single_over_mixed_replay']:8.2f}", flush=True)
     res["fused_pet_kernels"] = fused.serves(engine.device)
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chorus.backends.pet import fused
 from chorus.backends.pet.base import PetMethod, layer_site
 from chorus.errors import TaskFileError
 
@@ -128,16 +127,21 @@ class Adapter(PetMethod):
 
         def adapter(x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
             slots = rows.slots[self.name]  # (B,)
-            down, b_down, up, b_up = (rows.tensor(self.name, f"{key}.{n}") for n in self.tensor_names)
-            if fused.available(y):  # each row reads its slot's adapter in the kernels; rows without one skip
-                lengths = fused.row_lengths(rows)
-                h = fused.gathered_matmul(y, down, slots, bias=b_down, activation=rows.tensor(self.name, "gelu"),
-                                          lengths=lengths)
-                return fused.gathered_matmul(h, up, slots, out=y, bias=b_up, lengths=lengths)
-            down, b_down, up, b_up = down[slots], b_down[slots], up[slots], b_up[slots]
+            down, b_down, up, b_up = (rows.tensor(self.name, f"{key}.{n}")[slots] for n in self.tensor_names)
             z = torch.bmm(y, down.transpose(1, 2)) + b_down.unsqueeze(1)  # (B, T, max_bottleneck)
             gelu = rows.tensor(self.name, "gelu")[slots].view(-1, 1, 1)  # (B, 1, 1)
             h = torch.where(gelu, F.gelu(z), F.relu(z))
             return y + torch.bmm(h, up.transpose(1, 2)) + b_up.unsqueeze(1)  # (B, T, out)
+
+        return adapter
+
+    def fused_op(self, site: str):
+        key = self._key(site)
+
+        def adapter(x: torch.Tensor, rows) -> tuple:
+            """The whole adapter as the site's adapter term: one kernel (`fused.adapter_`) that also takes the
+            site's bias term and its sublayer's residual; each row reads its slot, rows without one pass through."""
+            return "adapter", (rows.slots[self.name], *(rows.tensor(self.name, f"{key}.{n}") for n in
+                                                        self.tensor_names), rows.tensor(self.name, "gelu"))
 
         return adapter

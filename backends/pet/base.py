@@ -149,7 +149,7 @@ class PetMethod(nn.Module):
     def fused_op(self, site: str):
         """The fused form of a post op at `site`, where the fused kernels serve a gathered forward:
         `op(x, rows) -> (kind, term)`, the term `fused.PostOps` launches with the site's other post ops ("bias",
-        "low_rank", "scale" or "sparse"; see there). None (the default): the gathered op runs on its own."""
+        "low_rank", "scale", "sparse" or "adapter"; see there). None (the default): the gathered op runs on its own."""
         return None
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:

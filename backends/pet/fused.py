@@ -13,7 +13,8 @@ from each method's `fused_op`):
 | BitFit `y += δb`, LoRA's up-projection, IA3 `y ⊙ (1 + l)`: all of a site's in one pass | `epilogue_` (in place) | gathers, broadcast adds, baddbmm, add one + multiply |
 | LoRA's down-projection `s·(x·Aᵀ)` | `gathered_matmul` | gathers of A, bmm, scaling |
 | IA3 before `output.dense` | `epilogue_` (scale) | gather, add one, multiply |
-| adapter `y += up(act(down(y)))` | `gathered_matmul` twice | four gathers, two bmm, bias adds, both activations and a select |
+| adapter `y += up(act(down(y)))`, with the site's BitFit bias and the sublayer's residual | `adapter_` | four gathers, two bmm, bias adds, both activations, a select and the residual add |
+| the sublayer's residual `y += x` at an output linear without an adapter | `epilogue_` (with the site's other terms) | torch's add |
 | MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)`: both methods in one launch | `sparse_deltas_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
 
 The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
@@ -35,6 +36,8 @@ import torch
 log = logging.getLogger(__name__)
 # CHORUS_FUSED_PET=0 turns the fused kernels off (benchmarks compare both in one process through `ENABLED`)
 ENABLED = os.environ.get("CHORUS_FUSED_PET", "1") != "0"
+# CHORUS_PET_OVERLAP=0 keeps sparse products on the main stream (`Overlap`; perf/profile_mixed.py compares both)
+OVERLAP = os.environ.get("CHORUS_PET_OVERLAP", "1") != "0"
 # TRITON_INTERPRET=1: Triton runs its kernels on the CPU through its interpreter (development and tests without a GPU)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -100,14 +103,16 @@ def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
 
 
 def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None = None, scale: tuple | None = None,
-              activation: str | None = None, then: tuple | None = None,
+              activation: str | None = None, then: tuple | None = None, residual: torch.Tensor | None = None,
               lengths: torch.Tensor | None = None) -> torch.Tensor:
     """In place, one kernel: `y[b] = act((y[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) * (1 + scale_bank[ss])) *
-    (1 + then_bank[ts])`, where bs, ls, ss, ts are row b's slots: `bias` = (slots (B,), bank (C, N)) (BitFit),
-    `low_rank` = (slots, down (B, T, R), up (C, N, R)) (LoRA's up-projection; down's rows on slot 0 are never read),
-    `scale` = (slots, bank (C, N)) (IA3), `activation` None or "gelu" (every row), `then` = (slots, bank (C, N)) (the
-    next linear's IA3 on its input); each optional. y (B, T, N) contiguous. Tokens past a row's `lengths` (B,)
-    (default: all T) are not touched, nor, without an activation, rows on every term's slot 0."""
+    (1 + then_bank[ts]) (+ residual[b])`, where bs, ls, ss, ts are row b's slots: `bias` = (slots (B,), bank (C, N))
+    (BitFit), `low_rank` = (slots, down (B, T, R), up (C, N, R)) (LoRA's up-projection; down's rows on slot 0 are
+    never read), `scale` = (slots, bank (C, N)) (IA3), `activation` None or "gelu" (every row), `then` = (slots,
+    bank (C, N)) (the next linear's IA3 on its input), `residual` (B, T, N) (the sublayer's input, added before its
+    LayerNorm); each optional. y (B, T, N) contiguous. Tokens past a row's `lengths` (B,) (default: all T) are not
+    touched, nor, without an activation, rows on every term's slot 0 — except with a residual, which every token
+    of every row gets."""
     B, T, N = y.shape
     lengths = _lengths(lengths, B, T, y.device)
     R = low_rank[1].shape[2] if low_rank is not None else 1
@@ -117,78 +122,158 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
     ts, then_bank = then if then is not None else (lengths, y)
     bt, bn = _block(T, 32), _block(N, 128)
     _kernels().epilogue_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        y, lengths, bs, bias_bank, ls, down.contiguous(), up, ss, scale_bank, ts, then_bank, T, N, R, BLOCK_T=bt,
-        BLOCK_N=bn, BLOCK_R=_block(R, 64), HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
+        y, lengths, bs, bias_bank, ls, down.contiguous(), up, ss, scale_bank, ts, then_bank,
+        residual.contiguous() if residual is not None else y, T, N, R, BLOCK_T=bt, BLOCK_N=bn,
+        BLOCK_R=_block(R, 64), HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
         HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation], HAS_THEN=then is not None,
-        PRECISION=_precision(y.dtype))
+        HAS_RES=residual is not None, PRECISION=_precision(y.dtype))
     return y
+
+
+# The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
+# rows with an adapter 10.6 us at 256 outputs a program vs 10.8 at 128; 64 of 64 rows 15.1 vs 19.9)
+ADAPTER = {"block_t": 32, "block_n": 256, "block_k": 64, "num_warps": 4}
+
+
+def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
+             up_bias: torch.Tensor, gelu: torch.Tensor, bias: tuple | None = None,
+             residual: torch.Tensor | None = None, lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+    """One kernel, a new tensor: `z + up[s] · act(down[s] · z + down_bias[s]) + up_bias[s] (+ residual)` with
+    `z = y + bias_bank[bs]`, per row b on adapter slot s (`slots` (B,); act gelu where `gelu[s]`, else relu) and
+    bias slot bs (`bias` = (slots, bank (C, N)), BitFit's term of the same linear, optional); rows on slot 0 and
+    tokens past a row's `lengths` get `z (+ residual)`. y, residual (B, T, N); down (C, M, N), down_bias (C, M),
+    up (C, N, M), up_bias (C, N)."""
+    B, T, N = y.shape
+    M = down.shape[1]
+    lengths = _lengths(lengths, B, T, y.device)
+    y = y.contiguous()
+    out = torch.empty_like(y)
+    bs, bias_bank = bias if bias is not None else (slots, y)  # placeholders of absent terms are never read
+    opt = {**ADAPTER, **launch}
+    bt, bn = _block(T, opt["block_t"]), _block(N, opt["block_n"])
+    _kernels().adapter_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
+        y, out, residual.contiguous() if residual is not None else y, lengths, slots, down, down_bias, up, up_bias,
+        gelu, bs, bias_bank, T, N, M, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=_block(N, opt["block_k"]),
+        BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
+    return out
 
 
 class PostOps:
     """The fused post ops of one linear in a gathered forward, collected from the PET methods' fused forms
-    (`PetMethod.fused_op`: each gives a term, e.g. `("bias", (slots, bank))`) and launched together, in place on the
-    linear's fresh output: the sparse deltas (MaskBERT, Diff-Pruning) two methods to a kernel (`sparse_deltas_`),
-    then the bias (BitFit), low-rank (LoRA's up-projection) and scale (IA3) terms, the linear's activation and the
-    next linear's input scaling (IA3 before the feed-forward output) as one `epilogue_` pass — a kernel or two per
-    site where each method's op was one or two of its own. Terms arrive in order (weight deltas, scalings, the
-    activation, scalings of the activated output); a term that cannot join what is pending (a second of its kind, or
-    a delta after a scaling) runs what is pending first. x: the linear's input, which the sparse products read."""
+    (`PetMethod.fused_op`: each gives a term, e.g. `("bias", (slots, bank))`) and launched together on the linear's
+    fresh output: the sparse deltas (MaskBERT, Diff-Pruning) two methods to a kernel (`sparse_deltas_`), then the
+    bias (BitFit), low-rank (LoRA's up-projection) and scale (IA3) terms, the linear's activation, the next linear's
+    input scaling (IA3 before the feed-forward output) and the sublayer's residual as one `epilogue_` pass — or, at
+    a site with an adapter, the adapter with the bias term and the residual as one `adapter_` pass — a kernel or
+    two per site where each method's op was one or two of its own. Terms arrive in order (weight deltas, scalings,
+    the activation, scalings of the activated output, the adapter, the residual); a term that cannot join what is
+    pending (a second of its kind, or a delta after a scaling) runs what is pending first. x: the linear's input,
+    which the sparse products read. `add` and `run` return the output (the adapter's pass writes a new tensor)."""
 
-    STAGES = {"sparse": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3}  # the pass's order
+    STAGES = {"sparse": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3, "adapter": 4,
+              "residual": 5}  # the pass's order
 
     def __init__(self, x: torch.Tensor, rows):
         self.x, self.rows = x, rows
         self.sparse: list[dict] = []
         self.dense: dict = {}
 
-    def add(self, y: torch.Tensor, kind: str, term) -> None:
+    def add(self, y: torch.Tensor, kind: str, term) -> torch.Tensor:
         if kind == "scale" and "activation" in self.dense:
             kind = "then"  # scales the activated output
         if kind in self.dense or any(self.STAGES[k] > self.STAGES[kind] for k in self.dense):
-            self.run(y)
+            y = self.run(y)
         if kind == "sparse":
             self.sparse.append(term)
         else:
             self.dense[kind] = term
+        return y
 
-    def run(self, y: torch.Tensor) -> None:
+    def run(self, y: torch.Tensor) -> torch.Tensor:
         lengths = row_lengths(self.rows)
+        dense, self.dense = self.dense, {}
         if self.sparse:
             sparse_deltas_(y, self.x, self.sparse, lengths, self.rows.memo)
-        if self.dense:
-            epilogue_(y, **self.dense, lengths=lengths)
-        self.sparse, self.dense = [], {}
+            self.sparse = []
+        adapter, residual = dense.pop("adapter", None), dense.pop("residual", None)
+        if adapter is not None:
+            bias = dense.pop("bias") if list(dense) == ["bias"] else None  # a lone bias joins the adapter's pass
+            if dense:
+                epilogue_(y, **dense, lengths=lengths)
+            return adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths)
+        if dense or residual is not None:
+            epilogue_(y, **dense, residual=residual, lengths=lengths)
+        return y
 
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+class Overlap:
+    """PetS's PET-operator scheduling on a side stream, for linears that read one input (a layer's query, value and
+    key). Each such linear's sparse products (MaskBERT, Diff-Pruning: they read only the linear's input and add into
+    its fresh output) are launched on a side stream right after its shared op (`defer`), while the main stream goes on
+    with the next linears' shared ops and PET kernels; the deferred linears' other post ops (an in-place pass on their
+    outputs) run in `finish`, after the main stream has joined the side stream. Sparse products are bound by L2
+    bandwidth and the shared GEMMs by tensor cores: side by side, the one hides in the other's gaps. In a CUDA graph
+    the side stream's kernels are a parallel branch (captured, as any fork joined before the capture ends)."""
+
+    def __init__(self):
+        self.side: torch.cuda.Stream | None = None
+        self.waiting: list[tuple[PostOps, torch.Tensor]] = []
+        self.memo: dict = {}  # the side stream's own (transposed inputs made there stay there)
+
+    def defer(self, ops: PostOps, y: torch.Tensor) -> bool:
+        """Launch `ops`' sparse products on y now, on the side stream, and keep its other terms for `finish`; False
+        (nothing done) where the ops cannot wait: not on a CUDA device, no sparse term, or terms that make a new
+        tensor or read the sublayer's residual (an adapter, the residual); or with `OVERLAP` off."""
+        if not OVERLAP or y.device.type != "cuda" or not ops.sparse or {"adapter", "residual"} & set(ops.dense):
+            return False
+        lengths = row_lengths(ops.rows)  # made (once per forward) on the main stream, which reads it later too
+        self.side = self.side or _side_stream(y.device)
+        self.side.wait_stream(torch.cuda.current_stream(y.device))  # the shared op's output, the input, the lengths
+        with torch.cuda.stream(self.side):
+            sparse_deltas_(y, ops.x, ops.sparse, lengths, self.memo)
+        ops.sparse = []
+        self.waiting.append((ops, y))
+        return True
+
+    def finish(self) -> None:
+        """Join the side stream and run the deferred linears' other post ops (in place: the outputs `defer` kept)."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+        for ops, y in self.waiting:
+            ops.run(y)
+        self.waiting, self.side, self.memo = [], None, {}
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of `Overlap` on a device (the gathered forward runs eagerly or in one capture at a time)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+ACTIVATIONS = {None: 0, "gelu": 2}
 # The gathered matmul's launch (largest blocks; `launch` overrides, perf/fused_kernels.py tries them)
 GATHERED = {"block_t": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
-def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                    activation: str | torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                    **launch) -> torch.Tensor:
-    """Per row b with a slot: `act((x[b] · weight[slots[b]]ᵀ) · scale[slot] + bias[slot])`, added into `out` in
-    place when given, else written to a new (B, T, N) tensor whose null-slot rows (and tokens past a row's `lengths`)
-    are left unset.
-
-    x (B, T, K); weight (C, N, K); bias (C, N); scale (C,); activation None, "relu", "gelu" or a (C,) bool tensor
-    (gelu where true, else relu)."""
+def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor,
+                    lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+    """Per row b with a slot: `(x[b] · weight[slots[b]]ᵀ) · scale[slot]` (LoRA's down-projection), a new (B, T, N)
+    tensor whose null-slot rows (and tokens past a row's `lengths`) are left unset. x (B, T, K); weight (C, N, K);
+    scale (C,)."""
     B, T, K = x.shape
     N = weight.shape[1]
     x = x.contiguous()
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
-    act = 3 if isinstance(activation, torch.Tensor) else ACTIVATIONS[activation]
+    out = torch.empty(B, T, N, dtype=x.dtype, device=x.device)
     opt = {**GATHERED, **launch}
     bt, bn, bk = _block(T, opt["block_t"]), _block(N, opt["block_n"]), _block(K, opt["block_k"])
     _kernels().gathered_matmul_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
-        x, weight, _lengths(lengths, B, T, x.device), slots, out, bias if bias is not None else x,
-        scale if scale is not None else x, activation if act == 3 else slots, T, N, K, BLOCK_T=bt, BLOCK_N=bn,
-        BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, ACCUMULATE=accumulate,
-        PRECISION=_precision(x.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
+        x, weight, _lengths(lengths, B, T, x.device), slots, out, scale, T, N, K, BLOCK_T=bt, BLOCK_N=bn,
+        BLOCK_K=bk, PRECISION=_precision(x.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
     return out
 
 

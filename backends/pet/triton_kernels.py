@@ -3,7 +3,8 @@
 Every kernel takes the batch's per-row slots and lengths and gives each program one batch row: a row whose slot is 0
 (the null slot: the row's task does not use the method) does nothing, so a method's op costs only what its own rows
 need, with no host-side grouping of rows (one launch per site, capturable in a CUDA graph); a program whose block of
-tokens starts past its row's length does nothing either (padding adds no work).
+tokens starts past its row's length does nothing either (padding adds no work). The exceptions carry the sublayer's
+residual, which every token gets: the epilogue with a residual, and the adapter's kernel (it writes a new tensor).
 """
 
 import triton
@@ -17,14 +18,16 @@ def _gelu(z):
 
 @triton.jit
 def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_ptr, up_ptr, scale_slot_ptr,
-                    scale_ptr, then_slot_ptr, then_ptr, T, N, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_THEN: tl.constexpr, PRECISION: tl.constexpr):
+                    scale_ptr, then_slot_ptr, then_ptr, res_ptr, T, N, R, BLOCK_T: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_THEN: tl.constexpr, HAS_RES: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """In place, the dense post ops of one linear for each row b, in one pass over y (B, T, N):
-    `y[b] = act((y[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])) * (1 + then[st])`, sb, sl, ss, st the row's
-    slots in the bias, low-rank, scale and after-activation scale banks (bias, scale, then (C, N), up (C, N, R);
-    down (B, T, R), unset where sl is 0); ACT 0 none, 2 exact gelu. A bank's null slot (0) is zeros: it adds nothing
-    or scales by one. Tokens past a row's length are not touched, nor (without ACT) rows with no slot at all."""
+    `y[b] = act((y[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])) * (1 + then[st]) (+ res[b])`, sb, sl, ss,
+    st the row's slots in the bias, low-rank, scale and after-activation scale banks (bias, scale, then (C, N), up
+    (C, N, R); down (B, T, R), unset where sl is 0, and past a row's length); ACT 0 none, 2 exact gelu; res (B, T, N)
+    the sublayer's residual. A bank's null slot (0) is zeros: it adds nothing or scales by one. Tokens past a row's
+    length are not touched, nor (without ACT) rows with no slot at all; HAS_RES writes every token of every row."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,11 +42,17 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
         ss = tl.load(scale_slot_ptr + b)
     if HAS_THEN:
         st = tl.load(then_slot_ptr + b)
-    if ((ACT != 0) | (sb != 0) | (sl != 0) | (ss != 0) | (st != 0)) & (t0 < length):
+    work = ((ACT != 0) | (sb != 0) | (sl != 0) | (ss != 0) | (st != 0)) & (t0 < length)
+    if HAS_RES:
+        work = t0 < T
+    if work:
         n_ok = offs_n < N
         t_ok = offs_t < length
         ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
-        mask = t_ok[:, None] & n_ok[None, :]
+        written = t_ok
+        if HAS_RES:
+            written = offs_t < T
+        mask = written[:, None] & n_ok[None, :]
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -61,19 +70,18 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
             v = _gelu(v)
         if HAS_THEN:
             v *= 1.0 + tl.load(then_ptr + st * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            v += tl.load(res_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
         tl.store(ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, bias_ptr, scale_ptr, gelu_ptr, T, N, K,
-                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
-                           ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
-    """out[b] (+)= act((x[b] · w[slot[b]]ᵀ) · scale[slot[b]] + bias[slot[b]]) for rows with a slot.
+def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, scale_ptr, T, N, K, BLOCK_T: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """out[b] = (x[b] · w[slot[b]]ᵀ) · scale[slot[b]] for rows with a slot (LoRA's down-projection).
 
-    x (B, T, K), w (C, N, K), out (B, T, N), bias (C, N), scale (C,), gelu (C,) bool; ACT 0 none, 1 relu, 2 gelu,
-    3 per slot (gelu where gelu[slot], else relu). Other rows, and tokens past a row's length, are not written
-    (ACCUMULATE: left as they are)."""
+    x (B, T, K), w (C, N, K), out (B, T, N), scale (C,). Other rows, and tokens past a row's length, are not
+    written."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -92,24 +100,69 @@ def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, bias_ptr, s
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + slot * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            acc = tl.maximum(acc, 0.0)
-        elif ACT == 2:
-            acc = _gelu(acc)
-        elif ACT == 3:
-            if tl.load(gelu_ptr + slot) != 0:
-                acc = _gelu(acc)
-            else:
-                acc = tl.maximum(acc, 0.0)
+        acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
         out_ptrs = out_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
-        mask = t_ok[:, None] & (offs_n[None, :] < N)
-        if ACCUMULATE:
-            acc = acc + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr,
+                   gelu_ptr, bias_slot_ptr, bias_ptr, T, N, M, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """A bottleneck adapter after a linear, with that linear's bias term and its sublayer's residual, in one pass:
+    `out[b] = z + up[s] · act(down[s] · z + down_bias[s]) + up_bias[s] (+ res[b])`, `z = y[b] + bias[sb]`, s the
+    row's adapter slot (act per slot: gelu where gelu[s], else relu), sb its slot in the bias bank. y, res, out
+    (B, T, N); down (C, M, N), down_bias (C, M), up (C, N, M), up_bias (C, N), bias (C, N). Rows on no adapter slot
+    (s = 0) and tokens past a row's length get `z (+ res)`: every element of out is written.
+
+    Each program writes BLOCK_N outputs of BLOCK_T tokens and computes its tokens' bottleneck `act(down · z)` over
+    all N inputs itself (programs of one row's tokens repeat that small product rather than wait for each other):
+    out is not y, so no program reads what another writes."""
+    t0 = tl.program_id(1) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(0).to(tl.int64)
+    length = tl.load(len_ptr + b)
+    slot = tl.load(slot_ptr + b)
+    sb = 0
+    if HAS_BIAS:
+        sb = tl.load(bias_slot_ptr + b)
+    n_ok = offs_n < N
+    row = b * T * N
+    mask = (offs_t < T)[:, None] & n_ok[None, :]
+    v = tl.load(y_ptr + row + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if (slot != 0) & (t0 < length):
+        t_ok = offs_t < length
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        h = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < N
+            z = tl.load(y_ptr + row + offs_t[:, None] * N + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if HAS_BIAS:
+                z = (z.to(tl.float32) + tl.load(bias_ptr + sb * N + offs_k, mask=k_ok, other=0.0).to(tl.float32)[
+                    None, :]).to(y_ptr.dtype.element_ty)
+            w = tl.load(down_ptr + slot * M * N + offs_m[None, :] * N + offs_k[:, None],
+                        mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M): down[s]ᵀ
+            h = tl.dot(z, w, h, input_precision=PRECISION)
+        h += tl.load(down_bias_ptr + slot * M + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+        if tl.load(gelu_ptr + slot) != 0:
+            h = _gelu(h)
+        else:
+            h = tl.maximum(h, 0.0)
+        u = tl.load(up_ptr + slot * N * M + offs_n[None, :] * M + offs_m[:, None],
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N): up[s]ᵀ
+        d = tl.dot(h.to(u.dtype), u, input_precision=PRECISION)
+        d += tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        v += tl.where(t_ok[:, None], d, 0.0)
+    if HAS_RES:
+        v += tl.load(res_ptr + row + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row + offs_t[:, None] * N + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -73,7 +73,8 @@ def _dense(index, value, out_f, in_f):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_padding(dtype):
     """Op by op on random banks, each run on every token and again with ragged row lengths: rows on slot 0
-    and tokens past a row's length are left bit for bit as they were; the others get their slot's term. The sparse
+    and tokens past a row's length are left bit for bit as they were (but for the residual, which every token gets);
+    the others get their slot's term. The sparse
     bank holds a skewed slot (one output row with an entry for every input, the rest empty); the sparse kernel also
     runs with each launch option (gathering from x itself or transposed, prefetching or not) and on a subset
     of the rows."""
@@ -120,15 +121,36 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
     check(lambda p: fused.epilogue_(y.clone(), bias=(slots, vec), activation="gelu", then=(scale_slots, scales),
                                     lengths=p), gelu_then, live=torch.ones(B, dtype=torch.bool))
 
-    w, bias, scale = rand(C, N, K) * 0.2, rand(C, N), rand(C)
+    # with the sublayer's residual: every token of every row gets it (and the bias); low rank only up to lengths
+    residual = rand(B, T, N)
+    for p in (None, ragged):
+        within = torch.arange(T)[None, :, None] < (T if p is None else lengths[:, None, None])
+        want = yd + vec.double().cpu()[s][:, None] + low2 * within + residual.double().cpu()
+        got = fused.epilogue_(y.clone(), bias=(slots, vec), low_rank=(low_slots, down2, up), residual=residual,
+                              lengths=p).cpu()
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+
+    w, scale = rand(C, N, K) * 0.2, rand(C)
+    z = torch.einsum("btk,bnk->btn", x.double().cpu(), w.double().cpu()[s]) * scale.double().cpu()[s][:, None, None]
+    check(lambda p: fused.gathered_matmul(x, w, slots, scale, lengths=p), z, fresh=True)
+
+    # an adapter (bottleneck M, per-slot activation) with the site's bias term and the residual, in one pass: a new
+    # tensor, every element written (rows on no adapter slot and tokens past lengths: y + bias + residual)
+    M = 12
+    down_w, down_b, up_w, up_b = rand(C, M, N) * 0.3, rand(C, M), rand(C, N, M) * 0.3, rand(C, N)
     gelu = torch.tensor([False, True, False, True], device=DEVICE)
-    z = torch.einsum("btk,bnk->btn", x.double().cpu(), w.double().cpu()[s])
-    z = z * scale.double().cpu()[s][:, None, None] + bias.double().cpu()[s][:, None]
-    act = torch.where(gelu.cpu()[s][:, None, None], torch.nn.functional.gelu(z), torch.relu(z))
-    check(lambda p: fused.gathered_matmul(x, w, slots, bias=bias, scale=scale, activation=gelu, lengths=p), act,
-          fresh=True)
-    check(lambda p: fused.gathered_matmul(x, w, slots, out=y.clone(), lengths=p),
-          yd + torch.einsum("btk,bnk->btn", x.double().cpu(), w.double().cpu()[s]))
+    bias_slots = torch.tensor([1, 3, 0, 2, 0, 1], device=DEVICE)
+    zb = yd + vec.double().cpu()[bias_slots.cpu()][:, None]
+    h = torch.einsum("btn,bmn->btm", zb, down_w.double().cpu()[s]) + down_b.double().cpu()[s][:, None]
+    h = torch.where(gelu.cpu()[s][:, None, None], torch.nn.functional.gelu(h), torch.relu(h))
+    delta = torch.einsum("btm,bnm->btn", h, up_w.double().cpu()[s]) + up_b.double().cpu()[s][:, None]
+    for p in (None, ragged):
+        within = live[:, None, None] & (torch.arange(T)[None, :, None] < (T if p is None else lengths[:, None, None]))
+        for res in (None, residual):
+            got = fused.adapter_(y, slots, down_w, down_b, up_w, up_b, gelu, bias=(bias_slots, vec), residual=res,
+                                 lengths=p).cpu()
+            want = zb + delta * within + (0 if res is None else res.double().cpu())
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
 
     dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot; slots 1, 2 at 1% and 50%
     for density in (0.01, 0.5):
