@@ -14,13 +14,15 @@ from each method's `fused_op`):
 | LoRA's down-projection `s·(x·Aᵀ)` | `gathered_matmul` | gathers of A, bmm, scaling |
 | IA3 before `output.dense` | `epilogue_` (scale) | gather, add one, multiply |
 | adapter `y += up(act(down(y)))`, with the site's BitFit bias and the sublayer's residual | `adapter_` | four gathers, two bmm, bias adds, both activations, a select and the residual add |
-| the sublayer's residual `y += x` at an output linear without an adapter | `epilogue_` (with the site's other terms) | torch's add |
+| the sublayer's residual `y += x` at an output linear without an adapter | `epilogue_` with the site's other terms (alone: torch's in-place add) | torch's add |
 | MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)`: both methods in one launch | `sparse_deltas_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
 
 The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
 ΔW is densified; its input's transposed form is made once per linear input and forward (`transposed`), and in a
-graph its programs run over the rows that use the method only (`GatheredRows.subsets`). Every kernel also skips the
-padding past each row's length (`row_lengths`, from the forward's attention mask; perf/results/h100-2026-11-23).
+graph its programs run over the rows that use the method only (`GatheredRows.subsets`); at a layer's query and
+value it runs on a side stream beside the value's and key's shared ops (`Overlap`, PetS's operator scheduling).
+Every kernel also skips the padding past each row's length (`row_lengths`, from the forward's attention mask;
+perf/results/h100-2026-11-23).
 The torch forms stay the reference (tests compare both) and what runs on the CPU, under autograd, while tracing for
 export, and wherever Triton does not import (`available`).
 """

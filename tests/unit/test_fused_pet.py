@@ -74,10 +74,9 @@ def _dense(index, value, out_f, in_f):
 def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_padding(dtype):
     """Op by op on random banks, each run on every token and again with ragged row lengths: rows on slot 0
     and tokens past a row's length are left bit for bit as they were (but for the residual, which every token gets);
-    the others get their slot's term. The sparse
-    bank holds a skewed slot (one output row with an entry for every input, the rest empty); the sparse kernel also
-    runs with each launch option (gathering from x itself or transposed, prefetching or not) and on a subset
-    of the rows."""
+    the others get their slot's term. The sparse bank holds a skewed slot (one output row with an entry for every
+    input, the rest empty); the sparse kernel also runs with each launch option (gathering from x itself or
+    transposed, prefetching or not) and on a subset of the rows."""
     g = torch.Generator().manual_seed(0)
     B, T, K, N, C = 6, 19, 40, 24, 4
     rand = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
