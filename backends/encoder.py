@@ -211,9 +211,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rows) -> torch.Tensor:
         B, T, C = x.shape
         # the fused gathered path runs the query's and value's sparse products on a side stream beside the value's
-        # and key's shared ops (`fused.Overlap`): value before key gives the value's products that much cover
+        # and key's shared ops, and the key's score-shifting and -scaling terms leave its pass (`fused.Overlap`):
+        # value before key gives the value's products that much cover
         overlap = fused.Overlap() if getattr(rows, "gathered", False) else None
-        q, v, k = (lin(x, rows, overlap=overlap) for lin in (self.query, self.value, self.key))
+        q = self.query(x, rows, overlap=overlap)
+        v = self.value(x, rows, overlap=overlap)
+        if overlap is not None:
+            overlap.keys_for(q)
+        k = self.key(x, rows, overlap=overlap)
         if overlap is not None:
             overlap.finish()
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # per head

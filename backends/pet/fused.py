@@ -38,7 +38,8 @@ import torch
 log = logging.getLogger(__name__)
 # CHORUS_FUSED_PET=0 turns the fused kernels off (benchmarks compare both in one process through `ENABLED`)
 ENABLED = os.environ.get("CHORUS_FUSED_PET", "1") != "0"
-# CHORUS_PET_OVERLAP=0 keeps sparse products on the main stream (`Overlap`; perf/profile_mixed.py compares both)
+# CHORUS_PET_OVERLAP=0: a layer's query, value and key run their post ops in turn on the main stream, each its
+# own terms (no `Overlap`; perf/profile_mixed.py compares both)
 OVERLAP = os.environ.get("CHORUS_PET_OVERLAP", "1") != "0"
 # TRITON_INTERPRET=1: Triton runs its kernels on the CPU through its interpreter (development and tests without a GPU)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -134,7 +135,7 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
 
 # The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
 # rows with an adapter 10.6 us at 256 outputs a program vs 10.8 at 128; 64 of 64 rows 15.1 vs 19.9)
-ADAPTER = {"block_t": 32, "block_n": 256, "block_k": 64, "num_warps": 4}
+ADAPTER = {"block_t": 32, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
@@ -157,7 +158,7 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
         y, out, residual.contiguous() if residual is not None else y, lengths, slots, down, down_bias, up, up_bias,
         gelu, bs, bias_bank, T, N, M, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=_block(N, opt["block_k"]),
         BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"])
+        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
     return out
 
 
@@ -212,31 +213,50 @@ class PostOps:
 
 
 class Overlap:
-    """PetS's PET-operator scheduling on a side stream, for linears that read one input (a layer's query, value and
-    key). Each such linear's sparse products (MaskBERT, Diff-Pruning: they read only the linear's input and add into
-    its fresh output) are launched on a side stream right after its shared op (`defer`), while the main stream goes on
-    with the next linears' shared ops and PET kernels; the deferred linears' other post ops (an in-place pass on their
-    outputs) run in `finish`, after the main stream has joined the side stream. Sparse products are bound by L2
-    bandwidth and the shared GEMMs by tensor cores: side by side, the one hides in the other's gaps. In a CUDA graph
-    the side stream's kernels are a parallel branch (captured, as any fork joined before the capture ends)."""
+    """PetS's PET-operator scheduling for a layer's query, value and key linears (they read one input), in the fused
+    gathered forward on a GPU. Each linear's post ops wait (`defer`): its sparse products (MaskBERT, Diff-Pruning:
+    they read only the linear's input and add into its fresh output) are launched on a side stream right after its
+    shared op, while the main stream goes on with the next linears' shared ops and PET kernels; the other post ops
+    (an in-place pass on each output) run in `finish`, after the main stream has joined the side stream. Sparse
+    products are bound by L2 bandwidth and the shared GEMMs by tensor cores: side by side, the one hides in the
+    other's gaps. In a CUDA graph the side stream's kernels are a parallel branch (captured, as any fork joined
+    before the capture ends).
+
+    The key's terms that only shift or rescale attention scores leave its pass (`keys_for`): `q·(k + b) - q·k` is
+    the same for every key of a query, which softmax ignores, so a key's bias term (BitFit) is dropped; and
+    `q·(k ⊙ s) = (q ⊙ s)·k`, so its scaling (IA3) joins the queries' deferred pass when that has none of its own. In a
+    mixed batch the key's pass then has nothing left to launch."""
 
     def __init__(self):
         self.side: torch.cuda.Stream | None = None
         self.waiting: list[tuple[PostOps, torch.Tensor]] = []
         self.memo: dict = {}  # the side stream's own (transposed inputs made there stay there)
+        self.queries: torch.Tensor | None = None
+
+    def keys_for(self, queries: torch.Tensor) -> None:
+        """The next deferred linear computes the keys of `queries` (an output deferred here before)."""
+        self.queries = queries
 
     def defer(self, ops: PostOps, y: torch.Tensor) -> bool:
         """Launch `ops`' sparse products on y now, on the side stream, and keep its other terms for `finish`; False
-        (nothing done) where the ops cannot wait: not on a CUDA device, no sparse term, or terms that make a new
-        tensor or read the sublayer's residual (an adapter, the residual); or with `OVERLAP` off."""
-        if not OVERLAP or y.device.type != "cuda" or not ops.sparse or {"adapter", "residual"} & set(ops.dense):
+        (nothing done) where the ops cannot wait: not on a CUDA device, or terms that make a new tensor or read the
+        sublayer's residual (an adapter, the residual); or with `OVERLAP` off."""
+        if not OVERLAP or y.device.type != "cuda" or {"adapter", "residual"} & set(ops.dense):
             return False
-        lengths = row_lengths(ops.rows)  # made (once per forward) on the main stream, which reads it later too
-        self.side = self.side or _side_stream(y.device)
-        self.side.wait_stream(torch.cuda.current_stream(y.device))  # the shared op's output, the input, the lengths
-        with torch.cuda.stream(self.side):
-            sparse_deltas_(y, ops.x, ops.sparse, lengths, self.memo)
-        ops.sparse = []
+        if self.queries is not None:
+            queries = next((o for o, out in self.waiting if out is self.queries), None)
+            self.queries = None
+            ops.dense.pop("bias", None)  # the same shift of every score of a query
+            if queries is not None and "scale" in ops.dense and not {"scale", "activation", "then"} & set(
+                    queries.dense):
+                queries.dense["scale"] = ops.dense.pop("scale")  # scales the queries instead
+        if ops.sparse:
+            lengths = row_lengths(ops.rows)  # made (once per forward) on the main stream, which reads it later too
+            self.side = self.side or _side_stream(y.device)
+            self.side.wait_stream(torch.cuda.current_stream(y.device))  # the shared op's output, the input, lengths
+            with torch.cuda.stream(self.side):
+                sparse_deltas_(y, ops.x, ops.sparse, lengths, self.memo)
+            ops.sparse = []
         self.waiting.append((ops, y))
         return True
 
@@ -246,7 +266,7 @@ class Overlap:
             torch.cuda.current_stream(self.side.device).wait_stream(self.side)
         for ops, y in self.waiting:
             ops.run(y)
-        self.waiting, self.side, self.memo = [], None, {}
+        self.waiting, self.side, self.memo, self.queries = [], None, {}, None
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
