@@ -123,9 +123,9 @@ class PetLinear(nn.Module):
         pre-op form on the (activated) output, the next linear's pre ops, which that linear then leaves out
         (`pre_ops=()`): `FeedForward` passes the output linear's, so that the fused path scales that linear's input in
         this linear's pass. `pre_ops`: this linear's own (default). `residual` (B, T, out): added last (a sublayer's
-        input, before its LayerNorm), in the fused path within the post ops' pass. `overlap`: where the fused path may
-        defer this linear's post ops (its sparse products run on a side stream meanwhile): the output is final once
-        `overlap.finish()` has run."""
+        input, before its LayerNorm), in the fused path within the post ops' pass. `overlap`: where the fused path takes
+        this linear's sparse products launched ahead on a side stream and defers its post ops: the output is final
+        once `overlap.finish()` has run."""
         gathered = getattr(rows, "gathered", False)
         for op in self.pre_ops if pre_ops is None else pre_ops:
             if not gathered:
@@ -149,8 +149,9 @@ class PetLinear(nn.Module):
         batch's rows do not use. Where the fused kernels serve, each step with a fused form gives its term to
         `fused.PostOps`, which launches them together on y, this linear's own fresh output (a kernel or two per site,
         not one or two per method, a third for the activation and a fourth for the residual)."""
+        ahead, delta = overlap.take(self) if overlap is not None else ([], None)  # sparse products launched ahead
         steps = [(op.fused and (lambda op=op: op.fused(x, rows)), lambda y, op=op: op.gathered(x, y, rows))
-                 for op in self.ops if op.method in rows.slots]
+                 for op in self.ops if op.method in rows.slots and op not in ahead]
         if activation is not None:
             steps.append((lambda: ("activation", activation), ACTIVATIONS[activation]))
         steps += [(op.fused and (lambda op=op: op.fused(None, rows)), lambda y, op=op: op.gathered(y, rows))
@@ -158,6 +159,8 @@ class PetLinear(nn.Module):
         if residual is not None:
             steps.append((lambda: ("residual", residual), lambda y: y + residual))
         pending = fused.PostOps(x, rows) if fused.available(y) else None
+        if delta is not None:  # launched ahead only where the fused kernels serve
+            y = pending.add(y, "delta", delta)
         for term, apply in steps:
             if pending is not None and term:
                 y = pending.add(y, *term())
@@ -210,10 +213,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rows) -> torch.Tensor:
         B, T, C = x.shape
-        # the fused gathered path runs the query's and value's sparse products on a side stream beside the value's
-        # and key's shared ops, and the key's score-shifting and -scaling terms leave its pass (`fused.Overlap`):
-        # value before key gives the value's products that much cover
+        # the fused gathered path runs the three linears' sparse products on a side stream beside their shared ops,
+        # and the key's score-shifting and -scaling terms leave its pass (`fused.Overlap`)
         overlap = fused.Overlap() if getattr(rows, "gathered", False) else None
+        if overlap is not None:
+            overlap.launch_ahead(x, rows, (self.query, self.value, self.key))
         q = self.query(x, rows, overlap=overlap)
         v = self.value(x, rows, overlap=overlap)
         if overlap is not None:

@@ -107,6 +107,9 @@ class PetMethod(nn.Module):
     # The gathered op costs per row about what the shared op does (a dense ΔW per row), or its fused kernel's grid
     # is large per row: a graphed batch runs it on the rows that use the method only (`GatheredRows.subsets`).
     row_subset: bool = False
+    # The fused term reads only the linear's input (not its output): `fused.Overlap` may launch it before the
+    # linear's shared op, on a side stream (the sparse weight deltas).
+    fused_ahead: bool = False
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):
         super().__init__()
@@ -226,6 +229,7 @@ class PetMethod(nn.Module):
         op.method = self.name  # a gathered forward leaves out the ops of methods its rows do not use
         op.gathered = self.gathered_op(site)
         op.fused = self.fused_op(site)
+        op.fused_ahead = self.fused_ahead
         ops = self.linears[site].pre_ops if self.site_stage(site) == "pre" else self.linears[site].ops
         ops.append(op)
         ops.sort(key=lambda o: getattr(o, "order", 0))  # stable: same order, first hooked first

@@ -107,13 +107,14 @@ def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
 
 def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None = None, scale: tuple | None = None,
               activation: str | None = None, then: tuple | None = None, residual: torch.Tensor | None = None,
-              lengths: torch.Tensor | None = None) -> torch.Tensor:
+              delta: tuple | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """In place, one kernel: `y[b] = act((y[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) * (1 + scale_bank[ss])) *
     (1 + then_bank[ts]) (+ residual[b])`, where bs, ls, ss, ts are row b's slots: `bias` = (slots (B,), bank (C, N))
     (BitFit), `low_rank` = (slots, down (B, T, R), up (C, N, R)) (LoRA's up-projection; down's rows on slot 0 are
     never read), `scale` = (slots, bank (C, N)) (IA3), `activation` None or "gelu" (every row), `then` = (slots,
     bank (C, N)) (the next linear's IA3 on its input), `residual` (B, T, N) (the sublayer's input, added before its
-    LayerNorm); each optional. y (B, T, N) contiguous. Tokens past a row's `lengths` (B,) (default: all T) are not
+    LayerNorm), `delta` = (flags (B,), (B, T, N)) (a weight delta made apart, added first on rows whose flag is not
+    0: the sparse products `Overlap` launched ahead); each optional. y (B, T, N) contiguous. Tokens past a row's `lengths` (B,) (default: all T) are not
     touched, nor, without an activation, rows on every term's slot 0 — except with a residual, which every token
     of every row gets."""
     B, T, N = y.shape
@@ -123,13 +124,14 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
     ls, down, up = low_rank if low_rank is not None else (lengths, y, y)
     ss, scale_bank = scale if scale is not None else (lengths, y)
     ts, then_bank = then if then is not None else (lengths, y)
+    ds, delta_t = delta if delta is not None else (lengths, y)
     bt, bn = _block(T, 32), _block(N, 128)
     _kernels().epilogue_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         y, lengths, bs, bias_bank, ls, down.contiguous(), up, ss, scale_bank, ts, then_bank,
-        residual.contiguous() if residual is not None else y, T, N, R, BLOCK_T=bt, BLOCK_N=bn,
+        residual.contiguous() if residual is not None else y, ds, delta_t, T, N, R, BLOCK_T=bt, BLOCK_N=bn,
         BLOCK_R=_block(R, 64), HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
         HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation], HAS_THEN=then is not None,
-        HAS_RES=residual is not None, PRECISION=_precision(y.dtype))
+        HAS_RES=residual is not None, HAS_DELTA=delta is not None, PRECISION=_precision(y.dtype))
     return y
 
 
@@ -174,7 +176,7 @@ class PostOps:
     pending (a second of its kind, or a delta after a scaling) runs what is pending first. x: the linear's input,
     which the sparse products read. `add` and `run` return the output (the adapter's pass writes a new tensor)."""
 
-    STAGES = {"sparse": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3, "adapter": 4,
+    STAGES = {"sparse": 0, "delta": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3, "adapter": 4,
               "residual": 5}  # the pass's order
 
     def __init__(self, x: torch.Tensor, rows):
@@ -214,10 +216,10 @@ class PostOps:
 
 class Overlap:
     """PetS's PET-operator scheduling for a layer's query, value and key linears (they read one input), in the fused
-    gathered forward on a GPU. Each linear's post ops wait (`defer`): its sparse products (MaskBERT, Diff-Pruning:
-    they read only the linear's input and add into its fresh output) are launched on a side stream right after its
-    shared op, while the main stream goes on with the next linears' shared ops and PET kernels; the other post ops
-    (an in-place pass on each output) run in `finish`, after the main stream has joined the side stream. Sparse
+    gathered forward on a GPU. Their sparse products (MaskBERT, Diff-Pruning: they read only the linears' input) are
+    launched first (`launch_ahead`), on a side stream, each into a delta buffer of its linear's own, while the main
+    stream runs the three shared ops and the other PET kernels; each linear's remaining post ops wait (`defer`) and
+    run in `finish`, after the main stream has joined the side stream, adding the delta in their pass. Sparse
     products are bound by L2 bandwidth and the shared GEMMs by tensor cores: side by side, the one hides in the
     other's gaps. In a CUDA graph the side stream's kernels are a parallel branch (captured, as any fork joined
     before the capture ends).
@@ -229,18 +231,45 @@ class Overlap:
 
     def __init__(self):
         self.side: torch.cuda.Stream | None = None
+        self.ahead: dict[int, tuple[list, tuple]] = {}  # id(linear) -> (its ops launched ahead, its delta term)
         self.waiting: list[tuple[PostOps, torch.Tensor]] = []
         self.memo: dict = {}  # the side stream's own (transposed inputs made there stay there)
         self.queries: torch.Tensor | None = None
+
+    def launch_ahead(self, x: torch.Tensor, rows, linears) -> None:
+        """Launch the sparse products of `linears` (`PetLinear`s that read x) on the side stream now, before their
+        shared ops: each linear's into a new (B, T, out) delta, rows flagged by their slots in its sparse methods."""
+        if not (OVERLAP and x.device.type == "cuda" and available(x)):
+            return
+        lengths = row_lengths(rows)  # made (once per forward) on the main stream, which reads it later too
+        for linear in linears:
+            ops = [op for op in linear.ops if getattr(op, "fused_ahead", False) and op.method in rows.slots]
+            if not ops:
+                continue
+            methods = tuple(op.method for op in ops)
+            if ("delta flags", methods) not in rows.memo:  # a row's flag: its slots summed (0: none), once a forward
+                rows.memo["delta flags", methods] = functools.reduce(torch.add, (rows.slots[m] for m in methods))
+            delta = torch.empty(*x.shape[:2], linear.weight.shape[0], dtype=x.dtype, device=x.device)
+            self.side = self.side or _side_stream(x.device)
+            # after everything the main stream has launched: x, the slots, the lengths, and any kernel still
+            # reading memory the allocator has just handed to delta
+            self.side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(self.side):
+                sparse_deltas_(delta, x, [op.fused(x, rows)[1] for op in ops], lengths, self.memo, accumulate=False)
+            self.ahead[id(linear)] = (ops, (rows.memo["delta flags", methods], delta))
+
+    def take(self, linear) -> tuple[list, tuple | None]:
+        """The ops of `linear` launched ahead and the delta term its pass adds in their place (none: [], None)."""
+        return self.ahead.pop(id(linear), ([], None))
 
     def keys_for(self, queries: torch.Tensor) -> None:
         """The next deferred linear computes the keys of `queries` (an output deferred here before)."""
         self.queries = queries
 
     def defer(self, ops: PostOps, y: torch.Tensor) -> bool:
-        """Launch `ops`' sparse products on y now, on the side stream, and keep its other terms for `finish`; False
-        (nothing done) where the ops cannot wait: not on a CUDA device, or terms that make a new tensor or read the
-        sublayer's residual (an adapter, the residual); or with `OVERLAP` off."""
+        """Keep `ops` for `finish` (y is final after it); False (nothing done) where they cannot wait: not on a CUDA
+        device, terms that make a new tensor or read the sublayer's residual (an adapter, the residual), or
+        `OVERLAP` off."""
         if not OVERLAP or y.device.type != "cuda" or {"adapter", "residual"} & set(ops.dense):
             return False
         if self.queries is not None:
@@ -250,23 +279,16 @@ class Overlap:
             if queries is not None and "scale" in ops.dense and not {"scale", "activation", "then"} & set(
                     queries.dense):
                 queries.dense["scale"] = ops.dense.pop("scale")  # scales the queries instead
-        if ops.sparse:
-            lengths = row_lengths(ops.rows)  # made (once per forward) on the main stream, which reads it later too
-            self.side = self.side or _side_stream(y.device)
-            self.side.wait_stream(torch.cuda.current_stream(y.device))  # the shared op's output, the input, lengths
-            with torch.cuda.stream(self.side):
-                sparse_deltas_(y, ops.x, ops.sparse, lengths, self.memo)
-            ops.sparse = []
         self.waiting.append((ops, y))
         return True
 
     def finish(self) -> None:
-        """Join the side stream and run the deferred linears' other post ops (in place: the outputs `defer` kept)."""
+        """Join the side stream and run the deferred linears' post ops (in place: the outputs `defer` kept)."""
         if self.side is not None:
             torch.cuda.current_stream(self.side.device).wait_stream(self.side)
         for ops, y in self.waiting:
             ops.run(y)
-        self.waiting, self.side, self.memo, self.queries = [], None, {}, None
+        self.side, self.ahead, self.waiting, self.memo, self.queries = None, {}, [], {}, None
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -340,10 +362,11 @@ def sparse_delta_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, rowptr:
 
 
 def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths: torch.Tensor | None = None,
-                   memo: dict | None = None, **launch) -> torch.Tensor:
+                   memo: dict | None = None, accumulate: bool = True, **launch) -> torch.Tensor:
     """`sparse_delta_` for several sparse methods at one site (`terms`: each a dict of its arguments `slots`,
     `rowptr`, `index`, `value`, `weight`, `bias`, `rows`), two to a kernel: the two methods' programs share one grid
-    (rows of each with few users fill the device together rather than one after the other)."""
+    (rows of each with few users fill the device together rather than one after the other). Not `accumulate`: y is
+    a delta buffer, written (at most two methods) where a row uses one of them, up to its length; unset elsewhere."""
     B, T, K = x.shape
     N = y.shape[2]
     x, kernels = x.contiguous(), _kernels()
@@ -366,12 +389,14 @@ def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
                 {"CHUNK": chunk, "ROWS": rows is not None, "MASK": weight is not None, "BIAS": bias is not None},
                 B if rows is None else len(rows))
 
+    if not accumulate and len(terms) > 2:
+        raise ValueError(f"a delta buffer takes at most two sparse methods' products, not {len(terms)}")
     for i in range(0, len(terms), 2):
         (a, fa, na), (b, fb, nb) = args(terms[i]), args(terms[i + 1] if i + 1 < len(terms) else None)
         kernels.sparse_delta_kernel[(na + nb, _cdiv(N, bn), _cdiv(T, bt))](
             y, x, lengths, T, N, K, na, *a, *b, BLOCK_N=bn, BLOCK_T=bt, TWO=nb > 0, TRANSPOSED=opt["transposed"],
             PREFETCH=opt["prefetch"], PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
-            **{f"{k}_B": v for k, v in fb.items()}, num_warps=opt["num_warps"])
+            **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, num_warps=opt["num_warps"])
     return y
 
 

@@ -55,6 +55,7 @@ class SiteIndex(nn.Module):
 
 class SparseDelta(PetMethod):
     row_subset = True
+    fused_ahead = True
     index_name = ""  # file tensor of positions, (nnz,)
     value_name = ""  # file tensor of one value per position, (nnz,)
     bias_name = ""  # optional file tensor (out,) added to the bias, "" if the method has none

@@ -18,22 +18,26 @@ def _gelu(z):
 
 @triton.jit
 def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_ptr, up_ptr, scale_slot_ptr,
-                    scale_ptr, then_slot_ptr, then_ptr, res_ptr, T, N, R, BLOCK_T: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_THEN: tl.constexpr, HAS_RES: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    scale_ptr, then_slot_ptr, then_ptr, res_ptr, delta_flag_ptr, delta_ptr, T, N, R,
+                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_LOW_RANK: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_THEN: tl.constexpr,
+                    HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, PRECISION: tl.constexpr):
     """In place, the dense post ops of one linear for each row b, in one pass over y (B, T, N):
-    `y[b] = act((y[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])) * (1 + then[st]) (+ res[b])`, sb, sl, ss,
-    st the row's slots in the bias, low-rank, scale and after-activation scale banks (bias, scale, then (C, N), up
-    (C, N, R); down (B, T, R), unset where sl is 0, and past a row's length); ACT 0 none, 2 exact gelu; res (B, T, N)
-    the sublayer's residual. A bank's null slot (0) is zeros: it adds nothing or scales by one. Tokens past a row's
-    length are not touched, nor (without ACT) rows with no slot at all; HAS_RES writes every token of every row."""
+    `y[b] = act((y[b] + delta[b] + bias[sb] + down[b] · up[sl]ᵀ) * (1 + scale[ss])) * (1 + then[st]) (+ res[b])`,
+    sb, sl, ss, st the row's slots in the bias, low-rank, scale and after-activation scale banks (bias, scale, then
+    (C, N), up (C, N, R); down (B, T, R), unset where sl is 0, and past a row's length); delta (B, T, N) a weight
+    delta computed apart (the sparse products), read where the row's delta flag is not 0 (else unset); ACT 0 none,
+    2 exact gelu; res (B, T, N) the sublayer's residual. A bank's null slot (0) is zeros: it adds nothing or scales
+    by one. Tokens past a row's length are not touched, nor (without ACT) rows with no slot or flag at all; HAS_RES
+    writes every token of every row."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(0).to(tl.int64)
     length = tl.load(len_ptr + b)
-    sb, sl, ss, st = 0, 0, 0, 0
+    sb, sl, ss, st, sd = 0, 0, 0, 0, 0
+    if HAS_DELTA:
+        sd = tl.load(delta_flag_ptr + b)
     if HAS_BIAS:
         sb = tl.load(bias_slot_ptr + b)
     if HAS_LOW_RANK:
@@ -42,7 +46,7 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
         ss = tl.load(scale_slot_ptr + b)
     if HAS_THEN:
         st = tl.load(then_slot_ptr + b)
-    work = ((ACT != 0) | (sb != 0) | (sl != 0) | (ss != 0) | (st != 0)) & (t0 < length)
+    work = ((ACT != 0) | (sb != 0) | (sl != 0) | (ss != 0) | (st != 0) | (sd != 0)) & (t0 < length)
     if HAS_RES:
         work = t0 < T
     if work:
@@ -54,6 +58,9 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
             written = offs_t < T
         mask = written[:, None] & n_ok[None, :]
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            v += tl.load(delta_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :],
+                         mask=(t_ok & (sd != 0))[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
             v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_LOW_RANK:
@@ -229,7 +236,8 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
                         BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, TWO: tl.constexpr, TRANSPOSED: tl.constexpr,
                         PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
                         CHUNK_A: tl.constexpr, ROWS_A: tl.constexpr, MASK_A: tl.constexpr, BIAS_A: tl.constexpr,
-                        CHUNK_B: tl.constexpr, ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr):
+                        CHUNK_B: tl.constexpr, ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr,
+                        ACCUMULATE: tl.constexpr):
     """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
     with a slot, up to their length; for one sparse method (A) or, TWO, for two (A and B: e.g. MaskBERT and
     Diff-Pruning at one site) in one launch. A method's ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions
@@ -246,7 +254,8 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
     the next chunk's positions load while this one's inputs are gathered): the inputs are gathered (CHUNK, BLOCK_T)
     and added to the outputs by one small matmul with the chunk's entries placed in their output's row
     (BLOCK_N, CHUNK): the per-output sums are tensor-core work, no scatter. Inputs past the row's length are read as
-    they are (rows padded to T keep the gathers vectorized; those tokens' sums are never stored)."""
+    they are (rows padded to T keep the gathers vectorized; those tokens' sums are never stored). ACCUMULATE adds
+    into y, else y is written (a delta buffer: rows of neither method and tokens past a row's length left unset)."""
     n0 = tl.program_id(1) * BLOCK_N
     t0 = tl.program_id(2) * BLOCK_T
     p = tl.program_id(0)
@@ -283,5 +292,6 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
                                   nnz_b, BLOCK_N, CHUNK_B, TRANSPOSED, PREFETCH, MASK_B, BIAS_B, PRECISION)
         y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
         mask = (offs_n < N)[:, None] & (offs_t < length)[None, :]
-        out = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if ACCUMULATE:
+            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -186,6 +186,20 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
         check(lambda p: fused.sparse_delta_(y.clone(), x, slots, *csr, scores.to(DEVICE), weight, lengths=p, **launch),
               want)
 
+    # into a delta buffer (the products `Overlap` launches ahead): written where a row has a slot, up to its length;
+    # elsewhere left as it was; and the epilogue adds it on flagged rows only (the others' delta is never read)
+    for p in (None, ragged):
+        buffer = torch.full_like(y, float("nan"))
+        got = fused.sparse_deltas_(buffer, x, [{"slots": slots, "rowptr": csr[0], "index": csr[1],
+                                                "value": scores.to(DEVICE), "weight": weight, "rows": None}], p,
+                                   accumulate=False).cpu()
+        within = live[:, None] & (torch.arange(T)[None, :] < (T if p is None else lengths[:, None]))
+        torch.testing.assert_close(got[within].double(), (want - yd)[within], rtol=rtol, atol=atol)
+        assert got[~within].isnan().all()
+        summed = fused.epilogue_(y.clone(), delta=(slots, buffer), lengths=p).cpu()
+        torch.testing.assert_close(summed[within].double(), want[within], rtol=rtol, atol=atol)
+        assert torch.equal(summed[~within], y.cpu()[~within])
+
     # two sparse methods in one launch (MaskBERT's scores and Diff-Pruning's values with a bias), each with its own
     # slots: rows 2 and 3 use both, row 1 only the second; with and without row subsets (padded with a null row)
     slots_b = torch.tensor([0, 1, 2, 3, 0, 0], device=DEVICE)
