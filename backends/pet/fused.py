@@ -136,8 +136,9 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
 
 
 # The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
-# rows with an adapter 10.6 us at 256 outputs a program vs 10.8 at 128; 64 of 64 rows 15.1 vs 19.9)
-ADAPTER = {"block_t": 32, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
+# rows with an adapter 10.4 us at 256 outputs a program vs 10.4-10.8 at 128, 10.1 with 16 tokens rather than 32;
+# 64 of 64 rows 15.2 vs 20.0, 14.0 with 16 tokens)
+ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
