@@ -160,7 +160,7 @@ class PetLinear(nn.Module):
             steps.append((lambda: ("residual", residual), lambda y: y + residual))
         pending = fused.PostOps(x, rows) if fused.available(y) else None
         if delta is not None:  # launched ahead only where the fused kernels serve
-            y = pending.add(y, "delta", delta)
+            y, pending.join = pending.add(y, "delta", delta), overlap.join
         for term, apply in steps:
             if pending is not None and term:
                 y = pending.add(y, *term())

@@ -184,11 +184,14 @@ class PostOps:
         self.x, self.rows = x, rows
         self.sparse: list[dict] = []
         self.dense: dict = {}
+        self.join = None  # with a "delta" made on a side stream (`Overlap`): what makes the main stream wait for it
 
     def add(self, y: torch.Tensor, kind: str, term) -> torch.Tensor:
         if kind == "scale" and "activation" in self.dense:
             kind = "then"  # scales the activated output
         if kind in self.dense or any(self.STAGES[k] > self.STAGES[kind] for k in self.dense):
+            if "delta" in self.dense:  # runs before `Overlap.finish` joins the side stream: join it now
+                self.join()
             y = self.run(y)
         if kind == "sparse":
             self.sparse.append(term)
@@ -263,6 +266,11 @@ class Overlap:
         """The ops of `linear` launched ahead and the delta term its pass adds in their place (none: [], None)."""
         return self.ahead.pop(id(linear), ([], None))
 
+    def join(self) -> None:
+        """Make the main stream wait for everything launched on the side stream so far."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+
     def keys_for(self, queries: torch.Tensor) -> None:
         """The next deferred linear computes the keys of `queries` (an output deferred here before)."""
         self.queries = queries
@@ -285,8 +293,7 @@ class Overlap:
 
     def finish(self) -> None:
         """Join the side stream and run the deferred linears' post ops (in place: the outputs `defer` kept)."""
-        if self.side is not None:
-            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+        self.join()
         for ops, y in self.waiting:
             ops.run(y)
         self.side, self.ahead, self.waiting, self.memo, self.queries = None, {}, [], {}, None
