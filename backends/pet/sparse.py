@@ -21,7 +21,8 @@ into a dense (out, in) ΔW for that batch and multiplies: the smaller temporary,
 costs about what the shared op does, so graphed batches run it on the rows that use the method only (`row_subset`).
 On a GPU with Triton neither runs: the fused kernel (`fused_op`, `chorus.backends.pet.fused.sparse_deltas_`) reads
 each row's slot as a CSR in place — positions are stored sorted, with `SiteIndex.rowptr` marking where each output
-row's entries start — and skips rows on the null slot.
+row's entries start — and skips rows on the null slot; at a layer's query, value and key it is launched before their
+shared ops, on a side stream (`fused_ahead`, `chorus.backends.pet.fused.Overlap`).
 
 Positions travel in task files as float32 (chorus's files are float tensors) and are exact below 2^24 — every
 position of bert-large's largest linear (4096 × 1024) is; the loader refuses anything else.
