@@ -215,16 +215,13 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         # the fused gathered path runs the three linears' sparse products on a side stream beside their shared ops,
         # and the key's score-shifting and -scaling terms leave its pass (`fused.Overlap`)
-        overlap = fused.Overlap() if getattr(rows, "gathered", False) else None
-        if overlap is not None:
-            overlap.launch_ahead(x, rows, (self.query, self.value, self.key))
+        overlap = fused.Overlap()  # does nothing off that path
+        overlap.launch_ahead(x, rows, (self.query, self.value, self.key))
         q = self.query(x, rows, overlap=overlap)
         v = self.value(x, rows, overlap=overlap)
-        if overlap is not None:
-            overlap.keys_for(q)
+        overlap.keys_for(q)
         k = self.key(x, rows, overlap=overlap)
-        if overlap is not None:
-            overlap.finish()
+        overlap.finish()
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # per head
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, C // heads)
         a = a.transpose(1, 2).reshape(B, T, C)

@@ -242,8 +242,9 @@ class Overlap:
 
     def launch_ahead(self, x: torch.Tensor, rows, linears) -> None:
         """Launch the sparse products of `linears` (`PetLinear`s that read x) on the side stream now, before their
-        shared ops: each linear's into a new (B, T, out) delta, rows flagged by their slots in its sparse methods."""
-        if not (OVERLAP and x.device.type == "cuda" and available(x)):
+        shared ops: each linear's into a new (B, T, out) delta, rows flagged by their slots in its sparse methods.
+        Only in a gathered forward (`GatheredRows`) where the fused kernels serve a CUDA device."""
+        if not (OVERLAP and getattr(rows, "gathered", False) and x.device.type == "cuda" and available(x)):
             return
         lengths = row_lengths(rows)  # made (once per forward) on the main stream, which reads it later too
         for linear in linears:
