@@ -54,6 +54,15 @@ def graphed_us(fn, calls: int = 20, replays: int = 20) -> float:
     return statistics.median(times)
 
 
+def sweep(out: list, label: str, base: dict, variants, call, **fields) -> None:
+    """Each launch variant of `call(**variant)` (overrides of `base`): its time per call, appended to `out` with
+    `fields`."""
+    for variant in variants:
+        us = graphed_us(lambda v=variant: call(**v))
+        out.append({**fields, "launch": {**base, **variant}, "us": us})
+        print(f"{label} {variant}: {us:.1f} us", flush=True)
+
+
 def rt_lengths(bundle: Path) -> list[int]:
     """Token counts of the first B Rotten Tomatoes sentences (as profile_mixed batches them), at most T."""
     from tokenizers import Tokenizer
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, default=Path(".gpu"), help="tokenizer.json and rt_texts.json")
     ap.add_argument("--variants", action="store_true",
-                    help="also every launch variant of the matmul and sparse kernels")
+                    help="also every launch variant of the matmul, adapter and sparse kernels")
     args = ap.parse_args(argv)
     if not fused.serves(torch.device("cuda")):
         print("the fused kernels do not serve this machine (no CUDA device or no Triton)", file=sys.stderr)
@@ -145,16 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                 ops["MaskBERT + Diff-Pruning 5% rows, one launch each"] = lambda tm=terms: [
                     fused.sparse_deltas_(y, x, [t], rows) for t in tm]
             if active and padded and args.variants:  # the down projection's launch (one K loop per program)
-                for variant in GATHERED_VARIANTS:
-                    us = graphed_us(lambda v=variant: fused.gathered_matmul(x, lora_a, slots, scaling, rows, **v))
-                    res["gathered_variants"].append({"op": "LoRA r16 down", "rows": active,
-                                                     "launch": {**fused.GATHERED, **variant}, "us": us})
-                    print(f"LoRA r16 down {active}/{B} rows {variant}: {us:.1f} us", flush=True)
-                for variant in ADAPTER_VARIANTS:
-                    us = graphed_us(lambda v=variant: fused.adapter_(y, slots, down, bias64, up, vec, gelu,
-                                                                     residual=x, lengths=rows, **v))
-                    res["adapter_variants"].append({"rows": active, "launch": {**fused.ADAPTER, **variant}, "us": us})
-                    print(f"adapter m64 {active}/{B} rows {variant}: {us:.1f} us", flush=True)
+                sweep(res["gathered_variants"], f"LoRA r16 down {active}/{B} rows", fused.GATHERED, GATHERED_VARIANTS,
+                      lambda **v: fused.gathered_matmul(x, lora_a, slots, scaling, rows, **v),
+                      op="LoRA r16 down", rows=active)
+                sweep(res["adapter_variants"], f"adapter m64 {active}/{B} rows", fused.ADAPTER, ADAPTER_VARIANTS,
+                      lambda **v: fused.adapter_(y, slots, down, bias64, up, vec, gelu, residual=x, lengths=rows, **v),
+                      rows=active)
             for density in (0.05, 0.005):
                 rowptr, index, value = sparse_bank(density, dtype, g)
                 ops[f"MaskBERT {density:.1%}"] = (lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
@@ -167,12 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                     lambda rowptr=rowptr, index=index, value=value: fused.sparse_delta_(
                         y, x, slots, rowptr, index, value, bias=vec, lengths=rows))
                 if active and padded and args.variants:
-                    for variant in VARIANTS:
-                        us = graphed_us(lambda v=variant, rp=rowptr, ix=index, va=value: fused.sparse_delta_(
-                            y, x, slots, rp, ix, va, weight, lengths=rows, rows=users, **v))
-                        res["sparse_variants"].append({"density": density, "rows": active,
-                                                       "launch": {**fused.SPARSE, **variant}, "us": us})
-                        print(f"sparse {density:.1%} {active}/{B} rows {variant}: {us:.1f} us", flush=True)
+                    sweep(res["sparse_variants"], f"sparse {density:.1%} {active}/{B} rows", fused.SPARSE, VARIANTS,
+                          lambda **v: fused.sparse_delta_(y, x, slots, rowptr, index, value, weight, lengths=rows,
+                                                          rows=users, **v),
+                          density=density, rows=active)
             for name, fn in ops.items():
                 us = graphed_us(fn)
                 label = f"{name}, {active}/{B} rows" + (", RT lengths" if padded else "")
