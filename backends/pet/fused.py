@@ -108,15 +108,15 @@ def _lengths(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
 def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None = None, scale: tuple | None = None,
               activation: str | None = None, then: tuple | None = None, residual: torch.Tensor | None = None,
               delta: tuple | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """In place, one kernel: `y[b] = act((y[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) * (1 + scale_bank[ss])) *
-    (1 + then_bank[ts]) (+ residual[b])`, where bs, ls, ss, ts are row b's slots: `bias` = (slots (B,), bank (C, N))
-    (BitFit), `low_rank` = (slots, down (B, T, R), up (C, N, R)) (LoRA's up-projection; down's rows on slot 0 are
-    never read), `scale` = (slots, bank (C, N)) (IA3), `activation` None or "gelu" (every row), `then` = (slots,
-    bank (C, N)) (the next linear's IA3 on its input), `residual` (B, T, N) (the sublayer's input, added before its
-    LayerNorm), `delta` = (flags (B,), (B, T, N)) (a weight delta made apart, added first on rows whose flag is not
-    0: the sparse products `Overlap` launched ahead); each optional. y (B, T, N) contiguous. Tokens past a row's `lengths` (B,) (default: all T) are not
-    touched, nor, without an activation, rows on every term's slot 0 — except with a residual, which every token
-    of every row gets."""
+    """In place, one kernel: `y[b] = act((y[b] + delta[b] + bias_bank[bs] + down[b] · up[ls]ᵀ) *
+    (1 + scale_bank[ss])) * (1 + then_bank[ts]) (+ residual[b])`, where bs, ls, ss, ts are row b's slots: `delta` =
+    (flags (B,), (B, T, N)) (a weight delta made apart, read on rows whose flag is not 0: the sparse products
+    `Overlap` launched ahead), `bias` = (slots (B,), bank (C, N)) (BitFit), `low_rank` = (slots, down (B, T, R), up
+    (C, N, R)) (LoRA's up-projection; down's rows on slot 0 are never read), `scale` = (slots, bank (C, N)) (IA3),
+    `activation` None or "gelu" (every row), `then` = (slots, bank (C, N)) (the next linear's IA3 on its input),
+    `residual` (B, T, N) (the sublayer's input, added before its LayerNorm); each optional. y (B, T, N) contiguous.
+    Tokens past a row's `lengths` (B,) (default: all T) are not touched, nor, without an activation, rows on every
+    term's slot 0 — except with a residual, which every token of every row gets."""
     B, T, N = y.shape
     lengths = _lengths(lengths, B, T, y.device)
     R = low_rank[1].shape[2] if low_rank is not None else 1
