@@ -52,15 +52,16 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
     if work:
         n_ok = offs_n < N
         t_ok = offs_t < length
-        ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
+        tile = b * T * N + offs_t[:, None] * N + offs_n[None, :]  # this block's elements of y, delta and res
+        ptrs = y_ptr + tile
         written = t_ok
         if HAS_RES:
             written = offs_t < T
         mask = written[:, None] & n_ok[None, :]
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
-            v += tl.load(delta_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :],
-                         mask=(t_ok & (sd != 0))[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            v += tl.load(delta_ptr + tile, mask=(t_ok & (sd != 0))[:, None] & n_ok[None, :],
+                         other=0.0).to(tl.float32)
         if HAS_BIAS:
             v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_LOW_RANK:
@@ -78,7 +79,7 @@ def epilogue_kernel(y_ptr, len_ptr, bias_slot_ptr, bias_ptr, low_slot_ptr, down_
         if HAS_THEN:
             v *= 1.0 + tl.load(then_ptr + st * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
-            v += tl.load(res_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+            v += tl.load(res_ptr + tile, mask=mask, other=0.0)
         tl.store(ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -137,8 +138,9 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
         sb = tl.load(bias_slot_ptr + b)
     n_ok = offs_n < N
     row = b * T * N
+    tile = row + offs_t[:, None] * N + offs_n[None, :]  # this program's elements of y, res and out
     mask = (offs_t < T)[:, None] & n_ok[None, :]
-    v = tl.load(y_ptr + row + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if (slot != 0) & (t0 < length):
@@ -168,8 +170,8 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
         d += tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         v += tl.where(t_ok[:, None], d, 0.0)
     if HAS_RES:
-        v += tl.load(res_ptr + row + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row + offs_t[:, None] * N + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+        v += tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tile, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
