@@ -138,7 +138,7 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
 # The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
 # rows with an adapter 10.4 us at 256 outputs a program vs 10.4-10.8 at 128, 10.1 with 16 tokens rather than 32;
 # 64 of 64 rows 15.2 vs 20.0, 14.0 with 16 tokens)
-ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
+ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3, "early_up": False}
 
 
 def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
@@ -154,14 +154,15 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
     lengths = _lengths(lengths, B, T, y.device)
     y = y.contiguous()
     out = torch.empty_like(y)
-    bs, bias_bank = bias if bias is not None else (slots, y)  # placeholders of absent terms are never read
     opt = {**ADAPTER, **launch}
+    bs, bias_bank = bias if bias is not None else (slots, y)  # placeholders of absent terms are never read
     bt, bn = _block(T, opt["block_t"]), _block(N, opt["block_n"])
     _kernels().adapter_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         y, out, residual.contiguous() if residual is not None else y, lengths, slots, down, down_bias, up, up_bias,
         gelu, bs, bias_bank, T, N, M, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=_block(N, opt["block_k"]),
         BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
+        EARLY_UP=opt["early_up"], PRECISION=_precision(y.dtype), num_warps=opt["num_warps"],
+        num_stages=opt["num_stages"])
     return out
 
 
@@ -336,7 +337,8 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
 # entries where the site's densest slot holds 2% of its weights or more, else 64; `transposed`: gather the inputs
 # from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself; `prefetch`:
 # load the next chunk's positions while this one's inputs are gathered.
-SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": True, "prefetch": True, "num_warps": 4}
+SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": True, "prefetch": True, "num_warps": 4,
+          "n_group": 1}
 
 
 def transposed(x: torch.Tensor, lengths: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
@@ -402,10 +404,12 @@ def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
         raise ValueError(f"a delta buffer takes at most two sparse methods' products, not {len(terms)}")
     for i in range(0, len(terms), 2):
         (a, fa, na), (b, fb, nb) = args(terms[i]), args(terms[i + 1] if i + 1 < len(terms) else None)
-        kernels.sparse_delta_kernel[(na + nb, _cdiv(N, bn), _cdiv(T, bt))](
+        groups = opt["n_group"]
+        kernels.sparse_delta_kernel[(na + nb, _cdiv(N, bn * groups), _cdiv(T, bt))](
             y, x, lengths, T, N, K, na, *a, *b, BLOCK_N=bn, BLOCK_T=bt, TWO=nb > 0, TRANSPOSED=opt["transposed"],
-            PREFETCH=opt["prefetch"], PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
-            **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, num_warps=opt["num_warps"])
+            PREFETCH=int(opt["prefetch"]), PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
+            **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, N_GROUP=groups,
+            num_warps=opt["num_warps"])
     return y
 
 

@@ -1,0 +1,44 @@
+"""Session 13 experiment (issue 3): launch variants of the adapter and sparse kernels on the mixed forward's cases.
+import json, sys, torch
+from pathlib import Path
+from chorus.backends.pet import fused
+from perf.fused_kernels import graphed_us, rt_lengths, sparse_bank, B, T, HIDDEN, SLOTS
+
+g = torch.Generator().manual_seed(0)
+dt = torch.float16
+x = torch.randn(B, T, HIDDEN, generator=g).to(dt).cuda()
+y = torch.randn(B, T, HIDDEN, generator=g).to(dt).cuda()
+weight = (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.02).to(dt).cuda()
+vec = (torch.randn(SLOTS, HIDDEN, generator=g) * 0.02).to(dt).cuda()
+down = (torch.randn(SLOTS, 64, HIDDEN, generator=g) * 0.02).to(dt).cuda()
+up = (torch.randn(SLOTS, HIDDEN, 64, generator=g) * 0.02).to(dt).cuda()
+bias64 = vec[:, :64].contiguous()
+gelu = torch.zeros(SLOTS, dtype=torch.bool, device="cuda")
+rows = torch.tensor(rt_lengths(Path(".gpu")), dtype=torch.int32).cuda()
+perm = torch.randperm(B, generator=g)
+out = {}
+def rec(k, fn):
+    us = graphed_us(fn); out[k] = us; print(f"{k:70s} {us:7.1f}", flush=True)
+for active in (0, 8, 16):
+    slots = torch.zeros(B, dtype=torch.long); slots[perm[:active]] = torch.randint(1, SLOTS, (active,), generator=g)
+    slots = slots.cuda()
+    for v in ({}, {"early_up": True}, {"early_up": True, "num_warps": 8}, {"early_up": True, "num_stages": 4},
+              {"early_up": True, "block_k": 128}):
+        rec(f"adapter {active} rows {v}", lambda v=v: fused.adapter_(y, slots, down, bias64, up, vec, gelu,
+                                                                     bias=(slots, vec), residual=x, lengths=rows, **v))
+rec("residual add", lambda: y.add_(x))
+# two sparse methods, 8 rows each, as Overlap launches them (delta buffer, row subsets)
+rowptr, index, value = sparse_bank(0.05, dt, g)
+sa = torch.zeros(B, dtype=torch.long); sa[perm[:8]] = torch.randint(1, SLOTS, (8,), generator=g)
+sb = torch.zeros(B, dtype=torch.long); sb[perm[8:16]] = torch.randint(1, SLOTS, (8,), generator=g)
+terms = [{"slots": sa.cuda(), "rowptr": rowptr, "index": index, "value": value, "weight": weight, "rows": perm[:8].cuda()},
+         {"slots": sb.cuda(), "rowptr": rowptr, "index": index, "value": value, "bias": vec, "rows": perm[8:16].cuda()}]
+plain = [dict(t, weight=None) if "weight" in t else t for t in terms]
+buf = torch.empty_like(y)
+for v in ({}, {"prefetch": 2}, {"prefetch": 2, "chunk": 64}, {"prefetch": 2, "chunk": 256},
+          {"prefetch": 2, "num_warps": 8}, {"prefetch": 2, "num_warps": 2}, {"prefetch": 2, "chunk": 64, "num_warps": 2},
+          {"prefetch": 2, "block_t": 64}, {"prefetch": 2, "block_t": 16, "chunk": 256}, {"prefetch": 0}):
+    rec(f"sparse 2x8 rows {v}", lambda v=v: fused.sparse_deltas_(buf, x, terms, rows, {}, accumulate=False, **v))
+rec("transpose all rows", lambda: fused.transposed(x, rows))
+Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+(Path(sys.argv[1]) / "exp13.json").write_text(json.dumps(out, indent=1))
