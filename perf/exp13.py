@@ -1,4 +1,9 @@
 """Session 13 experiment (issue 3): launch variants of the adapter and sparse kernels on the mixed forward's cases.
+
+    python3 -m perf.exp13 $OUT      (on the H100; graphed time per call as perf.fused_kernels measures it)
+
+Adapters at 0, 8 and 16 of 64 rows (the mixed batch's attention and feed-forward output sites) with RT lengths; the
+two sparse methods at one site, 8 rows each, into a delta buffer with row subsets (as `Overlap` launches them)."""
 import json, sys, torch
 from pathlib import Path
 from chorus.backends.pet import fused
