@@ -28,10 +28,9 @@ B, T, HIDDEN, SLOTS = 64, 64, 768, 17
 # rows that use it, as graphs launch it)
 VARIANTS = ({}, {"transposed": False}, {"prefetch": False}, {"chunk": 64}, {"chunk": 256}, {"block_t": 64},
             {"block_t": 64, "chunk": 256}, {"block_t": 16}, {"block_n": 32}, {"block_n": 32, "chunk": 256},
-            {"num_warps": 2}, {"num_warps": 8}, {"chunk": 256, "num_warps": 8}, {"n_group": 2}, {"n_group": 4},
-            {"prefetch": 2}, {"prefetch": 2, "chunk": 64}, {"prefetch": 2, "chunk": 256})
+            {"num_warps": 2}, {"num_warps": 8}, {"chunk": 256, "num_warps": 8})
 ADAPTER_VARIANTS = ({}, {"block_n": 128}, {"block_t": 32}, {"block_t": 64}, {"block_k": 128}, {"block_k": 32},
-                    {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"num_stages": 1}, {"early_up": True})
+                    {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"num_stages": 1})
 GATHERED_VARIANTS = ({}, {"block_k": 128}, {"block_k": 256}, {"block_t": 32}, {"block_t": 16},
                      {"block_t": 32, "block_k": 128}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2},
                      {"num_stages": 4})

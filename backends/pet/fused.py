@@ -138,7 +138,7 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
 # The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
 # rows with an adapter 10.4 us at 256 outputs a program vs 10.4-10.8 at 128, 10.1 with 16 tokens rather than 32;
 # 64 of 64 rows 15.2 vs 20.0, 14.0 with 16 tokens)
-ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3, "early_up": False}
+ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
@@ -161,7 +161,7 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
         y, out, residual.contiguous() if residual is not None else y, lengths, slots, down, down_bias, up, up_bias,
         gelu, bs, bias_bank, T, N, M, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=_block(N, opt["block_k"]),
         BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        EARLY_UP=opt["early_up"], PRECISION=_precision(y.dtype), num_warps=opt["num_warps"],
+        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"],
         num_stages=opt["num_stages"])
     return out
 
@@ -337,22 +337,26 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
 # entries where the site's densest slot holds 2% of its weights or more, else 64; `transposed`: gather the inputs
 # from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself; `prefetch`:
 # load the next chunk's positions while this one's inputs are gathered.
-SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": True, "prefetch": True, "num_warps": 4,
-          "n_group": 1}
+SPARSE = {"block_n": 16, "block_t": 32, "chunk": None, "transposed": True, "prefetch": True, "num_warps": 4}
 
 
-def transposed(x: torch.Tensor, lengths: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
-    """x (B, T, K) -> each row transposed (B, K, T), in blocks of tokens that start before the row's `lengths` (later
-    blocks are left unset: the sparse kernel never reads them). With `memo` (a forward's `rows.memo`) once per input
-    tensor: a layer's query and value linears read the same x, and each sparse method there reads it."""
-    if memo is not None and ("transposed", id(x)) in memo:
-        return memo["transposed", id(x)][1]
+def transposed(x: torch.Tensor, lengths: torch.Tensor, memo: dict | None = None,
+               slots: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """x (B, T, K) -> each row transposed (B, K, T), in blocks of tokens that start before the row's `lengths`, on
+    the rows with a slot in one of `slots` (at most two (B,) tensors; none: every row). Other rows and later blocks
+    are left unset: the sparse kernel never reads them. With `memo` (a forward's `rows.memo`) once per input tensor
+    and slots: a layer's query and value linears read the same x, and each sparse method there reads it."""
+    key = ("transposed", id(x), tuple(map(id, slots)))
+    if memo is not None and key in memo:
+        return memo[key][-1]
     B, T, K = x.shape
     xt = torch.empty(B, K, T, dtype=x.dtype, device=x.device)
     bt, bk = _block(T, 64), 64
-    _kernels().transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, lengths, T, K, BLOCK_T=bt, BLOCK_K=bk)
+    flags = (*slots, lengths, lengths)[:2]  # placeholders past len(slots) are never read
+    _kernels().transpose_rows_kernel[(B, _cdiv(T, bt), _cdiv(K, bk))](x, xt, lengths, *flags, T, K, BLOCK_T=bt,
+                                                                      BLOCK_K=bk, SLOTS=len(slots))
     if memo is not None:
-        memo["transposed", id(x)] = (x, xt)  # holds x: its id stays its own until the memo is cleared
+        memo[key] = (x, slots, xt)  # holds x and the slots: their ids stay theirs until the memo is cleared
     return xt
 
 
@@ -383,8 +387,8 @@ def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
     x, kernels = x.contiguous(), _kernels()
     lengths = _lengths(lengths, B, T, x.device)
     opt = {**SPARSE, **launch}  # `launch`: overrides of SPARSE (perf/fused_kernels.py tunes them)
-    if opt["transposed"]:
-        x = transposed(x, lengths, memo)
+    if opt["transposed"]:  # the rows these methods use (with more than two methods: every row)
+        x = transposed(x, lengths, memo, tuple(t["slots"] for t in terms) if len(terms) <= 2 else ())
     bn, bt = opt["block_n"], _block(T, opt["block_t"])
 
     def args(term: dict | None) -> tuple[list, dict, int]:
@@ -404,12 +408,10 @@ def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
         raise ValueError(f"a delta buffer takes at most two sparse methods' products, not {len(terms)}")
     for i in range(0, len(terms), 2):
         (a, fa, na), (b, fb, nb) = args(terms[i]), args(terms[i + 1] if i + 1 < len(terms) else None)
-        groups = opt["n_group"]
-        kernels.sparse_delta_kernel[(na + nb, _cdiv(N, bn * groups), _cdiv(T, bt))](
+        kernels.sparse_delta_kernel[(na + nb, _cdiv(N, bn), _cdiv(T, bt))](
             y, x, lengths, T, N, K, na, *a, *b, BLOCK_N=bn, BLOCK_T=bt, TWO=nb > 0, TRANSPOSED=opt["transposed"],
-            PREFETCH=int(opt["prefetch"]), PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
-            **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, N_GROUP=groups,
-            num_warps=opt["num_warps"])
+            PREFETCH=opt["prefetch"], PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
+            **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, num_warps=opt["num_warps"])
     return y
 
 

@@ -117,7 +117,7 @@ def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, scale_ptr, 
 def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr,
                    gelu_ptr, bias_slot_ptr, bias_ptr, T, N, M, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   EARLY_UP: tl.constexpr, PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr):
     """A bottleneck adapter after a linear, with that linear's bias term and its sublayer's residual, in one pass:
     `out[b] = z + up[s] · act(down[s] · z + down_bias[s]) + up_bias[s] (+ res[b])`, `z = y[b] + bias[sb]`, s the
     row's adapter slot (act per slot: gelu where gelu[s], else relu), sb its slot in the bias bank. y, res, out
@@ -147,10 +147,10 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
         t_ok = offs_t < length
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        if EARLY_UP:  # in flight during the down-projection's loop
-            u = tl.load(up_ptr + slot * N * M + offs_n[None, :] * M + offs_m[:, None],
-                        mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N): up[s]ᵀ
-            ub = tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        # up[s]ᵀ (BLOCK_M, BLOCK_N) and its bias, loaded first: in flight during the down-projection's loop
+        u = tl.load(up_ptr + slot * N * M + offs_n[None, :] * M + offs_m[:, None], mask=m_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        ub = tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         h = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, N, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -168,10 +168,6 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
             h = _gelu(h)
         else:
             h = tl.maximum(h, 0.0)
-        if not EARLY_UP:
-            u = tl.load(up_ptr + slot * N * M + offs_n[None, :] * M + offs_m[:, None],
-                        mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N): up[s]ᵀ
-            ub = tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         d = tl.dot(h.to(u.dtype), u, input_precision=PRECISION) + ub[None, :]
         v += tl.where(t_ok[:, None], d, 0.0)
     if HAS_RES:
@@ -180,32 +176,23 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
 
 
 @triton.jit
-def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[b] = x[b]ᵀ, x (B, T, K) -> out (B, K, T), in blocks of tokens that start before the row's length."""
+def transpose_rows_kernel(x_ptr, out_ptr, len_ptr, slot_a, slot_b, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SLOTS: tl.constexpr):
+    """out[b] = x[b]ᵀ, x (B, T, K) -> out (B, K, T), in blocks of tokens that start before the row's length, on rows
+    with a slot in `slot_a` or `slot_b` (SLOTS: how many of the two are given; 0: every row)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     b = tl.program_id(0).to(tl.int64)
-    if t0 < tl.load(len_ptr + b):
+    used = t0 < tl.load(len_ptr + b)
+    if SLOTS == 1:
+        used &= tl.load(slot_a + b) != 0
+    if SLOTS == 2:
+        used &= (tl.load(slot_a + b) != 0) | (tl.load(slot_b + b) != 0)
+    if used:
         mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)  # whole blocks (vectorized)
         v = tl.load(x_ptr + b * T * K + offs_t[:, None] * K + offs_k[None, :], mask=mask)
         tl.store(out_ptr + b * K * T + offs_k[None, :] * T + offs_t[:, None], v, mask=mask)
-
-
-@triton.jit
-def _sparse_gather(x_row, pos, ok, val, weight_ptr, offs_t, T, K, TRANSPOSED: tl.constexpr, MASK: tl.constexpr):
-    """One chunk of entries at flat positions `pos` (valid where `ok`): their ΔW entries (CHUNK,) and the inputs
-    they read, (CHUNK, BLOCK_T)."""
-    entry = val
-    if MASK:
-        w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
-        entry = tl.where(val < 0, -w, tl.zeros_like(w))
-    col = pos % K
-    if TRANSPOSED:
-        x_ptrs = x_row + col[:, None] * T + offs_t[None, :]
-    else:
-        x_ptrs = x_row + offs_t[None, :] * K + col[:, None]
-    return entry, tl.load(x_ptrs, mask=ok[:, None] & (offs_t < T)[None, :], other=0.0)
 
 
 @triton.jit
@@ -213,8 +200,7 @@ def _sparse_sum(acc, x_row, slot, n0, offs_t, T, N, K, rowptr_ptr, index_ptr, va
                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr,
                 MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """acc (BLOCK_N, BLOCK_T) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t
-    (`sparse_delta_kernel`). PREFETCH 1: the next chunk's positions load while this chunk's inputs are gathered;
-    2: also the next chunk's inputs (and the chunk after's positions) while this chunk is summed."""
+    (`sparse_delta_kernel`)."""
     offs_e = tl.arange(0, CHUNK)
     rowptr = rowptr_ptr + slot * (N + 1)
     first = tl.load(rowptr + n0)
@@ -224,32 +210,26 @@ def _sparse_sum(acc, x_row, slot, n0, offs_t, T, N, K, rowptr_ptr, index_ptr, va
     ok_next = first + offs_e < last
     pos_next = tl.load(entries + first + offs_e, mask=ok_next, other=0).to(tl.int32)  # < 2**31: a weight's size
     val_next = tl.load(values + first + offs_e, mask=ok_next, other=0.0)
-    if PREFETCH == 2:
-        entry_next, xv_next = _sparse_gather(x_row, pos_next, ok_next, val_next, weight_ptr, offs_t, T, K, TRANSPOSED,
-                                             MASK)
-        ok_after = first + CHUNK + offs_e < last
-        pos_after = tl.load(entries + first + CHUNK + offs_e, mask=ok_after, other=0).to(tl.int32)
-        val_after = tl.load(values + first + CHUNK + offs_e, mask=ok_after, other=0.0)
     for e0 in range(first, last, CHUNK):
-        if PREFETCH == 2:
-            pos, entry, xv = pos_next, entry_next, xv_next
-            ok_next, pos_next, val_next = ok_after, pos_after, val_after
-            entry_next, xv_next = _sparse_gather(x_row, pos_next, ok_next, val_next, weight_ptr, offs_t, T, K,
-                                                 TRANSPOSED, MASK)
-            ok_after = e0 + 2 * CHUNK + offs_e < last
-            pos_after = tl.load(entries + e0 + 2 * CHUNK + offs_e, mask=ok_after, other=0).to(tl.int32)
-            val_after = tl.load(values + e0 + 2 * CHUNK + offs_e, mask=ok_after, other=0.0)
+        if PREFETCH:
+            ok, pos, val = ok_next, pos_next, val_next
+            ok_next = e0 + CHUNK + offs_e < last
+            pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0).to(tl.int32)
+            val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
         else:
-            if PREFETCH == 1:
-                ok, pos, val = ok_next, pos_next, val_next
-                ok_next = e0 + CHUNK + offs_e < last
-                pos_next = tl.load(entries + e0 + CHUNK + offs_e, mask=ok_next, other=0).to(tl.int32)
-                val_next = tl.load(values + e0 + CHUNK + offs_e, mask=ok_next, other=0.0)
-            else:
-                ok = e0 + offs_e < last
-                pos = tl.load(entries + e0 + offs_e, mask=ok, other=0).to(tl.int32)
-                val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
-            entry, xv = _sparse_gather(x_row, pos, ok, val, weight_ptr, offs_t, T, K, TRANSPOSED, MASK)
+            ok = e0 + offs_e < last
+            pos = tl.load(entries + e0 + offs_e, mask=ok, other=0).to(tl.int32)
+            val = tl.load(values + e0 + offs_e, mask=ok, other=0.0)
+        entry = val
+        if MASK:
+            w = tl.load(weight_ptr + pos, mask=ok, other=0.0)
+            entry = tl.where(val < 0, -w, tl.zeros_like(w))
+        col = pos % K
+        if TRANSPOSED:
+            x_ptrs = x_row + col[:, None] * T + offs_t[None, :]
+        else:
+            x_ptrs = x_row + offs_t[None, :] * K + col[:, None]
+        xv = tl.load(x_ptrs, mask=ok[:, None] & (offs_t < T)[None, :], other=0.0)  # (CHUNK, BLOCK_T)
         mine = (pos // K - n0)[None, :] == tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, CHUNK)
         placed = tl.where(mine, entry[None, :], tl.zeros_like(entry)[None, :]).to(xv.dtype)
         acc = tl.dot(placed, xv, acc, input_precision=PRECISION)
@@ -267,7 +247,7 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
                         PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
                         CHUNK_A: tl.constexpr, ROWS_A: tl.constexpr, MASK_A: tl.constexpr, BIAS_A: tl.constexpr,
                         CHUNK_B: tl.constexpr, ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr,
-                        ACCUMULATE: tl.constexpr, N_GROUP: tl.constexpr):
+                        ACCUMULATE: tl.constexpr):
     """y[b, t, n] += Σ_j ΔW[n, col_j] · x[b, t, col_j] (+ bias[slot, n]) over the entries j of output n, for rows
     with a slot, up to their length; for one sparse method (A) or, TWO, for two (A and B: e.g. MaskBERT and
     Diff-Pruning at one site) in one launch. A method's ΔW is the slot's CSR: `index[slot]` (max_nnz,) flat positions
@@ -286,6 +266,7 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
     (BLOCK_N, CHUNK): the per-output sums are tensor-core work, no scatter. Inputs past the row's length are read as
     they are (rows padded to T keep the gathers vectorized; those tokens' sums are never stored). ACCUMULATE adds
     into y, else y is written (a delta buffer: rows of neither method and tokens past a row's length left unset)."""
+    n0 = tl.program_id(1) * BLOCK_N
     t0 = tl.program_id(2) * BLOCK_T
     p = tl.program_id(0)
     in_a = p < n_a
@@ -308,23 +289,19 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
         do_b = (sb != 0) & (in_a == (sa != 0))  # A's program for a row of A; else B's program for a row not of A
     length = tl.load(len_ptr + b)
     if (do_a | do_b) & (t0 < length):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         x_row = x_ptr + b * T * K
-        for g in range(N_GROUP):  # the program's output blocks in turn: their gathers of this row's x hit L1
-            n0 = (tl.program_id(1) * N_GROUP + g) * BLOCK_N
-            if n0 < N:
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-                if do_a:
-                    acc = _sparse_sum(acc, x_row, sa, n0, offs_t, T, N, K, rowptr_a, index_a, value_a, weight_a,
-                                      bias_a, nnz_a, BLOCK_N, CHUNK_A, TRANSPOSED, PREFETCH, MASK_A, BIAS_A, PRECISION)
-                if TWO:
-                    if do_b:
-                        acc = _sparse_sum(acc, x_row, sb, n0, offs_t, T, N, K, rowptr_b, index_b, value_b, weight_b,
-                                          bias_b, nnz_b, BLOCK_N, CHUNK_B, TRANSPOSED, PREFETCH, MASK_B, BIAS_B,
-                                          PRECISION)
-                y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
-                mask = (offs_n < N)[:, None] & (offs_t < length)[None, :]
-                if ACCUMULATE:
-                    acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        if do_a:
+            acc = _sparse_sum(acc, x_row, sa, n0, offs_t, T, N, K, rowptr_a, index_a, value_a, weight_a, bias_a,
+                              nnz_a, BLOCK_N, CHUNK_A, TRANSPOSED, PREFETCH, MASK_A, BIAS_A, PRECISION)
+        if TWO:
+            if do_b:
+                acc = _sparse_sum(acc, x_row, sb, n0, offs_t, T, N, K, rowptr_b, index_b, value_b, weight_b, bias_b,
+                                  nnz_b, BLOCK_N, CHUNK_B, TRANSPOSED, PREFETCH, MASK_B, BIAS_B, PRECISION)
+        y_ptrs = y_ptr + b * T * N + offs_t[None, :] * N + offs_n[:, None]
+        mask = (offs_n < N)[:, None] & (offs_t < length)[None, :]
+        if ACCUMULATE:
+            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
