@@ -30,7 +30,13 @@ for active in (0, 8, 16):
         slots = torch.zeros(B, dtype=torch.long)
         slots[chosen] = torch.randint(1, SLOTS, (active,), generator=g)
         slots = slots.cuda()
+        bitfit = torch.zeros_like(slots)  # the mixed batch: BitFit rows (8 others) beside the adapter rows
+        bitfit[torch.nonzero(slots == 0).flatten()[:8]] = 1
         rec(f"adapter {active} rows, {where}", lambda s=slots: fused.adapter_(
+            y, s, down, bias64, up, vec, gelu, bias=(bitfit, vec), residual=x, lengths=rows))
+        rec(f"adapter {active} rows, {where}, no bias term", lambda s=slots: fused.adapter_(
+            y, s, down, bias64, up, vec, gelu, residual=x, lengths=rows))
+        rec(f"adapter {active} rows, {where}, each adapter row's task with a bias", lambda s=slots: fused.adapter_(
             y, s, down, bias64, up, vec, gelu, bias=(s, vec), residual=x, lengths=rows))
         if not active:
             break

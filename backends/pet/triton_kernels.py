@@ -122,7 +122,8 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
     `out[b] = z + up[s] · act(down[s] · z + down_bias[s]) + up_bias[s] (+ res[b])`, `z = y[b] + bias[sb]`, s the
     row's adapter slot (act per slot: gelu where gelu[s], else relu), sb its slot in the bias bank. y, res, out
     (B, T, N); down (C, M, N), down_bias (C, M), up (C, N, M), up_bias (C, N), bias (C, N). Rows on no adapter slot
-    (s = 0) and tokens past a row's length get `z (+ res)`: every element of out is written.
+    (s = 0) and tokens past a row's length get `z (+ res)`: every element of out is written. The bias bank's slot 0
+    is zeros (as every bank's null slot): its rows' bottleneck leaves the bias out.
 
     Each program writes BLOCK_N outputs of BLOCK_T tokens and computes its tokens' bottleneck `act(down · z)` over
     all N inputs itself (programs of one row's tokens repeat that small product rather than wait for each other):
@@ -152,18 +153,25 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
                     other=0.0)
         ub = tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         h = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_K):
+        for k0 in range(0, N, BLOCK_K):  # down · y: the loaded tiles go to the dot as they are
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < N
             z = tl.load(y_ptr + row + offs_t[:, None] * N + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if HAS_BIAS:
-                z = (z.to(tl.float32) + tl.load(bias_ptr + sb * N + offs_k, mask=k_ok, other=0.0).to(tl.float32)[
-                    None, :]).to(y_ptr.dtype.element_ty)
             w = tl.load(down_ptr + slot * M * N + offs_m[None, :] * N + offs_k[:, None],
                         mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M): down[s]ᵀ
             h = tl.dot(z, w, h, input_precision=PRECISION)
-        h += tl.load(down_bias_ptr + slot * M + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+        hb = tl.load(down_bias_ptr + slot * M + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            if sb != 0:  # the row's task also shifts this linear's output: + down · bias, once for its tokens
+                for k0 in range(0, N, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < N
+                    w = tl.load(down_ptr + slot * M * N + offs_m[None, :] * N + offs_k[:, None],
+                                mask=k_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
+                    bk = tl.load(bias_ptr + sb * N + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    hb += tl.sum(bk[:, None] * w, axis=0)
+        h += hb[None, :]
         if tl.load(gelu_ptr + slot) != 0:
             h = _gelu(h)
         else:
