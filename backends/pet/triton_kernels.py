@@ -114,6 +114,23 @@ def gathered_matmul_kernel(x_ptr, w_ptr, len_ptr, slot_ptr, out_ptr, scale_ptr, 
 
 
 @triton.jit
+def _down(h, z_ptrs, t_ok, w_ptrs, m_ok, bias_ptr, N, BLOCK_K: tl.constexpr, ADD_BIAS: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """h (BLOCK_T, BLOCK_M) + z · downᵀ over N inputs, z the tokens' rows of y (+ bias, ADD_BIAS) (`adapter_kernel`).
+    Without the bias the loaded tiles go to the dot as they are (no conversion between: the loop pipelines well)."""
+    for k0 in range(0, N, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < N
+        z = tl.load(z_ptrs + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if ADD_BIAS:
+            z = (z.to(tl.float32) + tl.load(bias_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(
+                z.dtype)
+        w = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & m_ok, other=0.0)  # (BLOCK_K, BLOCK_M): downᵀ
+        h = tl.dot(z, w, h, input_precision=PRECISION)
+    return h
+
+
+@triton.jit
 def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr,
                    gelu_ptr, bias_slot_ptr, bias_ptr, T, N, M, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -153,25 +170,13 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
                     other=0.0)
         ub = tl.load(up_bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         h = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_K):  # down · y: the loaded tiles go to the dot as they are
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < N
-            z = tl.load(y_ptr + row + offs_t[:, None] * N + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(down_ptr + slot * M * N + offs_m[None, :] * N + offs_k[:, None],
-                        mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_M): down[s]ᵀ
-            h = tl.dot(z, w, h, input_precision=PRECISION)
-        hb = tl.load(down_bias_ptr + slot * M + offs_m, mask=m_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            if sb != 0:  # the row's task also shifts this linear's output: + down · bias, once for its tokens
-                for k0 in range(0, N, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = offs_k < N
-                    w = tl.load(down_ptr + slot * M * N + offs_m[None, :] * N + offs_k[:, None],
-                                mask=k_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
-                    bk = tl.load(bias_ptr + sb * N + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                    hb += tl.sum(bk[:, None] * w, axis=0)
-        h += hb[None, :]
+        w_ptrs = down_ptr + slot * M * N + offs_m[None, :] * N  # (1, BLOCK_M): down[s]'s rows
+        z_ptrs = y_ptr + row + offs_t[:, None] * N  # (BLOCK_T, 1)
+        if HAS_BIAS & (sb != 0):  # the row's task also shifts this linear's output (rare): z = y + bias
+            h = _down(h, z_ptrs, t_ok, w_ptrs, m_ok, bias_ptr + sb * N, N, BLOCK_K, True, PRECISION)
+        else:
+            h = _down(h, z_ptrs, t_ok, w_ptrs, m_ok, bias_ptr, N, BLOCK_K, False, PRECISION)
+        h += tl.load(down_bias_ptr + slot * M + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
         if tl.load(gelu_ptr + slot) != 0:
             h = _gelu(h)
         else:
