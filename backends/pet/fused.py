@@ -137,7 +137,8 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
 
 # The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
 # rows with an adapter 10.4 us at 256 outputs a program vs 10.4-10.8 at 128, 10.1 with 16 tokens rather than 32;
-# 64 of 64 rows 15.2 vs 20.0, 14.0 with 16 tokens)
+# 64 of 64 rows 15.2 vs 20.0, 14.0 with 16 tokens; 9.8 us at 8 rows since the kernel loads its up-projection first
+# and keeps the bias out of its down-projection's loop, perf/results/h100-2026-11-23 "Session 13")
 ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
