@@ -155,15 +155,14 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
     lengths = _lengths(lengths, B, T, y.device)
     y = y.contiguous()
     out = torch.empty_like(y)
-    opt = {**ADAPTER, **launch}
     bs, bias_bank = bias if bias is not None else (slots, y)  # placeholders of absent terms are never read
+    opt = {**ADAPTER, **launch}
     bt, bn = _block(T, opt["block_t"]), _block(N, opt["block_n"])
     _kernels().adapter_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         y, out, residual.contiguous() if residual is not None else y, lengths, slots, down, down_bias, up, up_bias,
         gelu, bs, bias_bank, T, N, M, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=_block(N, opt["block_k"]),
         BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"],
-        num_stages=opt["num_stages"])
+        PRECISION=_precision(y.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
     return out
 
 
