@@ -73,6 +73,19 @@ def rt_lengths(bundle: Path) -> list[int]:
     return [min(T, len(e.ids)) for e in tok.encode_batch(texts)]
 
 
+def bench_tensors(dtype, g) -> tuple[torch.Tensor, ...]:
+    """The benchmark's random CUDA tensors, drawn from `g` in this order: x, y (B, T, HIDDEN); a weight (HIDDEN,
+    HIDDEN); a bank of vectors (SLOTS, HIDDEN); LoRA r16 A, B; adapter m64 down, up; then the adapter's down bias
+    (the vectors' first 64) and per-slot gelu flags (all relu)."""
+    rand = lambda *shape, scale=0.02: (torch.randn(*shape, generator=g) * scale).to(dtype).cuda()  # noqa: E731
+    x, y = rand(B, T, HIDDEN, scale=1.0), rand(B, T, HIDDEN, scale=1.0)
+    weight, vec = rand(HIDDEN, HIDDEN), rand(SLOTS, HIDDEN)
+    lora_a, lora_b, down, up = rand(SLOTS, 16, HIDDEN), rand(SLOTS, HIDDEN, 16), rand(SLOTS, 64, HIDDEN), rand(
+        SLOTS, HIDDEN, 64)
+    return (x, y, weight, vec, lora_a, lora_b, down, up, vec[:, :64].contiguous(),
+            torch.zeros(SLOTS, dtype=torch.bool, device="cuda"))
+
+
 def sparse_bank(density: float, dtype, g):
     """SLOTS slots (0 null) of random positions at `density` of a (HIDDEN, HIDDEN) weight, CSR as the bank keeps it."""
     n = int(density * HIDDEN * HIDDEN)
@@ -97,16 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print("the fused kernels do not serve this machine (no CUDA device or no Triton)", file=sys.stderr)
         return 2
     dtype, g = torch.float16, torch.Generator().manual_seed(0)
-    x = torch.randn(B, T, HIDDEN, generator=g).to(dtype).cuda()
-    y = torch.randn(B, T, HIDDEN, generator=g).to(dtype).cuda()
-    weight = (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
-    vec = (torch.randn(SLOTS, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
-    lora_a = (torch.randn(SLOTS, 16, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
-    lora_b = (torch.randn(SLOTS, HIDDEN, 16, generator=g) * 0.02).to(dtype).cuda()
-    down = (torch.randn(SLOTS, 64, HIDDEN, generator=g) * 0.02).to(dtype).cuda()
-    up = (torch.randn(SLOTS, HIDDEN, 64, generator=g) * 0.02).to(dtype).cuda()
-    bias64, scaling = vec[:, :64].contiguous(), torch.ones(SLOTS, dtype=dtype, device="cuda")
-    gelu = torch.zeros(SLOTS, dtype=torch.bool, device="cuda")
+    x, y, weight, vec, lora_a, lora_b, down, up, bias64, gelu = bench_tensors(dtype, g)
+    scaling = torch.ones(SLOTS, dtype=dtype, device="cuda")
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "T": T,
                  "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": [],
                  "gathered_variants": [], "adapter_variants": []}
