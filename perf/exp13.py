@@ -46,10 +46,12 @@ def main(out_dir: str) -> None:
     rec("residual add", lambda: y.add_(x))
     # two sparse methods, 8 rows each, as Overlap launches them (delta buffer, row subsets)
     rowptr, index, value = sparse_bank(0.05, dt, g)
-    sa = torch.zeros(B, dtype=torch.long); sa[perm[:8]] = torch.randint(1, SLOTS, (8,), generator=g)
-    sb = torch.zeros(B, dtype=torch.long); sb[perm[8:16]] = torch.randint(1, SLOTS, (8,), generator=g)
-    terms = [{"slots": sa.cuda(), "rowptr": rowptr, "index": index, "value": value, "weight": weight, "rows": perm[:8].cuda()},
-             {"slots": sb.cuda(), "rowptr": rowptr, "index": index, "value": value, "bias": vec, "rows": perm[8:16].cuda()}]
+    sa, sb = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    sa[perm[:8]] = torch.randint(1, SLOTS, (8,), generator=g)
+    sb[perm[8:16]] = torch.randint(1, SLOTS, (8,), generator=g)
+    csr = {"rowptr": rowptr, "index": index, "value": value}
+    terms = [{"slots": sa.cuda(), **csr, "weight": weight, "rows": perm[:8].cuda()},
+             {"slots": sb.cuda(), **csr, "bias": vec, "rows": perm[8:16].cuda()}]
     buf = torch.empty_like(y)
     rec("sparse 2x8 rows", lambda: fused.sparse_deltas_(buf, x, terms, rows, {}, accumulate=False))
     rec("transpose all rows", lambda: fused.transposed(x, rows))
