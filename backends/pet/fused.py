@@ -417,3 +417,56 @@ def sparse_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# The bitmap format's tiles: (TILE, TILE) blocks of ΔW, the bitmap kernel's block of outputs and of inputs
+TILE = 64
+BITMAP = {"block_t": 32, "num_warps": 4, "num_stages": 3}
+
+
+def tile_order(index: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One slot's ΔW positions (flat `n * K + k`, unique; K a multiple of 8) as the bitmap kernel reads them:
+    (order, tiles, bits): `index[order]` lists them tile by tile ((TILE, TILE) blocks, output blocks major), within a
+    tile output by output; `tiles` (N/TILE · K/TILE + 1,) int32 where each tile's entries start in that order; `bits`
+    (N, K // 8) uint8, bit k % 8 of byte [n, k // 8] set at each position."""
+    n, k = index // K, index % K
+    tiles_k = _cdiv(K, TILE)
+    key = ((n // TILE) * tiles_k + k // TILE) * TILE * TILE + (n % TILE) * TILE + k % TILE
+    key, order = key.sort()
+    starts = torch.arange(_cdiv(N, TILE) * tiles_k + 1, device=index.device) * TILE * TILE
+    tiles = torch.searchsorted(key, starts).to(torch.int32)
+    bits = torch.zeros(N * (K // 8), dtype=torch.int32, device=index.device).index_add_(
+        0, n * (K // 8) + k // 8, torch.ones_like(k, dtype=torch.int32) << (k % 8).to(torch.int32))
+    return order, tiles, bits.to(torch.uint8).view(N, K // 8)
+
+
+def bitmap_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths: torch.Tensor | None = None,
+                   accumulate: bool = True, **launch) -> torch.Tensor:
+    """`sparse_deltas_` over ΔW kept as bitmaps of tiles (`tile_order`): each term a dict of `slots`, `bits`
+    (C, N, K // 8), `tiles` (C, tiles + 1), `value` (C, max_nnz) in tile order, `weight`, `bias`, `rows`."""
+    B, T, K = x.shape
+    N = y.shape[2]
+    x = x.contiguous()
+    lengths = _lengths(lengths, B, T, x.device)
+    opt = {**BITMAP, **launch}
+    bt = _block(T, opt["block_t"])
+
+    def args(term: dict | None) -> tuple[list, dict, int]:
+        if term is None:  # no second method: placeholders, never read
+            return [lengths, lengths, lengths, lengths, y, y, y, 0], {"ROWS": False, "MASK": False, "BIAS": False}, 0
+        value, rows, weight, bias = term["value"], term["rows"], term.get("weight"), term.get("bias")
+        return ([rows if rows is not None else lengths, term["slots"], term["bits"], term["tiles"], value,
+                 weight if weight is not None else value, bias if bias is not None else value, value.shape[1]],
+                {"ROWS": rows is not None, "MASK": weight is not None, "BIAS": bias is not None},
+                B if rows is None else len(rows))
+
+    if not accumulate and len(terms) > 2:
+        raise ValueError(f"a delta buffer takes at most two sparse methods' products, not {len(terms)}")
+    for i in range(0, len(terms), 2):
+        (a, fa, na), (b, fb, nb) = args(terms[i]), args(terms[i + 1] if i + 1 < len(terms) else None)
+        _kernels().bitmap_delta_kernel[(na + nb, _cdiv(N, TILE), _cdiv(T, bt))](
+            y, x, lengths, T, N, K, na, *a, *b, BLOCK_N=TILE, BLOCK_K=TILE, BLOCK_T=bt, TWO=nb > 0,
+            PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
+            **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, num_warps=opt["num_warps"],
+            num_stages=opt["num_stages"])
+    return y

@@ -318,3 +318,93 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
         if ACCUMULATE:
             acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_sum(acc, x_row, slot, n0, offs_t, t_ok, N, K, bits_ptr, tile_ptr, value_ptr, weight_ptr, bias_ptr, max_nnz,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """acc (BLOCK_T, BLOCK_N) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t, ΔW read as a
+    bitmap of tiles (`bitmap_delta_kernel`)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles = tile_ptr + slot * (tl.cdiv(N, BLOCK_N) * tiles_k + 1) + (n0 // BLOCK_N) * tiles_k
+    bits = bits_ptr + slot * N * (K // 8) + offs_n[:, None] * (K // 8)  # (BLOCK_N, 1): each output's bytes
+    values = value_ptr + slot * max_nnz
+    for kb in range(0, tiles_k):
+        ks = kb * BLOCK_K + offs_k
+        ok = n_ok[:, None] & (ks < K)[None, :]
+        byte = tl.load(bits + (ks // 8)[None, :], mask=ok, other=0).to(tl.int32)
+        on = (byte >> (ks % 8)[None, :]) & 1  # (BLOCK_N, BLOCK_K): 1 where ΔW has an entry
+        row_total = tl.sum(on, axis=1)
+        offs = tl.load(tiles + kb) + (tl.cumsum(row_total, axis=0) - row_total)[:, None] + tl.cumsum(on, axis=1) - on
+        entry = tl.load(values + offs, mask=on != 0, other=0.0)  # the tile's entries in order, output by output
+        if MASK:
+            w = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok, other=0.0)
+            entry = tl.where(entry < 0, -w, tl.zeros_like(w))
+        xv = tl.load(x_row + offs_t[:, None] * K + ks[None, :], mask=t_ok[:, None] & (ks < K)[None, :], other=0.0)
+        acc = tl.dot(xv, tl.trans(entry.to(xv.dtype)), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + slot * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def bitmap_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
+                        rows_a, slot_a, bits_a, tile_a, value_a, weight_a, bias_a, nnz_a,
+                        rows_b, slot_b, bits_b, tile_b, value_b, weight_b, bias_b, nnz_b,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, TWO: tl.constexpr,
+                        PRECISION: tl.constexpr, ROWS_A: tl.constexpr, MASK_A: tl.constexpr, BIAS_A: tl.constexpr,
+                        ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """y[b, t, n] += Σ_k ΔW[n, k] · x[b, t, k] (+ bias[slot, n]) for rows with a slot, up to their length, for one
+    sparse method (A) or, TWO, two (A and B: e.g. MaskBERT and Diff-Pruning at one site) in one launch; rows,
+    methods and ACCUMULATE as in `sparse_delta_kernel`.
+
+    A method's ΔW is a bitmap of (BLOCK_N, BLOCK_K) tiles: `bits[slot]` (N, K / 8) uint8, bit k % 8 of byte k // 8
+    set where ΔW[n, k] has an entry; the entries `value[slot]` (max_nnz,) ordered tile by tile (tiles output-block
+    major), within a tile output by output, with `tile[slot]` (tiles + 1,) int32 where each tile's entries start.
+    An entry is its value (MASK, MaskBERT: `-weight[n, k]` where the value, a score, is negative, else 0). A program
+    runs its BLOCK_N outputs' tiles as dense ones: the tile's entries land in place (their offsets are the prefix
+    counts of its bits) and one tensor-core matmul adds the tile's products; no index is read per entry."""
+    n0 = tl.program_id(1) * BLOCK_N
+    t0 = tl.program_id(2) * BLOCK_T
+    p = tl.program_id(0)
+    in_a = p < n_a
+    if ROWS_A:
+        b = tl.load(rows_a + tl.minimum(p, n_a - 1))
+    else:
+        b = p.to(tl.int64)
+    if TWO:
+        if ROWS_B:
+            b_b = tl.load(rows_b + tl.maximum(p - n_a, 0))
+        else:
+            b_b = tl.maximum(p - n_a, 0).to(tl.int64)
+        b = tl.where(in_a, b, b_b)
+    sa = tl.load(slot_a + b)
+    do_a = in_a & (sa != 0)
+    do_b = sa != sa  # false: no method B
+    sb = sa
+    if TWO:
+        sb = tl.load(slot_b + b)
+        do_b = (sb != 0) & (in_a == (sa != 0))  # A's program for a row of A; else B's program for a row not of A
+    length = tl.load(len_ptr + b)
+    if (do_a | do_b) & (t0 < length):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < length
+        x_row = x_ptr + b * T * K
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        if do_a:
+            acc = _tile_sum(acc, x_row, sa, n0, offs_t, t_ok, N, K, bits_a, tile_a, value_a, weight_a, bias_a, nnz_a,
+                            BLOCK_N, BLOCK_K, MASK_A, BIAS_A, PRECISION)
+        if TWO:
+            if do_b:
+                acc = _tile_sum(acc, x_row, sb, n0, offs_t, t_ok, N, K, bits_b, tile_b, value_b, weight_b, bias_b,
+                                nnz_b, BLOCK_N, BLOCK_K, MASK_B, BIAS_B, PRECISION)
+        y_ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
+        mask = t_ok[:, None] & (offs_n < N)[None, :]
+        if ACCUMULATE:
+            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
