@@ -15,16 +15,18 @@ from chorus.backends.pet import fused
 from perf.fused_kernels import B, HIDDEN, SLOTS, bench_tensors, graphed_us, rt_lengths, sparse_bank
 
 
-def bitmap_bank(index: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor) -> dict:
-    """The CSR bank `sparse_bank` made as the bitmap kernel reads it (values reordered tile by tile)."""
-    bits, tiles, tiled = [], [], torch.zeros_like(value)
+def bitmap_bank(index: torch.Tensor, value: torch.Tensor, rowptr: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The CSR bank `sparse_bank` made as the bitmap kernel reads it (values reordered tile by tile), and the bits
+    of its negative values' positions only (MaskBERT's pruned weights)."""
+    bits, tiles, tiled, pruned = [], [], torch.zeros_like(value), []
     for s in range(len(index)):
         n = int(rowptr[s, -1])
         order, t, b = fused.tile_order(index[s, :n], HIDDEN, HIDDEN)
         tiled[s, :n] = value[s, :n][order]
         bits.append(b)
         tiles.append(t)
-    return {"bits": torch.stack(bits), "tiles": torch.stack(tiles), "value": tiled}
+        pruned.append(fused.tile_order(index[s, :n][value[s, :n] < 0], HIDDEN, HIDDEN)[2])
+    return {"bits": torch.stack(bits), "tiles": torch.stack(tiles), "value": tiled}, torch.stack(pruned)
 
 
 def main(out_dir: str) -> None:
@@ -48,11 +50,12 @@ def main(out_dir: str) -> None:
     for density in (0.05, 0.005):
         rowptr, index, value = sparse_bank(density, dt, g)
         csr = {"rowptr": rowptr, "index": index, "value": value}
-        bm = bitmap_bank(index, value, rowptr)
+        bm, pruned = bitmap_bank(index, value, rowptr)
         csr_fn = lambda *a, **k: fused.sparse_deltas_(*a, memo={}, **k)  # noqa: E731 - transposes x each call
-        for name, bank, fn in (("csr", csr, csr_fn), ("bitmap", bm, fused.bitmap_deltas_)):
+        for name, bank, fn in (("csr", csr, csr_fn), ("bitmap", bm, fused.bitmap_deltas_),
+                               ("bitmap pruned", {**bm, "bits": pruned, "pruned": True}, fused.bitmap_deltas_)):
             terms = [{"slots": sa, **bank, "weight": weight, "rows": perm[:8].cuda()},
-                     {"slots": sb, **bank, "bias": vec, "rows": perm[8:16].cuda()}]
+                     {"slots": sb, **bm, "bias": vec, "rows": perm[8:16].cuda()}]
             # the check: both kernels' products agree
             fn(buf, x, terms, rows, accumulate=False)
             got = buf.clone()
@@ -62,16 +65,18 @@ def main(out_dir: str) -> None:
                 live = ((sa != 0) | (sb != 0))[:, None, None] & (torch.arange(64, device="cuda")[None, :, None]
                                                                  < rows[:, None, None])
                 err = float(torch.where(live, (got - ref).abs(), 0).max())
-                out[f"max |bitmap - csr| at {density:.1%}"] = err
-                print(f"max |bitmap - csr| at {density:.1%}: {err:.4f}", flush=True)
+                out[f"max |{name} - csr| at {density:.1%}"] = err
+                print(f"max |{name} - csr| at {density:.1%}: {err:.4f}", flush=True)
             rec(f"{name} {density:.1%}: MaskBERT + Diff-Pruning, 8 rows each", lambda: fn(
                 buf, x, terms, rows, accumulate=False))
+            rec(f"{name} {density:.1%}: MaskBERT, 8 rows", lambda: fn(buf, x, terms[:1], rows, accumulate=False))
+            rec(f"{name} {density:.1%}: Diff-Pruning, 8 rows", lambda: fn(buf, x, terms[1:], rows, accumulate=False))
             rec(f"{name} {density:.1%}: MaskBERT, 64 rows", lambda: fn(
                 y, x, [{"slots": every, **bank, "weight": weight, "rows": None}], rows))
-            if name == "bitmap":
+            if name != "csr":
                 for launch in ({"block_t": 16}, {"block_t": 64}, {"num_warps": 8}, {"num_stages": 2},
-                               {"num_stages": 4}, {"block_t": 16, "num_warps": 2}):
-                    rec(f"bitmap {density:.1%} 8+8 rows {launch}", lambda: fn(
+                               {"num_stages": 4}, {"num_warps": 8, "num_stages": 2}):
+                    rec(f"{name} {density:.1%} 8+8 rows {launch}", lambda: fn(
                         buf, x, terms, rows, accumulate=False, **launch))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "exp14.json").write_text(json.dumps(out, indent=1))

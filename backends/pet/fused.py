@@ -425,19 +425,19 @@ BITMAP = {"block_t": 32, "num_warps": 4, "num_stages": 3}
 
 
 def tile_order(index: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One slot's ΔW positions (flat `n * K + k`, unique; K a multiple of 8) as the bitmap kernel reads them:
-    (order, tiles, bits): `index[order]` lists them tile by tile ((TILE, TILE) blocks, output blocks major), within a
-    tile output by output; `tiles` (N/TILE · K/TILE + 1,) int32 where each tile's entries start in that order; `bits`
-    (N, K // 8) uint8, bit k % 8 of byte [n, k // 8] set at each position."""
+    """One slot's ΔW positions (flat `n * K + k`, unique) as the bitmap kernel reads them: (order, tiles, bits):
+    `index[order]` lists them tile by tile ((TILE, TILE) blocks, output blocks major), within a tile output by
+    output; `tiles` (N/TILE · K/TILE + 1,) int32 where each tile's entries start in that order; `bits`
+    (N, K/TILE) int64, bit k % TILE of word [n, k // TILE] set at each position."""
     n, k = index // K, index % K
     tiles_k = _cdiv(K, TILE)
     key = ((n // TILE) * tiles_k + k // TILE) * TILE * TILE + (n % TILE) * TILE + k % TILE
     key, order = key.sort()
     starts = torch.arange(_cdiv(N, TILE) * tiles_k + 1, device=index.device) * TILE * TILE
     tiles = torch.searchsorted(key, starts).to(torch.int32)
-    bits = torch.zeros(N * (K // 8), dtype=torch.int32, device=index.device).index_add_(
-        0, n * (K // 8) + k // 8, torch.ones_like(k, dtype=torch.int32) << (k % 8).to(torch.int32))
-    return order, tiles, bits.to(torch.uint8).view(N, K // 8)
+    bits = torch.zeros(N * tiles_k, dtype=torch.int64, device=index.device).index_add_(
+        0, n * tiles_k + k // TILE, torch.ones_like(k) << (k % TILE))  # distinct bits: their sum is their union
+    return order, tiles, bits.view(N, tiles_k)
 
 
 def bitmap_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths: torch.Tensor | None = None,
@@ -453,11 +453,13 @@ def bitmap_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
 
     def args(term: dict | None) -> tuple[list, dict, int]:
         if term is None:  # no second method: placeholders, never read
-            return [lengths, lengths, lengths, lengths, y, y, y, 0], {"ROWS": False, "MASK": False, "BIAS": False}, 0
+            return [lengths, lengths, lengths, lengths, y, y, y, 0], {"ROWS": False, "MASK": False, "BIAS": False,
+                                                                       "PRUNED": False}, 0
         value, rows, weight, bias = term["value"], term["rows"], term.get("weight"), term.get("bias")
         return ([rows if rows is not None else lengths, term["slots"], term["bits"], term["tiles"], value,
                  weight if weight is not None else value, bias if bias is not None else value, value.shape[1]],
-                {"ROWS": rows is not None, "MASK": weight is not None, "BIAS": bias is not None},
+                {"ROWS": rows is not None, "MASK": weight is not None, "BIAS": bias is not None,
+                 "PRUNED": term.get("pruned", False)},
                 B if rows is None else len(rows))
 
     if not accumulate and len(terms) > 2:

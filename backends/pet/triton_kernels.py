@@ -321,9 +321,18 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
 
 
 @triton.jit
+def _popcount(w):
+    """Set bits of each uint64 in w (SWAR)."""
+    w = w - ((w >> 1) & 0x5555555555555555)
+    w = (w & 0x3333333333333333) + ((w >> 2) & 0x3333333333333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((w * 0x0101010101010101) >> 56).to(tl.int32)
+
+
+@triton.jit
 def _tile_sum(acc, x_row, slot, n0, offs_t, t_ok, N, K, bits_ptr, tile_ptr, value_ptr, weight_ptr, bias_ptr, max_nnz,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, PRUNED: tl.constexpr):
     """acc (BLOCK_T, BLOCK_N) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t, ΔW read as a
     bitmap of tiles (`bitmap_delta_kernel`)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -331,19 +340,25 @@ def _tile_sum(acc, x_row, slot, n0, offs_t, t_ok, N, K, bits_ptr, tile_ptr, valu
     n_ok = offs_n < N
     tiles_k = tl.cdiv(K, BLOCK_K)
     tiles = tile_ptr + slot * (tl.cdiv(N, BLOCK_N) * tiles_k + 1) + (n0 // BLOCK_N) * tiles_k
-    bits = bits_ptr + slot * N * (K // 8) + offs_n[:, None] * (K // 8)  # (BLOCK_N, 1): each output's bytes
+    words = bits_ptr + slot * N * tiles_k + offs_n * tiles_k  # (BLOCK_N,): each output's first word
     values = value_ptr + slot * max_nnz
+    below = (tl.full((BLOCK_K,), 1, tl.uint64) << offs_k.to(tl.uint64)) - 1  # bits below each column
     for kb in range(0, tiles_k):
         ks = kb * BLOCK_K + offs_k
         ok = n_ok[:, None] & (ks < K)[None, :]
-        byte = tl.load(bits + (ks // 8)[None, :], mask=ok, other=0).to(tl.int32)
-        on = (byte >> (ks % 8)[None, :]) & 1  # (BLOCK_N, BLOCK_K): 1 where ΔW has an entry
-        row_total = tl.sum(on, axis=1)
-        offs = tl.load(tiles + kb) + (tl.cumsum(row_total, axis=0) - row_total)[:, None] + tl.cumsum(on, axis=1) - on
-        entry = tl.load(values + offs, mask=on != 0, other=0.0)  # the tile's entries in order, output by output
-        if MASK:
-            w = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok, other=0.0)
-            entry = tl.where(entry < 0, -w, tl.zeros_like(w))
+        w = tl.load(words + kb, mask=n_ok, other=0).to(tl.uint64, bitcast=True)  # (BLOCK_N,): the tile's bits
+        on = ((w[:, None] >> offs_k.to(tl.uint64)[None, :]) & 1) != 0  # (BLOCK_N, BLOCK_K): ΔW has an entry
+        if PRUNED:  # MaskBERT, bits at pruned weights only: the entry is -W there
+            w_tile = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok & on, other=0.0)
+            entry = -w_tile
+        else:
+            row_total = _popcount(w)
+            offs = tl.load(tiles + kb) + (tl.cumsum(row_total, axis=0) - row_total)[:, None] + _popcount(
+                w[:, None] & below[None, :])
+            entry = tl.load(values + offs, mask=on, other=0.0)  # the tile's entries in order, output by output
+            if MASK:
+                w_tile = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok, other=0.0)
+                entry = tl.where(entry < 0, -w_tile, tl.zeros_like(w_tile))
         xv = tl.load(x_row + offs_t[:, None] * K + ks[None, :], mask=t_ok[:, None] & (ks < K)[None, :], other=0.0)
         acc = tl.dot(xv, tl.trans(entry.to(xv.dtype)), acc, input_precision=PRECISION)
     if HAS_BIAS:
@@ -357,7 +372,8 @@ def bitmap_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
                         rows_b, slot_b, bits_b, tile_b, value_b, weight_b, bias_b, nnz_b,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, TWO: tl.constexpr,
                         PRECISION: tl.constexpr, ROWS_A: tl.constexpr, MASK_A: tl.constexpr, BIAS_A: tl.constexpr,
-                        ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr, ACCUMULATE: tl.constexpr):
+                        ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr, ACCUMULATE: tl.constexpr,
+                        PRUNED_A: tl.constexpr = False, PRUNED_B: tl.constexpr = False):
     """y[b, t, n] += Σ_k ΔW[n, k] · x[b, t, k] (+ bias[slot, n]) for rows with a slot, up to their length, for one
     sparse method (A) or, TWO, two (A and B: e.g. MaskBERT and Diff-Pruning at one site) in one launch; rows,
     methods and ACCUMULATE as in `sparse_delta_kernel`.
@@ -398,11 +414,11 @@ def bitmap_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         if do_a:
             acc = _tile_sum(acc, x_row, sa, n0, offs_t, t_ok, N, K, bits_a, tile_a, value_a, weight_a, bias_a, nnz_a,
-                            BLOCK_N, BLOCK_K, MASK_A, BIAS_A, PRECISION)
+                            BLOCK_N, BLOCK_K, MASK_A, BIAS_A, PRECISION, PRUNED_A)
         if TWO:
             if do_b:
                 acc = _tile_sum(acc, x_row, sb, n0, offs_t, t_ok, N, K, bits_b, tile_b, value_b, weight_b, bias_b,
-                                nnz_b, BLOCK_N, BLOCK_K, MASK_B, BIAS_B, PRECISION)
+                                nnz_b, BLOCK_N, BLOCK_K, MASK_B, BIAS_B, PRECISION, PRUNED_B)
         y_ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
         mask = t_ok[:, None] & (offs_n < N)[None, :]
         if ACCUMULATE:
