@@ -55,7 +55,7 @@ def main(out_dir: str) -> None:
         for name, bank, fn in (("csr", csr, csr_fn), ("bitmap", bm, fused.bitmap_deltas_),
                                ("bitmap pruned", {**bm, "bits": pruned, "pruned": True}, fused.bitmap_deltas_)):
             terms = [{"slots": sa, **bank, "weight": weight, "rows": perm[:8].cuda()},
-                     {"slots": sb, **bm, "bias": vec, "rows": perm[8:16].cuda()}]
+                     {"slots": sb, **(csr if name == "csr" else bm), "bias": vec, "rows": perm[8:16].cuda()}]
             # the check: both kernels' products agree
             fn(buf, x, terms, rows, accumulate=False)
             got = buf.clone()
