@@ -47,6 +47,11 @@ def main(out_dir: str) -> None:
     sa, sb = sa.cuda(), sb.cuda()
     every = torch.randint(1, SLOTS, (B,), generator=g).cuda()
     buf = torch.empty_like(y)
+    dense = weight.expand(SLOTS, -1, -1).contiguous()  # the floor: each row's own dense ΔW, one matmul
+    scale = torch.ones(SLOTS, dtype=dt, device="cuda")
+    rec("dense floor: gathered matmul 768 x 768, 8 rows", lambda: fused.gathered_matmul(x, dense, sa, scale, rows))
+    rec("dense floor: gathered matmul 768 x 768, 16 rows", lambda: fused.gathered_matmul(x, dense, sa + sb, scale,
+                                                                                          rows))
     for density in (0.05, 0.005):
         rowptr, index, value = sparse_bank(density, dt, g)
         csr = {"rowptr": rowptr, "index": index, "value": value}

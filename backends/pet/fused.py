@@ -468,6 +468,7 @@ def bitmap_deltas_(y: torch.Tensor, x: torch.Tensor, terms: list[dict], lengths:
         (a, fa, na), (b, fb, nb) = args(terms[i]), args(terms[i + 1] if i + 1 < len(terms) else None)
         _kernels().bitmap_delta_kernel[(na + nb, _cdiv(N, TILE), _cdiv(T, bt))](
             y, x, lengths, T, N, K, na, *a, *b, BLOCK_N=TILE, BLOCK_K=TILE, BLOCK_T=bt, TWO=nb > 0,
+            TILES_K=_block(_cdiv(K, TILE), 1 << 30, 1),
             PRECISION=_precision(y.dtype), **{f"{k}_A": v for k, v in fa.items()},
             **{f"{k}_B": v for k, v in fb.items()}, ACCUMULATE=accumulate, num_warps=opt["num_warps"],
             num_stages=opt["num_stages"])

@@ -332,7 +332,7 @@ def _popcount(w):
 @triton.jit
 def _tile_sum(acc, x_row, slot, n0, offs_t, t_ok, N, K, bits_ptr, tile_ptr, value_ptr, weight_ptr, bias_ptr, max_nnz,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              PRECISION: tl.constexpr, PRUNED: tl.constexpr):
+              PRECISION: tl.constexpr, PRUNED: tl.constexpr, TILES_K: tl.constexpr):
     """acc (BLOCK_T, BLOCK_N) + one slot's `x · ΔWᵀ (+ bias)` at outputs n0.. and tokens offs_t, ΔW read as a
     bitmap of tiles (`bitmap_delta_kernel`)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -343,18 +343,23 @@ def _tile_sum(acc, x_row, slot, n0, offs_t, t_ok, N, K, bits_ptr, tile_ptr, valu
     words = bits_ptr + slot * N * tiles_k + offs_n * tiles_k  # (BLOCK_N,): each output's first word
     values = value_ptr + slot * max_nnz
     below = (tl.full((BLOCK_K,), 1, tl.uint64) << offs_k.to(tl.uint64)) - 1  # bits below each column
+    # every tile's bits and start up front: in the loop, only loads whose addresses are known before it
+    offs_kb = tl.arange(0, TILES_K)
+    kb_ok = offs_kb < tiles_k
+    all_words = tl.load(words[:, None] + offs_kb[None, :], mask=n_ok[:, None] & kb_ok[None, :], other=0)
+    all_starts = tl.load(tiles + offs_kb, mask=kb_ok, other=0)
     for kb in range(0, tiles_k):
         ks = kb * BLOCK_K + offs_k
         ok = n_ok[:, None] & (ks < K)[None, :]
-        w = tl.load(words + kb, mask=n_ok, other=0).to(tl.uint64, bitcast=True)  # (BLOCK_N,): the tile's bits
+        w = tl.sum(tl.where(offs_kb[None, :] == kb, all_words, 0), axis=1).to(tl.uint64, bitcast=True)
         on = ((w[:, None] >> offs_k.to(tl.uint64)[None, :]) & 1) != 0  # (BLOCK_N, BLOCK_K): ΔW has an entry
         if PRUNED:  # MaskBERT, bits at pruned weights only: the entry is -W there
-            w_tile = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok & on, other=0.0)
-            entry = -w_tile
+            w_tile = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok, other=0.0)
+            entry = tl.where(on, -w_tile, tl.zeros_like(w_tile))
         else:
             row_total = _popcount(w)
-            offs = tl.load(tiles + kb) + (tl.cumsum(row_total, axis=0) - row_total)[:, None] + _popcount(
-                w[:, None] & below[None, :])
+            start = tl.sum(tl.where(offs_kb == kb, all_starts, 0))
+            offs = start + (tl.cumsum(row_total, axis=0) - row_total)[:, None] + _popcount(w[:, None] & below[None, :])
             entry = tl.load(values + offs, mask=on, other=0.0)  # the tile's entries in order, output by output
             if MASK:
                 w_tile = tl.load(weight_ptr + offs_n[:, None] * K + ks[None, :], mask=ok, other=0.0)
@@ -373,7 +378,7 @@ def bitmap_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, TWO: tl.constexpr,
                         PRECISION: tl.constexpr, ROWS_A: tl.constexpr, MASK_A: tl.constexpr, BIAS_A: tl.constexpr,
                         ROWS_B: tl.constexpr, MASK_B: tl.constexpr, BIAS_B: tl.constexpr, ACCUMULATE: tl.constexpr,
-                        PRUNED_A: tl.constexpr = False, PRUNED_B: tl.constexpr = False):
+                        PRUNED_A: tl.constexpr, PRUNED_B: tl.constexpr, TILES_K: tl.constexpr):
     """y[b, t, n] += Σ_k ΔW[n, k] · x[b, t, k] (+ bias[slot, n]) for rows with a slot, up to their length, for one
     sparse method (A) or, TWO, two (A and B: e.g. MaskBERT and Diff-Pruning at one site) in one launch; rows,
     methods and ACCUMULATE as in `sparse_delta_kernel`.
@@ -414,11 +419,11 @@ def bitmap_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         if do_a:
             acc = _tile_sum(acc, x_row, sa, n0, offs_t, t_ok, N, K, bits_a, tile_a, value_a, weight_a, bias_a, nnz_a,
-                            BLOCK_N, BLOCK_K, MASK_A, BIAS_A, PRECISION, PRUNED_A)
+                            BLOCK_N, BLOCK_K, MASK_A, BIAS_A, PRECISION, PRUNED_A, TILES_K)
         if TWO:
             if do_b:
                 acc = _tile_sum(acc, x_row, sb, n0, offs_t, t_ok, N, K, bits_b, tile_b, value_b, weight_b, bias_b,
-                                nnz_b, BLOCK_N, BLOCK_K, MASK_B, BIAS_B, PRECISION, PRUNED_B)
+                                nnz_b, BLOCK_N, BLOCK_K, MASK_B, BIAS_B, PRECISION, PRUNED_B, TILES_K)
         y_ptrs = y_ptr + b * T * N + offs_t[:, None] * N + offs_n[None, :]
         mask = t_ok[:, None] & (offs_n < N)[None, :]
         if ACCUMULATE:
