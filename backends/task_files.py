@@ -4,20 +4,17 @@
 - `task.safetensors`: the task's tensors (see `TaskSpec`), fp32 or fp16.
 
 Files are read with safetensors only (nothing is unpickled) and written atomically: a task directory is either the old
-one or the complete new one, never half-written.
+one or the complete new one, never half-written (`chorus.backends.bundle`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from chorus.backends.bundle import read_bundle, write_bundle
 from chorus.backends.encoder import LAYER_LINEARS, norm_sites
 from chorus.backends.task_bank import TaskSpec, check_task_name
 from chorus.errors import TaskFileError
@@ -29,62 +26,21 @@ TENSOR_FILE = "task.safetensors"
 
 def load_task(path: str | Path, name: str) -> TaskSpec:
     """Read a task directory; every problem raises TaskFileError naming the file and what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     check_task_name(name)
-    path = Path(path)
-    if not path.is_dir():
-        raise TaskFileError(f"task {name!r}: {path} is not a directory (expected {META_FILE} + {TENSOR_FILE})")
-    meta_path, tensor_path = path / META_FILE, path / TENSOR_FILE
-    for p in (meta_path, tensor_path):
-        if not p.is_file():
-            raise TaskFileError(f"task {name!r}: {p} is missing")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TaskFileError(f"task {name!r}: {meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TaskFileError(f"task {name!r}: {meta_path} must be a JSON object with \"format\": \"{FORMAT}\"")
-    unknown = sorted(set(meta) - {"format", "labels", "pet", "meta"})
-    if unknown:
-        raise TaskFileError(f"task {name!r}: {meta_path} has unknown keys {unknown}")
+    meta_path, meta, tensors = read_bundle(path, f"task {name!r}", META_FILE, TENSOR_FILE, FORMAT,
+                                           {"format", "labels", "pet", "meta"})
     labels, pet = meta.get("labels"), meta.get("pet", {})
     if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
         raise TaskFileError(f"task {name!r}: {meta_path} \"labels\" must be a list of non-empty strings")
     if not isinstance(pet, dict) or not all(isinstance(v, dict) for v in pet.values()):
         raise TaskFileError(f"task {name!r}: {meta_path} \"pet\" must map method names to option objects")
-    try:
-        tensors = load_file(tensor_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TaskFileError(f"task {name!r}: {tensor_path} is not a readable safetensors file: {e}") from None
-    tensors = {k: v.float() for k, v in tensors.items()}
     return TaskSpec(name, labels, pet, tensors, meta.get("meta", {}))
 
 
 def save_task(spec: TaskSpec, path: str | Path) -> Path:
     """Write a task directory atomically (replacing any task already there)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        meta = {"format": FORMAT, "labels": spec.labels, "pet": spec.pet, "meta": spec.meta}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.detach().contiguous().cpu().float() for k, v in spec.tensors.items()}, tmp / TENSOR_FILE)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    meta = {"format": FORMAT, "labels": spec.labels, "pet": spec.pet, "meta": spec.meta}
+    return write_bundle(path, META_FILE, meta, TENSOR_FILE, spec.tensors)
 
 
 def random_task(name: str, hidden: int, sites: dict[str, tuple[int, int]], pet: dict[str, dict],

@@ -8,21 +8,19 @@
   `layers.0.query.weight` (K, C, C), `classifier.weight` (K, num_labels, C).
 
 The embeddings are not stored: students share the backbone's (see `embeddings.py`); the fingerprint catches loading
-them onto a different backbone. Read with safetensors and json only (nothing is unpickled); written atomically.
+them onto a different backbone. Read with safetensors and json only (nothing is unpickled); written atomically
+(`chorus.backends.bundle`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from chorus.backends.bundle import read_bundle, write_bundle
 from chorus.backends.students.config import StudentConfig
 from chorus.backends.students.embeddings import SharedEmbeddings
 from chorus.backends.students.group import StudentGroup
@@ -59,52 +57,19 @@ class StudentFiles:
 
 def save_students(files: StudentFiles, path: str | Path) -> Path:
     """Write a student directory atomically (replacing whatever is there)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     K = files.config.num_students
     if len(files.boosting_weights) != K or len(files.prefixes) not in (0, K):
         raise ValueError(f"{K} students need {K} boosting weights and 0 or {K} prefix records, got "
                          f"{len(files.boosting_weights)} and {len(files.prefixes)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        meta = {"format": FORMAT, "config": files.config.to_dict(), "labels": list(files.labels),
-                "boosting_weights": [float(a) for a in files.boosting_weights], "embeddings": files.embeddings,
-                "prefixes": files.prefixes, "meta": files.meta}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.detach().contiguous().cpu().float() for k, v in files.tensors.items()}, tmp / TENSOR_FILE)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    meta = {"format": FORMAT, "config": files.config.to_dict(), "labels": list(files.labels),
+            "boosting_weights": [float(a) for a in files.boosting_weights], "embeddings": files.embeddings,
+            "prefixes": files.prefixes, "meta": files.meta}
+    return write_bundle(path, META_FILE, meta, TENSOR_FILE, files.tensors)
 
 
 def read_students(path: str | Path) -> StudentFiles:
     """Read a student directory; every problem raises TaskFileError naming the file and what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta_path, tensor_path = path / META_FILE, path / TENSOR_FILE
-    for p in (meta_path, tensor_path):
-        if not p.is_file():
-            raise TaskFileError(f"students: {p} is missing (a student directory holds {META_FILE} + {TENSOR_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TaskFileError(f"students: {meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TaskFileError(f"students: {meta_path} must be a JSON object with \"format\": \"{FORMAT}\"")
-    unknown = sorted(set(meta) - _KEYS)
-    if unknown:
-        raise TaskFileError(f"students: {meta_path} has unknown keys {unknown}; known: {sorted(_KEYS)}")
+    meta_path, meta, tensors = read_bundle(path, "students", META_FILE, TENSOR_FILE, FORMAT, _KEYS)
     try:
         cfg = StudentConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -115,15 +80,11 @@ def read_students(path: str | Path) -> StudentFiles:
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) != cfg.num_labels:
         raise TaskFileError(f"students: {meta_path} needs {cfg.num_labels} \"labels\", got {labels!r}")
-    try:
-        tensors = load_file(tensor_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TaskFileError(f"students: {tensor_path} is not a readable safetensors file: {e}") from None
     bad = sorted(n for n, t in tensors.items() if t.shape[0] != cfg.num_students)
     if bad:
-        raise TaskFileError(f"students: {tensor_path} tensors {bad[:3]} do not have {cfg.num_students} students "
-                            "in their first dimension")
-    return StudentFiles(cfg, labels, {k: v.float() for k, v in tensors.items()}, torch.tensor(weights),
+        raise TaskFileError(f"students: {meta_path.parent / TENSOR_FILE} tensors {bad[:3]} do not have "
+                            f"{cfg.num_students} students in their first dimension")
+    return StudentFiles(cfg, labels, tensors, torch.tensor(weights),
                         meta.get("embeddings", {}), meta.get("prefixes", []), meta.get("meta", {}))
 
 
