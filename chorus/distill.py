@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ from chorus.backends.students import (SharedEmbeddings, Student, StudentConfig, 
 from chorus.backends.students.reference import additive_mask, mean_pool
 from chorus.backends.task_files import TENSOR_FILE, load_task
 from chorus.data import DATASETS, load_dataset, load_texts, normalize
-from chorus.errors import InvalidInput
+from chorus.errors import InvalidInput, dataclass_from_dict
 from chorus.train import _batches, _tensors
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidInput(f"DistillConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "DistillConfig")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

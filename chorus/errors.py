@@ -3,6 +3,8 @@
 `InvalidInput` maps to Triton's INVALID_ARG, `Overloaded` to UNAVAILABLE; everything else is INTERNAL.
 """
 
+import dataclasses
+
 
 class ChorusError(Exception):
     """Base class of every error chorus raises on purpose."""
@@ -33,3 +35,14 @@ class ServerError(ChorusError):
 
 class MissingDependency(ChorusError):
     """An optional package a requested path needs (tensorrt, onnxruntime-gpu) is not installed."""
+
+
+def dataclass_from_dict(cls, d: dict, what: str):
+    """`cls(**d)` for a dataclass `cls` (a config read from JSON or a Triton parameter), refusing keys it does not
+    have: InvalidInput names them and the known ones, e.g. "scheduler config: unknown keys ['max_wiat_s']; known:
+    [...]". The dataclass's own checks (`__post_init__`) judge the values."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InvalidInput(f"{what}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**d)

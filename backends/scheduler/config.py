@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from chorus.errors import InvalidInput
+from chorus.errors import InvalidInput, dataclass_from_dict
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,4 @@ class SchedulerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SchedulerConfig:
         """Build from a plain dict (JSON, a Triton config parameter); an unknown key is an error that names it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidInput(f"unknown scheduler config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "scheduler config")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
-from chorus.errors import InvalidInput
+from chorus.errors import InvalidInput, dataclass_from_dict
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,7 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> StudentConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidInput(f"StudentConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "StudentConfig")
 
     def to_dict(self) -> dict:
         return asdict(self)

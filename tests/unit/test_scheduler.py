@@ -47,7 +47,7 @@ def lengths(rng, k):
 def test_config_validates_and_from_dict_rejects_unknown_keys_by_name():
     cfg = SchedulerConfig.from_dict({"bin_edges": [16, 32, 64], "element_size": 4, "max_tokens_per_batch": 64})
     assert cfg.bin_edges == (16, 32, 64) and cfg.max_tokens == 64
-    with pytest.raises(InvalidInput, match=r"unknown scheduler config key\(s\) \['max_wiat_s'\].*max_wait_s"):
+    with pytest.raises(InvalidInput, match=r"scheduler config: unknown keys \['max_wiat_s'\]; known: .*max_wait_s"):
         SchedulerConfig.from_dict({"max_wiat_s": 0.01})
     with pytest.raises(InvalidInput, match="strictly increasing"):
         SchedulerConfig(bin_edges=(16, 8))
