@@ -4,12 +4,14 @@
 
 The bert-base-shaped backbone and 64 random tasks of every PET type as the benchmark harness builds them
 (perf.gpu_check), 64 real Rotten Tomatoes sentences. Prints and writes `profile_mixed.json`:
-    graphed ms: the mixed batch, a single-task batch, each PET type alone, the mix without each PET type (PET ops
-                as fused Triton kernels where they serve the GPU, `chorus.backends.pet.fused`), each the median of
-                ROUNDS rounds over all of them in turn; and the mixed and single-task batches with the torch
-                gathered ops instead (`:torch_ops`)
-    replay ms: the mixed and single-task batches' graphs replayed alone (device time, no host work), and the mixed
-               one with the sparse products on the main stream (`fused.OVERLAP` off)
+    graphed ms: the mixed batch, a single-task batch (LoRA r8), a single-task batch of each entry of the mix
+                (`alone:<task>`), the mix without each PET type (PET ops as fused Triton kernels where they serve
+                the GPU, `chorus.backends.pet.fused`), each the median of ROUNDS rounds over all of them in turn;
+                and the mixed and single-task batches with the torch gathered ops instead (`:torch_ops`)
+    replay ms: those batches' graphs replayed alone (device time, no host work): the mixed one, the single-task
+               ones and their mean weighted by each entry's rows in the mix (the same 64 rows served as
+               single-task batches of their own PET types), and the mixed one with the sparse products on the
+               main stream (`fused.OVERLAP` off)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -27,7 +29,7 @@ import torch
 from chorus.backends.engine import Engine
 from chorus.backends.graphs import GraphedForward
 from chorus.backends.pet import fused
-from perf.gpu_check import cuda_ms, make_backbone, make_tasks
+from perf.gpu_check import PET_MIX, cuda_ms, make_backbone, make_tasks
 from perf.inprocess import torch_pet_ops
 
 ROUNDS = 5
@@ -85,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "rows": 64,
                  "longest": max(map(len, ids)), "graphed_ms": {}}
     runs = {"mixed": lambda: engine.run(ids, mixed), "single:" + names[0]: lambda: engine.run(ids, [names[0]] * 64)}
+    entries = names[:len(PET_MIX)]  # one task of each entry of the mix (LoRA r8 and r16, Houlsby and Pfeiffer, ...)
+    for one in entries:
+        runs["alone:" + one] = lambda one=one: engine.run(ids, [one] * 64)
     for t in types:
-        one = next(n for n in names if n.endswith("_" + t))
-        runs["alone:" + t] = lambda one=one: engine.run(ids, [one] * 64)
         rest = [n for n in names if not n.endswith("_" + t)]
         runs["mixed_without:" + t] = lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)])
     # rounds over every batch in turn, each figure the median of its rounds: a slow spell of the host or the GPU
@@ -101,16 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     # the issue's ratio within each round (the two batches timed moments apart), and its median over the rounds
     res["single_over_mixed_rounds"] = [s / m for s, m in zip(rounds["single:" + names[0]], rounds["mixed"])]
     res["single_over_mixed"] = statistics.median(res["single_over_mixed_rounds"])
-    # the same 64 rows as single-task batches of each PET type, weighted by the type's rows in the mix
-    share = {t: sum(n.endswith("_" + t) for n in mixed) / len(mixed) for t in types}
-    res["single_task_mean_ms"] = sum(share[t] * g["alone:" + t] for t in types)
+    # the same 64 rows as single-task batches of each entry of the mix, weighted by the entry's rows in the mix
+    share = {one: sum(names.index(n) % len(PET_MIX) == i for n in mixed) / len(mixed) for i, one in enumerate(entries)}
+    res["single_task_mean_ms"] = sum(share[one] * g["alone:" + one] for one in entries)
     if engine.graphs is not None and fused.serves(engine.device):  # the torch gathered ops, in the same process
         with torch_pet_ops(engine):
             g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
             g["single:torch_ops"] = timed(lambda: engine.run(ids, [names[0]] * 64))
     if engine.graphs is not None:  # the graphs alone: replays of the captured forward, no host work between
-        res["replay_ms"] = {k: replay_ms(runs[k]) for k in ("mixed", "single:" + names[0])}
+        res["replay_ms"] = {k: replay_ms(runs[k]) for k in ("mixed", "single:" + names[0],
+                                                             *("alone:" + one for one in entries))}
         res["single_over_mixed_replay"] = res["replay_ms"]["single:" + names[0]] / res["replay_ms"]["mixed"]
+        res["single_task_mean_replay_ms"] = sum(share[one] * res["replay_ms"]["alone:" + one] for one in entries)
+        res["single_mean_over_mixed_replay"] = res["single_task_mean_replay_ms"] / res["replay_ms"]["mixed"]
         if fused.serves(engine.device):  # sparse products on the main stream (no `fused.Overlap`), graphs anew
             fused.OVERLAP, graphs = False, engine.graphs
             engine.graphs = GraphedForward(engine.model, hot_after=1, background=False)
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in res["replay_ms"].items():
             print(f"replay {k:33s} {v:8.3f} ms", flush=True)
         print(f"{'single-task / mixed, replays':40s} {res['single_over_mixed_replay']:8.2f}", flush=True)
+        print(f"{'single-task batches of the mix / mixed':40s} {res['single_mean_over_mixed_replay']:8.2f}", flush=True)
     res["fused_pet_kernels"] = fused.serves(engine.device)
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)
