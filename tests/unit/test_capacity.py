@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from chorus import capacity
-from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import build_model
 from chorus.backends.reference import reference_logits
 from chorus.backends.task_files import random_task
+from tests.unit.tiny import TINY
 
-TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 SITES = TINY.linear_sites()
 
 

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import build_model
 from chorus.backends.reference import reference_logits
 from chorus.backends.task_files import random_task
 from chorus.errors import InvalidInput, TaskFileError, UnknownTask
+from tests.unit.tiny import TINY, random_batch
 
-TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
 PETS = {
     "lora_qv_r4": {"lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}},
@@ -34,14 +33,6 @@ def add_tasks(model, n_labels=(2, 3, 2, 4)):
         specs.append(spec)
     return specs
 
-
-def random_batch(B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[0] = T
-    ids = torch.randint(1, TINY.vocab_size, (B, T), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    return ids * mask, mask
 
 
 @pytest.mark.parametrize("B,T,seed", [(1, 5, 0), (7, 13, 1), (16, 32, 2), (33, 9, 3)])

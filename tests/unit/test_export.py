@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import Engine, build_model
 from chorus.backends.pet import GatheredRows
 from chorus.backends.students import SharedEmbeddings, Student, StudentConfig, StudentFiles, save_students, stack_students
@@ -19,9 +18,8 @@ from chorus.errors import InvalidInput, MissingDependency, TaskFileError, Unknow
 from chorus.export.backbone import ExportedBackbone, save_backbone_export
 from chorus.export.ort import OrtBackbone, OrtEngine, providers_for
 from chorus.export.students import OrtStudents, export_students
-from tests.unit.tiny import write_tiny_bert
+from tests.unit.tiny import TINY, random_batch, write_tiny_bert
 
-TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
 # Every PET type, with mixed LoRA ranks, both adapter placements and activations, a task of three methods, and
 # per-task LayerNorms (every norm, some norms, and beside an adapter).
@@ -47,13 +45,6 @@ def task(name, seed=0, pet=None):
     return random_task(name, TINY.hidden_size, TINY.linear_sites(), pet or PETS[name], LABELS.get(name),
                        seed=seed, scale=0.2)
 
-
-def random_batch(B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[0] = T
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    return torch.randint(1, TINY.vocab_size, (B, T), generator=g) * mask, mask
 
 
 def as_rows(ids, mask):

@@ -6,17 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import build_model
 from chorus.backends.formats import TaskHead, detect_format, load_any, write_head
 from chorus.backends.reference import reference_logits
 from chorus.backends.task_files import random_task, save_task
 from chorus.errors import TaskFileError
+from tests.unit.tiny import TINY, random_batch
 
 peft = pytest.importorskip("peft")
 from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 
-TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 SITES = TINY.linear_sites()
 LABELS = ["neg", "neu", "pos"]
 
@@ -49,15 +48,6 @@ def random_head(seed, n=len(LABELS)):
     return torch.randn(n, TINY.hidden_size, generator=g) * 0.5, torch.randn(n, generator=g) * 0.1
 
 
-def batch(B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, T + 1, (B,), generator=g)
-    lengths[0] = T
-    ids = torch.randint(1, TINY.vocab_size, (B, T), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    return ids * mask, mask
-
-
 def mean_pooled_logits(model, ids, mask, W, b):
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
@@ -74,7 +64,7 @@ def check_mixed_batch(backbone, spec, own_logits, seed):
               random_task("other_bitfit", TINY.hidden_size, SITES, {"bitfit": {}}, seed=8, scale=0.2)]
     for s in [spec, *others]:
         model.bank.add(s)
-    ids, mask = batch(9, 12, seed)
+    ids, mask = random_batch(9, 12, seed, shortest=2)
     which = [spec, others[0], spec, others[1], spec, spec, others[0], others[1], spec]
     with torch.no_grad():
         got = model(ids, mask, model.bank.row_tasks([s.name for s in which]))

@@ -6,14 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import build_model
 from chorus.backends.pet import GatheredRows
 from chorus.backends.reference import layer_norm_rows, reference_logits
 from chorus.backends.task_files import load_task, random_task, save_task
 from chorus.errors import TaskFileError
+from tests.unit.tiny import TINY, random_batch
 
-TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
 PETS = {
     "lora_r2": {"lora": {"r": 2, "alpha": 4}},
@@ -46,14 +45,6 @@ def make_model(capacity=4, dtype=torch.float32):
 def task(name, seed=0, pets=PETS):
     return random_task(name, TINY.hidden_size, TINY.linear_sites(), pets[name], seed=seed, scale=0.2)
 
-
-def random_batch(B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[0] = T
-    ids = torch.randint(1, TINY.vocab_size, (B, T), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    return ids * mask, mask
 
 
 def check_against_reference(model, backbone, specs, names, ids, mask, rtol, atol, grad=False):

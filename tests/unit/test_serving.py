@@ -6,16 +6,14 @@ import threading
 import numpy as np
 import pytest
 
-from chorus.backends.encoder import EncoderConfig
 from chorus.backends.engine import Engine
 from chorus.backends.requests import DecodedRequest
 from chorus.backends.scheduler import LatencyTable, SchedulerConfig
 from chorus.backends.serving import ServingLoop, profile_engine
 from chorus.backends.task_files import random_task
 from chorus.errors import Overloaded
-from tests.unit.tiny import write_tiny_bert
+from tests.unit.tiny import TINY, write_tiny_bert
 
-TINY = EncoderConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from chorus.backends.students import (ReferenceStudentGroup, SharedEmbeddings, Student, StudentConfig, StudentFiles,
                                       StudentGroup, read_students, save_students, stack_students, unstack_students)
 from chorus.errors import InvalidInput, TaskFileError
+from tests.unit import tiny
 
 VOCAB, C = 50, 32
 
@@ -33,11 +34,7 @@ def random_students(K, layers=2, labels=3, seed=0):
 
 
 def random_batch(B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[0] = T
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    return torch.randint(1, VOCAB, (B, T), generator=g) * mask, mask
+    return tiny.random_batch(B, T, seed, vocab=VOCAB)
 
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
