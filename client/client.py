@@ -230,26 +230,17 @@ class ChorusClient(_ClientBase):
 
 
 class AsyncChorusClient(_ClientBase):
-    """asyncio client with ChorusClient's methods as coroutines; a batch's requests run concurrently, at most
-    `max_in_flight` at a time. Create it inside a running event loop (aiohttp needs one)."""
+    """asyncio client with ChorusClient's methods as coroutines and its arguments; a batch's requests run
+    concurrently, at most `max_in_flight` at a time. Create it inside a running event loop (aiohttp needs one)."""
 
     _aio = True
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: str = "http",
-        admin_key: str | None = None,
-        model: str = "chorus",
-        timeout: float = 120.0,
-        max_batch_size: int = MAX_BATCH_SIZE,
-        max_in_flight: int = 8,
-    ):
+    def __init__(self, *args, max_in_flight: int = 8, **kwargs):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             raise ChorusError("create AsyncChorusClient inside a running event loop (in a coroutine)") from None
-        super().__init__(url, protocol, admin_key, model, timeout, max_batch_size)
+        super().__init__(*args, **kwargs)
         self.max_in_flight = max_in_flight
 
     async def __aenter__(self) -> AsyncChorusClient:
