@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from chorus.backends.encoder import Encoder
-from chorus.backends.pet import PET_METHODS, PetMethod, RowTasks
+from chorus.backends.pet import PET_METHODS, RowTasks
 from chorus.errors import InvalidInput, TaskFileError, UnknownTask
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

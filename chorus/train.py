@@ -460,8 +460,6 @@ PET_TYPES = {"lora": "LoRA", "bitfit": "BitFit", "houlsby": "Adapter (Houlsby)",
 
 def _pet_types_report(args) -> int:
     """One task per PET method on one dataset (same seed, split and epochs), next to a full fine-tune."""
-    import json
-
     methods = [m for m in PET_CHOICES if m != "full"] if args.methods == "all" else args.methods.split(",")
     unknown = sorted(set(methods) - set(PET_CHOICES))
     if unknown:

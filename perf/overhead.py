@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from chorus.backends.encoder import Encoder, EncoderConfig, init_random

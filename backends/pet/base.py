@@ -218,7 +218,6 @@ class PetMethod(nn.Module):
             self.banks[key] = nn.ParameterDict({
                 n: nn.Parameter(torch.zeros(self.capacity, *s, device=self.device, dtype=self.dtype), requires_grad=False)
                 for n, s in shapes.items()})
-            linear = self.linears[site]
             self.hook(site)
         return self.banks[key]
 

@@ -14,8 +14,6 @@ Semantics, per row r of a task at a site: `y[r] += X[r] · (-W ⊙ pruned)ᵀ` (
 
 from __future__ import annotations
 
-import torch
-
 from chorus.backends.pet.sparse import SparseDelta
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from chorus.backends.scheduler.admission import Refusal, check_admission, waiting_time
-from chorus.backends.scheduler.batching import batch_time, form_batches, order_by_deadline, path_of, rows_cap
+from chorus.backends.scheduler.batching import form_batches, order_by_deadline, path_of, rows_cap
 from chorus.backends.scheduler.buffer import Element, LengthBuffer
 from chorus.backends.scheduler.config import SchedulerConfig
 from chorus.backends.scheduler.latency import LatencyTable
