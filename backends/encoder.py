@@ -117,13 +117,14 @@ class PetLinear(nn.Module):
         self.ops: list = []
 
     def forward(self, x: torch.Tensor, rows, activation: str | None = None, then: list = (),
-                pre_ops: list | None = None, residual: torch.Tensor | None = None,
+                pre_ops: list | None = None, residual: torch.Tensor | None = None, norm: PetLayerNorm | None = None,
                 overlap: fused.Overlap | None = None) -> torch.Tensor:
         """x (B, T, in) -> (B, T, out). `activation` ("gelu" or None) follows the post ops; `then`: ops of the
         pre-op form on the (activated) output, the next linear's pre ops, which that linear then leaves out
         (`pre_ops=()`): `FeedForward` passes the output linear's, so that the fused path scales that linear's input in
         this linear's pass. `pre_ops`: this linear's own (default). `residual` (B, T, out): added last (a sublayer's
-        input, before its LayerNorm), in the fused path within the post ops' pass. `overlap`: where the fused path takes
+        input, before its LayerNorm), in the fused path within the post ops' pass. `norm`: that LayerNorm, applied last
+        (in the fused path a residual left alone is added in the norm's kernel). `overlap`: where the fused path takes
         this linear's sparse products launched ahead on a side stream and defers its post ops: the output is final
         once `overlap.finish()` has run."""
         gathered = getattr(rows, "gathered", False)
@@ -134,21 +135,24 @@ class PetLinear(nn.Module):
                 x = op.gathered(x, rows)
         y = F.linear(x, self.weight, self.bias)  # the shared op, once for the whole batch: (B, T, out)
         if gathered:
-            return self._gathered_post_ops(x, y, rows, activation, then, residual, overlap)
+            return self._gathered_post_ops(x, y, rows, activation, then, residual, norm, overlap)
         for op in self.ops:
             y = op(x, y, rows)
         if activation is not None:
             y = ACTIVATIONS[activation](y)
         for op in then:
             y = op(y, rows)
-        return y if residual is None else y + residual
+        y = y if residual is None else y + residual
+        return y if norm is None else norm(y, rows)
 
     def _gathered_post_ops(self, x: torch.Tensor, y: torch.Tensor, rows, activation: str | None, then: list,
-                           residual: torch.Tensor | None, overlap: fused.Overlap | None) -> torch.Tensor:
+                           residual: torch.Tensor | None, norm: PetLayerNorm | None,
+                           overlap: fused.Overlap | None) -> torch.Tensor:
         """The post ops', the activation's, `then`'s and the residual's gathered forms, leaving out methods the
         batch's rows do not use. Where the fused kernels serve, each step with a fused form gives its term to
         `fused.PostOps`, which launches them together on y, this linear's own fresh output (a kernel or two per site,
-        not one or two per method, a third for the activation and a fourth for the residual)."""
+        not one or two per method, a third for the activation and a fourth for the residual), and `norm` (with the
+        residual where no other term takes it) after them."""
         ahead, delta = overlap.take(self) if overlap is not None else ([], None)  # sparse products launched ahead
         steps = [(op.fused and (lambda op=op: op.fused(x, rows)), lambda y, op=op: op.gathered(x, y, rows))
                  for op in self.ops if op.method in rows.slots and op not in ahead]
@@ -168,9 +172,11 @@ class PetLinear(nn.Module):
             if pending is not None:
                 y = pending.run(y)
             y = apply(y)
-        if pending is None or (overlap is not None and overlap.defer(pending, y)):
+        if pending is None:
+            return y if norm is None else norm(y, rows)
+        if overlap is not None and overlap.defer(pending, y):  # (a linear with a norm is never deferred: residual)
             return y
-        return pending.run(y)
+        return pending.run(y, norm and (lambda y, residual: norm(y, rows, residual)))
 
 
 class PetLayerNorm(nn.LayerNorm):
@@ -188,15 +194,20 @@ class PetLayerNorm(nn.LayerNorm):
         self.site = site
         self.ops: list = []  # at most one: an op replaces the affine, it does not add to it
 
-    def forward(self, x: torch.Tensor, rows=None) -> torch.Tensor:
-        if rows is not None:
-            gathered = getattr(rows, "gathered", False)
-            for op in self.ops:
-                if gathered and op.method not in rows.slots:
-                    continue
-                y = (op.gathered if gathered else op)(x, rows)
-                if y is not None:
-                    return y
+    def forward(self, x: torch.Tensor, rows=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """LayerNorm(x (+ residual)); in a gathered forward where the fused kernels serve, one kernel (the residual's
+        add, each row's affine and the padding's zeros in it: `fused.layer_norm`)."""
+        gathered = getattr(rows, "gathered", False)
+        ops = [op for op in self.ops if op.method in rows.slots] if gathered else self.ops if rows is not None else []
+        if gathered and fused.NORM and fused.available(x):
+            tuned = ops[0].fused(x, rows)[1] if ops else None
+            return fused.layer_norm(x, self.weight, self.bias, self.eps, residual, tuned, fused.row_lengths(rows))
+        if residual is not None:
+            x = x + residual
+        for op in ops:
+            y = (op.gathered if gathered else op)(x, rows)
+            if y is not None:
+                return y
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -225,7 +236,7 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # per head
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, C // heads)
         a = a.transpose(1, 2).reshape(B, T, C)
-        return self.norm(self.dense(a, rows, residual=x), rows)
+        return self.dense(a, rows, residual=x, norm=self.norm)
 
 
 class FeedForward(nn.Module):
@@ -237,7 +248,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, rows) -> torch.Tensor:
         h = self.intermediate(x, rows, activation="gelu", then=self.output.pre_ops)  # the output's input, made here
-        return self.norm(self.output(h, rows, pre_ops=(), residual=x), rows)
+        return self.output(h, rows, pre_ops=(), residual=x, norm=self.norm)
 
 
 class Layer(nn.Module):

@@ -1,6 +1,7 @@
 """Device time per call of the fused PET kernels (`chorus.backends.pet.fused`) at the benchmark's shape, one
 site's ops of several methods in one launch against one launch each, and (`--variants`) the launch variants of the
-matmul, adapter and sparse kernels (what `fused.GATHERED`, `fused.ADAPTER` and `fused.SPARSE` are tuned from).
+matmul, adapter, sparse and LayerNorm kernels (what `fused.GATHERED`, `fused.ADAPTER`, `fused.SPARSE` and
+`fused.LAYER_NORM` are tuned from).
 
     python -m perf.fused_kernels --bundle .gpu --out $OUT [--variants]   (on the GPU: bash perf/gpu/run.sh kernels)
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from chorus.backends.pet import fused
 
@@ -31,6 +33,8 @@ VARIANTS = ({}, {"transposed": False}, {"prefetch": False}, {"chunk": 64}, {"chu
             {"num_warps": 2}, {"num_warps": 8}, {"chunk": 256, "num_warps": 8})
 ADAPTER_VARIANTS = ({}, {"block_n": 128}, {"block_t": 32}, {"block_t": 64}, {"block_k": 128}, {"block_k": 32},
                     {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"num_stages": 1})
+LAYER_NORM_VARIANTS = ({}, {"block_t": 1}, {"block_t": 2}, {"block_t": 8}, {"block_t": 16}, {"num_warps": 2},
+                      {"num_warps": 8}, {"block_t": 8, "num_warps": 8}, {"block_t": 2, "num_warps": 2})
 GATHERED_VARIANTS = ({}, {"block_k": 128}, {"block_k": 256}, {"block_t": 32}, {"block_t": 16},
                      {"block_t": 32, "block_k": 128}, {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 2},
                      {"num_stages": 4})
@@ -112,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype, g = torch.float16, torch.Generator().manual_seed(0)
     x, y, weight, vec, lora_a, lora_b, down, up, bias64, gelu = bench_tensors(dtype, g)
     scaling = torch.ones(SLOTS, dtype=dtype, device="cuda")
+    ln_w, ln_b = 1 + vec[1], vec[2]
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "B": B, "T": T,
                  "hidden": HIDDEN, "us_per_call": {}, "sparse_variants": [],
-                 "gathered_variants": [], "adapter_variants": []}
+                 "gathered_variants": [], "adapter_variants": [], "layer_norm_variants": []}
     lengths = rt_lengths(args.bundle)
     res["rt_lengths"] = {"mean": sum(lengths) / B, "longest": max(lengths)}
     for active in (0, 8, 64):
@@ -136,7 +141,16 @@ def main(argv: list[str] | None = None) -> int:
                     y, slots, down, bias64, up, vec, gelu, bias=(slots, vec), residual=x, lengths=rows),
                 "residual: epilogue": lambda: fused.epilogue_(y, residual=x, lengths=rows),
                 "residual: torch add": lambda: torch.add(y, x),
+                "LayerNorm: torch": lambda: F.layer_norm(y, (HIDDEN,), ln_w, ln_b, 1e-12),
+                "residual + LayerNorm: torch add, torch LayerNorm": lambda: F.layer_norm(y + x, (HIDDEN,), ln_w, ln_b,
+                                                                                          1e-12),
+                "LayerNorm: fused": lambda: fused.layer_norm(y, ln_w, ln_b, 1e-12, lengths=rows),
+                "residual + LayerNorm: fused": lambda: fused.layer_norm(y, ln_w, ln_b, 1e-12, residual=x,
+                                                                        lengths=rows),
             }
+            if active:  # rows with a per-task LayerNorm of their own
+                ops["residual + per-task LayerNorm: fused"] = lambda: fused.layer_norm(
+                    y, ln_w, ln_b, 1e-12, residual=x, tuned=(slots, vec, vec), lengths=rows)
             if active == 8 and padded:  # one site's ops for three methods' rows (8 each, disjoint): one launch or
                 other = torch.zeros_like(slots)  # one per method, as session 10 ran them
                 free = torch.nonzero(slots == 0).flatten()
@@ -158,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                     y, x, tm, rows)
                 ops["MaskBERT + Diff-Pruning 5% rows, one launch each"] = lambda tm=terms: [
                     fused.sparse_deltas_(y, x, [t], rows) for t in tm]
+            if not active and args.variants:
+                sweep(res["layer_norm_variants"], f"residual + LayerNorm padded={padded}", fused.LAYER_NORM,
+                      LAYER_NORM_VARIANTS, lambda **v: fused.layer_norm(y, ln_w, ln_b, 1e-12, residual=x, lengths=rows,
+                                                                         **v), padded=padded)
             if active and padded and args.variants:  # the down projection's launch (one K loop per program)
                 sweep(res["gathered_variants"], f"LoRA r16 down {active}/{B} rows", fused.GATHERED, GATHERED_VARIANTS,
                       lambda **v: fused.gathered_matmul(x, lora_a, slots, scaling, rows, **v),

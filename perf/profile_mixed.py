@@ -11,7 +11,8 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
     replay ms: those batches' graphs replayed alone (device time, no host work): the mixed one, the single-task
                ones and their mean weighted by each entry's rows in the mix (the same 64 rows served as
                single-task batches of their own PET types), and the mixed one with the sparse products on the
-               main stream (`fused.OVERLAP` off)
+               main stream (`fused.OVERLAP` off), and the mixed and single-task ones with torch's residual add and
+               LayerNorm (`fused.NORM` off: `:torch_norm`)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -117,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         res["single_over_mixed_replay"] = res["replay_ms"]["single:" + names[0]] / res["replay_ms"]["mixed"]
         res["single_task_mean_replay_ms"] = sum(share[one] * res["replay_ms"]["alone:" + one] for one in entries)
         res["single_mean_over_mixed_replay"] = res["single_task_mean_replay_ms"] / res["replay_ms"]["mixed"]
-        if fused.serves(engine.device):  # sparse products on the main stream (no `fused.Overlap`), graphs anew
-            fused.OVERLAP, graphs = False, engine.graphs
-            engine.graphs = GraphedForward(engine.model, hot_after=1, background=False)
-            try:
-                res["replay_ms"]["mixed:no_overlap"] = replay_ms(runs["mixed"])
-            finally:
-                fused.OVERLAP, engine.graphs = True, graphs
+        if fused.serves(engine.device):  # graphs anew with a fused path's part off
+            for flag, runs_off in (("OVERLAP", {"mixed:no_overlap": "mixed"}),  # sparse products on the main stream
+                                   ("NORM", {"mixed:torch_norm": "mixed", "single:torch_norm": "single:" + names[0]})):
+                setattr(fused, flag, False)
+                graphs, engine.graphs = engine.graphs, GraphedForward(engine.model, hot_after=1, background=False)
+                try:
+                    for label, run in runs_off.items():
+                        res["replay_ms"][label] = replay_ms(runs[run])
+                finally:
+                    setattr(fused, flag, True)
+                    engine.graphs = graphs
         for k, v in res["replay_ms"].items():
             print(f"replay {k:33s} {v:8.3f} ms", flush=True)
         print(f"{'single-task / mixed, replays':40s} {res['single_over_mixed_replay']:8.2f}", flush=True)

@@ -41,6 +41,9 @@ ENABLED = os.environ.get("CHORUS_FUSED_PET", "1") != "0"
 # CHORUS_PET_OVERLAP=0: a layer's query, value and key run their post ops in turn on the main stream, each its
 # own terms (no `Overlap`; perf/profile_mixed.py compares both)
 OVERLAP = os.environ.get("CHORUS_PET_OVERLAP", "1") != "0"
+# CHORUS_FUSED_NORM=0: LayerNorms in the fused gathered forward run torch's kernel, after torch's add of the residual
+# (no `layer_norm`; perf/profile_mixed.py compares both)
+NORM = os.environ.get("CHORUS_FUSED_NORM", "1") != "0"
 # TRITON_INTERPRET=1: Triton runs its kernels on the CPU through its interpreter (development and tests without a GPU)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -166,6 +169,30 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
     return out
 
 
+# The LayerNorm kernel's launch (`launch` overrides; perf/fused_kernels.py tries them)
+LAYER_NORM = {"block_t": 4, "num_warps": 4}
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None = None, tuned: tuple | None = None,
+               lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+    """One kernel, a new tensor: each token's `LayerNorm(x (+ residual))` over its N features, statistics in float32,
+    with the backbone's `weight`, `bias` (N,) or, with `tuned` = (slots (B,), d_weight (C, N), d_bias (C, N)), each
+    row's own affine `weight + d_weight[s]`, `bias + d_bias[s]` (a per-task LayerNorm's bank: slot 0 zeros). Tokens past
+    a row's `lengths` (default: all T) are zeros, neither read nor normalised. x, residual (B, T, N)."""
+    B, T, N = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    slots, d_weight, d_bias = tuned if tuned is not None else (weight, weight, bias)  # placeholders, never read
+    opt = {**LAYER_NORM, **launch}
+    bt = _block(T, opt["block_t"], least=1)
+    _kernels().layer_norm_kernel[(B, _cdiv(T, bt))](
+        x, residual.contiguous() if residual is not None else x, out, _lengths(lengths, B, T, x.device), weight, bias,
+        slots, d_weight, d_bias, T, N, eps, BLOCK_T=bt, BLOCK_N=_block(N, 1 << 16), HAS_RES=residual is not None,
+        TUNED=tuned is not None, num_warps=opt["num_warps"])
+    return out
+
+
 class PostOps:
     """The fused post ops of one linear in a gathered forward, collected from the PET methods' fused forms
     (`PetMethod.fused_op`: each gives a term, e.g. `("bias", (slots, bank))`) and launched together on the linear's
@@ -200,7 +227,9 @@ class PostOps:
             self.dense[kind] = term
         return y
 
-    def run(self, y: torch.Tensor) -> torch.Tensor:
+    def run(self, y: torch.Tensor, norm=None) -> torch.Tensor:
+        """Launch what is pending on y; then `norm(y, residual)` (the sublayer's LayerNorm, given the residual if no
+        pass here took it), if given."""
         lengths = row_lengths(self.rows)
         dense, self.dense = self.dense, {}
         if self.sparse:
@@ -211,10 +240,13 @@ class PostOps:
             bias = dense.pop("bias") if list(dense) == ["bias"] else None  # a lone bias joins the adapter's pass
             if dense:
                 epilogue_(y, **dense, lengths=lengths)
-            return adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths)
-        if dense:
+            y, residual = adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths), None
+        elif dense:
             epilogue_(y, **dense, residual=residual, lengths=lengths)
-        elif residual is not None:  # alone: torch's vectorized add beats the epilogue's tiles (3.6 vs 4.2 us, H100)
+            residual = None
+        if norm is not None:
+            return norm(y, residual)
+        if residual is not None:  # alone: torch's vectorized add beats the epilogue's tiles (3.6 vs 4.2 us, H100)
             y.add_(residual)
         return y
 

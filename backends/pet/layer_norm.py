@@ -19,7 +19,7 @@ Semantics, per row r of a task at a norm site: `y[r] = (x[r] - mean) / sqrt(var 
 (γ_task, β_task) is the task's tuned pair at that site, or the backbone's where it tunes none.
 
 The export form (`gathered_op`) normalises every row and gathers every row's slot (the null slot adds zeros to the
-backbone's weight and bias).
+backbone's weight and bias); where the fused kernels serve, one kernel reads each row's slot (`fused.layer_norm`).
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ class LayerNormTuning(PetMethod):
             return y.index_copy(0, idx, _affine(n, norm, bank["weight"][slots], bank["bias"][slots], x.dtype))
 
         return layer_norm
+
+    def fused_op(self, site: str):
+        key = self._key(site)  # the term `fused.layer_norm` takes: (slots, weight deltas, bias deltas)
+        return lambda x, rows: ("affine", (rows.slots[self.name], rows.tensor(self.name, f"{key}.weight"),
+                                           rows.tensor(self.name, f"{key}.bias")))
 
     def gathered_op(self, site: str):
         key, norm = self._key(site), self.linears[site]

@@ -318,3 +318,39 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
         if ACCUMULATE:
             acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def layer_norm_kernel(x_ptr, res_ptr, out_ptr, len_ptr, w_ptr, b_ptr, slot_ptr, dw_ptr, db_ptr, T, N, eps,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr, TUNED: tl.constexpr):
+    """out[b, t] = LayerNorm(x[b, t] (+ res[b, t])) with the affine `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot
+    in the per-task LayerNorm bank, whose null slot is zeros; else the backbone's w, b), statistics in float32 over the
+    N features; tokens past the row's length get zeros (written, never read: no load of x or res there).
+    x, res, out (B, T, N); w, b (N,); dw, db (C, N)."""
+    t0 = tl.program_id(1) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    b = tl.program_id(0).to(tl.int64)
+    length = tl.load(len_ptr + b)
+    n_ok = offs_n < N
+    tile = b * T * N + offs_t[:, None] * N + offs_n[None, :]
+    written = (offs_t < T)[:, None] & n_ok[None, :]
+    if t0 < length:
+        t_ok = offs_t < length
+        mask = t_ok[:, None] & n_ok[None, :]
+        v = tl.load(x_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(v, axis=1) / N
+        d = tl.where(n_ok[None, :], v - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+        w = tl.load(w_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if TUNED:
+            s = tl.load(slot_ptr + b)
+            w += tl.load(dw_ptr + s * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            bias += tl.load(db_ptr + s * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        o = tl.where(t_ok[:, None], d * rstd[:, None] * w[None, :] + bias[None, :], 0.0)
+        tl.store(out_ptr + tile, o.to(out_ptr.dtype.element_ty), mask=written)
+    else:
+        tl.store(out_ptr + tile, tl.zeros((BLOCK_T, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=written)

@@ -175,6 +175,19 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
             want = zb + delta * within + (0 if res is None else res.double().cpu())
             torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
 
+    # LayerNorm, with the residual and each row's own affine (a per-task LayerNorm's bank of deltas, slot 0 zeros)
+    # or without: a new tensor, tokens past a row's length zeros
+    ln_w, ln_b, d_w, d_b = rand(N), rand(N), rand(C, N), rand(C, N)
+    d_w[0], d_b[0] = 0, 0
+    for p in (None, ragged):
+        within = torch.arange(T)[None, :, None] < (T if p is None else lengths[:, None, None])
+        for res, tuned in ((None, None), (residual, (slots, d_w, d_b))):
+            norm = torch.nn.functional.layer_norm(yd + (0 if res is None else res.double().cpu()), (N,), eps=1e-5)
+            affine = [t.double().cpu() + (0 if tuned is None else d.double().cpu()[s][:, None])
+                      for t, d in ((ln_w, d_w), (ln_b, d_b))]
+            got = fused.layer_norm(y, ln_w, ln_b, 1e-5, residual=res, tuned=tuned, lengths=p).cpu()
+            torch.testing.assert_close(got.double(), (norm * affine[0] + affine[1]) * within, rtol=rtol, atol=atol)
+
     dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot; slots 1, 2 at 1% and 50%
     for density in (0.01, 0.5):
         dense.append(((torch.rand(N, K, generator=g) < density) * torch.randn(N, K, generator=g)).double())
