@@ -14,8 +14,9 @@ from each method's `fused_op`):
 | LoRA's down-projection `s·(x·Aᵀ)` | `gathered_matmul` | gathers of A, bmm, scaling |
 | IA3 before `output.dense` | `epilogue_` (scale) | gather, add one, multiply |
 | adapter `y += up(act(down(y)))`, with the site's BitFit bias and the sublayer's residual | `adapter_` | four gathers, two bmm, bias adds, both activations, a select and the residual add |
-| the sublayer's residual `y += x` at an output linear without an adapter | `epilogue_` with the site's other terms (alone: torch's in-place add) | torch's add |
+| the sublayer's residual `y += x` at an output linear without an adapter | `epilogue_` with the site's other terms (alone: the LayerNorm's kernel) | torch's add |
 | MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)`: both methods in one launch | `sparse_deltas_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
+| a LayerNorm, with the residual no other pass took and each row's per-task affine (LN tuning) | `layer_norm` | torch's add and LayerNorm (the per-task affine: gathers, normalise, multiply, add) |
 
 The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
 ΔW is densified; its input's transposed form is made once per linear input and forward (`transposed`), and in a
@@ -169,8 +170,10 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
     return out
 
 
-# The LayerNorm kernel's launch (`launch` overrides; perf/fused_kernels.py tries them)
-LAYER_NORM = {"block_t": 4, "num_warps": 4}
+# The LayerNorm kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, the
+# residual and LayerNorm of 64 rows of Rotten Tomatoes lengths padded to 64 tokens in 4.1 us with 2 tokens a program,
+# 4.3-4.8 with 1 or 4, 5.7-6.1 with 8 or 16; torch's add and LayerNorm 14.1; perf/results/h100-2026-11-23 "Session 16")
+LAYER_NORM = {"block_t": 2, "num_warps": 4}
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -200,7 +203,8 @@ class PostOps:
     bias (BitFit), low-rank (LoRA's up-projection) and scale (IA3) terms, the linear's activation, the next linear's
     input scaling (IA3 before the feed-forward output) and the sublayer's residual as one `epilogue_` pass — or, at
     a site with an adapter, the adapter with the bias term and the residual as one `adapter_` pass — a kernel or
-    two per site where each method's op was one or two of its own. Terms arrive in order (weight deltas, scalings,
+    two per site where each method's op was one or two of its own; given the sublayer's LayerNorm (`run`'s `norm`),
+    the residual goes to its kernel unless the adapter's pass takes it. Terms arrive in order (weight deltas, scalings,
     the activation, scalings of the activated output, the adapter, the residual); a term that cannot join what is
     pending (a second of its kind, or a delta after a scaling) runs what is pending first. x: the linear's input,
     which the sparse products read. `add` and `run` return the output (the adapter's pass writes a new tensor)."""
@@ -241,12 +245,13 @@ class PostOps:
             if dense:
                 epilogue_(y, **dense, lengths=lengths)
             y, residual = adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths), None
-        elif dense:
-            epilogue_(y, **dense, residual=residual, lengths=lengths)
-            residual = None
+        elif dense:  # with a norm, its kernel adds the residual (the epilogue then skips rows of no term, and padding)
+            epilogue_(y, **dense, residual=residual if norm is None else None, lengths=lengths)
+            residual = residual if norm is not None else None
         if norm is not None:
             return norm(y, residual)
-        if residual is not None:  # alone: torch's vectorized add beats the epilogue's tiles (3.6 vs 4.2 us, H100)
+        if residual is not None:  # alone and no norm given: torch's vectorized add beats the epilogue's tiles (3.6
+                                  # vs 4.2 us, H100)
             y.add_(residual)
         return y
 
