@@ -124,7 +124,7 @@ class PetLinear(nn.Module):
         (`pre_ops=()`): `FeedForward` passes the output linear's, so that the fused path scales that linear's input in
         this linear's pass. `pre_ops`: this linear's own (default). `residual` (B, T, out): added last (a sublayer's
         input, before its LayerNorm), in the fused path within the post ops' pass. `norm`: that LayerNorm, applied last
-        (in the fused path a residual left alone is added in the norm's kernel). `overlap`: where the fused path takes
+        (in the fused path its kernel also adds the residual and an adapter's term: `PetLayerNorm.fused`). `overlap`: where the fused path takes
         this linear's sparse products launched ahead on a side stream and defers its post ops: the output is final
         once `overlap.finish()` has run."""
         gathered = getattr(rows, "gathered", False)
@@ -176,7 +176,9 @@ class PetLinear(nn.Module):
             return y if norm is None else norm(y, rows)
         if overlap is not None and overlap.defer(pending, y):  # (a linear with a norm is never deferred: residual)
             return y
-        return pending.run(y, norm and (lambda y, residual: norm(y, rows, residual)))
+        fused_norm = norm.fused(rows) if norm is not None else None
+        y = pending.run(y, fused_norm)
+        return y if norm is None or fused_norm is not None else norm(y, rows)
 
 
 class PetLayerNorm(nn.LayerNorm):
@@ -194,21 +196,29 @@ class PetLayerNorm(nn.LayerNorm):
         self.site = site
         self.ops: list = []  # at most one: an op replaces the affine, it does not add to it
 
-    def forward(self, x: torch.Tensor, rows=None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """LayerNorm(x (+ residual)); in a gathered forward where the fused kernels serve, one kernel (the residual's
-        add, each row's affine and the padding's zeros in it: `fused.layer_norm`)."""
+    def forward(self, x: torch.Tensor, rows=None) -> torch.Tensor:
         gathered = getattr(rows, "gathered", False)
-        ops = [op for op in self.ops if op.method in rows.slots] if gathered else self.ops if rows is not None else []
-        if gathered and fused.NORM and fused.available(x):
-            tuned = ops[0].fused(x, rows)[1] if ops else None
-            return fused.layer_norm(x, self.weight, self.bias, self.eps, residual, tuned, fused.row_lengths(rows))
-        if residual is not None:
-            x = x + residual
-        for op in ops:
+        if gathered and fused.available(x) and (norm := self.fused(rows)) is not None:
+            return norm(x)
+        for op in self.ops if rows is not None else ():
+            if gathered and op.method not in rows.slots:
+                continue
             y = (op.gathered if gathered else op)(x, rows)
             if y is not None:
                 return y
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def fused(self, rows):
+        """In a gathered forward where the fused kernels serve (`fused.NORM`), this norm as one kernel
+        `norm(x, residual=None, delta=None) -> LayerNorm(x (+ delta) (+ residual))` (`fused.layer_norm`: each row's
+        affine of its task's slot, tokens past its length zeros); else None."""
+        if not fused.NORM:
+            return None
+        ops = [op for op in self.ops if op.method in rows.slots]
+        tuned = ops[0].fused(None, rows)[1] if ops else None
+        lengths = fused.row_lengths(rows)
+        return lambda x, residual=None, delta=None: fused.layer_norm(x, self.weight, self.bias, self.eps, residual,
+                                                                     tuned, delta, lengths)
 
 
 class SelfAttention(nn.Module):

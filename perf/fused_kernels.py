@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                 "residual + LayerNorm: fused": lambda: fused.layer_norm(y, ln_w, ln_b, 1e-12, residual=x,
                                                                         lengths=rows),
             }
+            if active:  # an adapter site's passes: the adapter writing every row, then the LayerNorm; or its term
+                # alone on its rows into a delta buffer, which the LayerNorm's kernel adds with the residual
+                ops["adapter m64 + residual, then LayerNorm"] = lambda: fused.layer_norm(fused.adapter_(
+                    y, slots, down, bias64, up, vec, gelu, residual=x, lengths=rows), ln_w, ln_b, 1e-12, lengths=rows)
+                ops["adapter m64 delta, then residual + delta + LayerNorm"] = lambda: fused.layer_norm(
+                    y, ln_w, ln_b, 1e-12, residual=x, lengths=rows, delta=(slots, fused.adapter_(
+                        y, slots, down, bias64, up, vec, gelu, lengths=rows, delta=True)))
             if active:  # rows with a per-task LayerNorm of their own
                 ops["residual + per-task LayerNorm: fused"] = lambda: fused.layer_norm(
                     y, ln_w, ln_b, 1e-12, residual=x, tuned=(slots, vec, vec), lengths=rows)

@@ -148,14 +148,19 @@ ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_st
 
 def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
              up_bias: torch.Tensor, gelu: torch.Tensor, bias: tuple | None = None,
-             residual: torch.Tensor | None = None, lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+             residual: torch.Tensor | None = None, lengths: torch.Tensor | None = None, delta: bool = False,
+             **launch) -> torch.Tensor:
     """One kernel, a new tensor: `z + up[s] · act(down[s] · z + down_bias[s]) + up_bias[s] (+ residual)` with
     `z = y + bias_bank[bs]`, per row b on adapter slot s (`slots` (B,); act gelu where `gelu[s]`, else relu) and
     bias slot bs (`bias` = (slots, bank (C, N)), BitFit's term of the same linear, optional); rows on slot 0 and
     tokens past a row's `lengths` get `z (+ residual)`. y, residual (B, T, N); down (C, M, N), down_bias (C, M),
-    up (C, N, M), up_bias (C, N)."""
+    up (C, N, M), up_bias (C, N). `delta`: the new tensor is the adapter's term alone, `up[s] · act(down[s] · y[b] +
+    down_bias[s]) + up_bias[s]`, written on rows with a slot up to their lengths, unset elsewhere (no bias term, no
+    residual: the sublayer's LayerNorm adds it, `layer_norm`'s `delta`)."""
     B, T, N = y.shape
     M = down.shape[1]
+    if delta and (bias is not None or residual is not None):
+        raise ValueError("an adapter's delta takes no bias term or residual (the pass after it adds them)")
     lengths = _lengths(lengths, B, T, y.device)
     y = y.contiguous()
     out = torch.empty_like(y)
@@ -165,7 +170,7 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
     _kernels().adapter_kernel[(B, _cdiv(T, bt), _cdiv(N, bn))](
         y, out, residual.contiguous() if residual is not None else y, lengths, slots, down, down_bias, up, up_bias,
         gelu, bs, bias_bank, T, N, M, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=_block(N, opt["block_k"]),
-        BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        BLOCK_M=_block(M, 128), HAS_BIAS=bias is not None, HAS_RES=residual is not None, DELTA=delta,
         PRECISION=_precision(y.dtype), num_warps=opt["num_warps"], num_stages=opt["num_stages"])
     return out
 
@@ -177,9 +182,10 @@ LAYER_NORM = {"block_t": 2, "num_warps": 4}
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               residual: torch.Tensor | None = None, tuned: tuple | None = None,
+               residual: torch.Tensor | None = None, tuned: tuple | None = None, delta: tuple | None = None,
                lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
-    """One kernel, a new tensor: each token's `LayerNorm(x (+ residual))` over its N features, statistics in float32,
+    """One kernel, a new tensor: each token's `LayerNorm(x (+ delta[b]) (+ residual))` over its N features (`delta` =
+    (flags (B,), (B, T, N)), read on rows whose flag is not 0: an adapter's `adapter_delta`), statistics in float32,
     with the backbone's `weight`, `bias` (N,) or, with `tuned` = (slots (B,), d_weight (C, N), d_bias (C, N)), each
     row's own affine `weight + d_weight[s]`, `bias + d_bias[s]` (a per-task LayerNorm's bank: slot 0 zeros). Tokens past
     a row's `lengths` (default: all T) are zeros, neither read nor normalised. x, residual (B, T, N)."""
@@ -187,12 +193,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     x = x.contiguous()
     out = torch.empty_like(x)
     slots, d_weight, d_bias = tuned if tuned is not None else (weight, weight, bias)  # placeholders, never read
+    flags, delta_t = delta if delta is not None else (weight, x)
     opt = {**LAYER_NORM, **launch}
     bt = _block(T, opt["block_t"], least=1)
     _kernels().layer_norm_kernel[(B, _cdiv(T, bt))](
-        x, residual.contiguous() if residual is not None else x, out, _lengths(lengths, B, T, x.device), weight, bias,
-        slots, d_weight, d_bias, T, N, eps, BLOCK_T=bt, BLOCK_N=_block(N, 1 << 16), HAS_RES=residual is not None,
-        TUNED=tuned is not None, num_warps=opt["num_warps"])
+        x, residual.contiguous() if residual is not None else x, flags, delta_t, out, _lengths(lengths, B, T, x.device),
+        weight, bias, slots, d_weight, d_bias, T, N, eps, BLOCK_T=bt, BLOCK_N=_block(N, 1 << 16),
+        HAS_RES=residual is not None, HAS_DELTA=delta is not None, TUNED=tuned is not None,
+        num_warps=opt["num_warps"])
     return out
 
 
@@ -232,14 +240,19 @@ class PostOps:
         return y
 
     def run(self, y: torch.Tensor, norm=None) -> torch.Tensor:
-        """Launch what is pending on y; then `norm(y, residual)` (the sublayer's LayerNorm, given the residual if no
-        pass here took it), if given."""
+        """Launch what is pending on y. `norm`: the sublayer's LayerNorm in one kernel, `norm(y, residual, delta)`
+        (`PetLayerNorm.fused`), which then takes the residual and an adapter's term (`adapter_`'s `delta`: the other
+        terms run first, in place, and no pass writes every row but the norm's)."""
         lengths = row_lengths(self.rows)
         dense, self.dense = self.dense, {}
         if self.sparse:
             sparse_deltas_(y, self.x, self.sparse, lengths, self.rows.memo)
             self.sparse = []
         adapter, residual = dense.pop("adapter", None), dense.pop("residual", None)
+        if adapter is not None and norm is not None:
+            if dense:
+                epilogue_(y, **dense, lengths=lengths)
+            return norm(y, residual, (adapter[0], adapter_(y, *adapter, lengths=lengths, delta=True)))
         if adapter is not None:
             bias = dense.pop("bias") if list(dense) == ["bias"] else None  # a lone bias joins the adapter's pass
             if dense:
@@ -249,7 +262,7 @@ class PostOps:
             epilogue_(y, **dense, residual=residual if norm is None else None, lengths=lengths)
             residual = residual if norm is not None else None
         if norm is not None:
-            return norm(y, residual)
+            return norm(y, residual, None)
         if residual is not None:  # alone and no norm given: torch's vectorized add beats the epilogue's tiles (3.6
                                   # vs 4.2 us, H100)
             y.add_(residual)

@@ -134,7 +134,7 @@ def _down(h, z_ptrs, t_ok, w_ptrs, m_ok, bias_ptr, N, BLOCK_K: tl.constexpr, ADD
 def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr,
                    gelu_ptr, bias_slot_ptr, bias_ptr, T, N, M, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   DELTA: tl.constexpr, PRECISION: tl.constexpr):
     """A bottleneck adapter after a linear, with that linear's bias term and its sublayer's residual, in one pass:
     `out[b] = z + up[s] · act(down[s] · z + down_bias[s]) + up_bias[s] (+ res[b])`, `z = y[b] + bias[sb]`, s the
     row's adapter slot (act per slot: gelu where gelu[s], else relu), sb its slot in the bias bank. y, res, out
@@ -144,7 +144,11 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
 
     Each program writes BLOCK_N outputs of BLOCK_T tokens and computes its tokens' bottleneck `act(down · z)` over
     all N inputs itself (programs of one row's tokens repeat that small product rather than wait for each other):
-    out is not y, so no program reads what another writes."""
+    out is not y, so no program reads what another writes.
+
+    DELTA: out is a delta buffer, `up[s] · act(down[s] · y[b] + down_bias[s]) + up_bias[s]` written on rows with an
+    adapter slot, up to their length, and nothing else (no bias term, no residual: the LayerNorm's kernel after it
+    adds the delta and the residual; the other rows' programs do nothing)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,7 +162,9 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
     row = b * T * N
     tile = row + offs_t[:, None] * N + offs_n[None, :]  # this program's elements of y, res and out
     mask = (offs_t < T)[:, None] & n_ok[None, :]
-    v = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    v = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    if not DELTA:
+        v = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if (slot != 0) & (t0 < length):
@@ -182,10 +188,13 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
         else:
             h = tl.maximum(h, 0.0)
         d = tl.dot(h.to(u.dtype), u, input_precision=PRECISION) + ub[None, :]
+        if DELTA:
+            tl.store(out_ptr + tile, d.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
         v += tl.where(t_ok[:, None], d, 0.0)
-    if HAS_RES:
-        v += tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tile, v.to(out_ptr.dtype.element_ty), mask=mask)
+    if not DELTA:
+        if HAS_RES:
+            v += tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tile, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -321,9 +330,11 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
 
 
 @triton.jit
-def layer_norm_kernel(x_ptr, res_ptr, out_ptr, len_ptr, w_ptr, b_ptr, slot_ptr, dw_ptr, db_ptr, T, N, eps,
-                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr, TUNED: tl.constexpr):
-    """out[b, t] = LayerNorm(x[b, t] (+ res[b, t])) with the affine `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot
+def layer_norm_kernel(x_ptr, res_ptr, delta_flag_ptr, delta_ptr, out_ptr, len_ptr, w_ptr, b_ptr, slot_ptr, dw_ptr,
+                      db_ptr, T, N, eps, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
+                      HAS_DELTA: tl.constexpr, TUNED: tl.constexpr):
+    """out[b, t] = LayerNorm(x[b, t] (+ delta[b, t]) (+ res[b, t])) (delta: read where the row's delta flag is not 0,
+    else unset) with the affine `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot
     in the per-task LayerNorm bank, whose null slot is zeros; else the backbone's w, b), statistics in float32 over the
     N features; tokens past the row's length get zeros (written, never read: no load of x or res there).
     x, res, out (B, T, N); w, b (N,); dw, db (C, N)."""
@@ -339,6 +350,9 @@ def layer_norm_kernel(x_ptr, res_ptr, out_ptr, len_ptr, w_ptr, b_ptr, slot_ptr, 
         t_ok = offs_t < length
         mask = t_ok[:, None] & n_ok[None, :]
         v = tl.load(x_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            if tl.load(delta_flag_ptr + b) != 0:
+                v += tl.load(delta_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             v += tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(v, axis=1) / N
