@@ -210,15 +210,15 @@ class PetLayerNorm(nn.LayerNorm):
 
     def fused(self, rows):
         """In a gathered forward where the fused kernels serve (`fused.NORM`), this norm as one kernel
-        `norm(x, residual=None, delta=None) -> LayerNorm(x (+ delta) (+ residual))` (`fused.layer_norm`: each row's
-        affine of its task's slot, tokens past its length zeros); else None."""
+        `norm(x, residual=None, delta=None, site_bias=None) -> LayerNorm(x + site_bias + delta + residual)`
+        (`fused.layer_norm`: each row's affine of its task's slot, tokens past its length zeros); else None."""
         if not fused.NORM:
             return None
         ops = [op for op in self.ops if op.method in rows.slots]
         tuned = ops[0].fused(None, rows)[1] if ops else None
         lengths = fused.row_lengths(rows)
-        return lambda x, residual=None, delta=None: fused.layer_norm(x, self.weight, self.bias, self.eps, residual,
-                                                                     tuned, delta, lengths)
+        return lambda x, residual=None, delta=None, site_bias=None: fused.layer_norm(
+            x, self.weight, self.bias, self.eps, residual, tuned, delta, site_bias, lengths)
 
 
 class SelfAttention(nn.Module):

@@ -154,13 +154,13 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
     `z = y + bias_bank[bs]`, per row b on adapter slot s (`slots` (B,); act gelu where `gelu[s]`, else relu) and
     bias slot bs (`bias` = (slots, bank (C, N)), BitFit's term of the same linear, optional); rows on slot 0 and
     tokens past a row's `lengths` get `z (+ residual)`. y, residual (B, T, N); down (C, M, N), down_bias (C, M),
-    up (C, N, M), up_bias (C, N). `delta`: the new tensor is the adapter's term alone, `up[s] · act(down[s] · y[b] +
-    down_bias[s]) + up_bias[s]`, written on rows with a slot up to their lengths, unset elsewhere (no bias term, no
-    residual: the sublayer's LayerNorm adds it, `layer_norm`'s `delta`)."""
+    up (C, N, M), up_bias (C, N). `delta`: the new tensor is the adapter's term alone, `up[s] · act(down[s] · z +
+    down_bias[s]) + up_bias[s]`, written on rows with a slot up to their lengths, unset elsewhere (the sublayer's
+    LayerNorm adds it, the bias term and the residual: `layer_norm`'s `delta`, `site_bias`)."""
     B, T, N = y.shape
     M = down.shape[1]
-    if delta and (bias is not None or residual is not None):
-        raise ValueError("an adapter's delta takes no bias term or residual (the pass after it adds them)")
+    if delta and residual is not None:
+        raise ValueError("an adapter's delta takes no residual (the LayerNorm's pass after it adds it)")
     lengths = _lengths(lengths, B, T, y.device)
     y = y.contiguous()
     out = torch.empty_like(y)
@@ -183,9 +183,11 @@ LAYER_NORM = {"block_t": 2, "num_warps": 4}
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: torch.Tensor | None = None, tuned: tuple | None = None, delta: tuple | None = None,
-               lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
-    """One kernel, a new tensor: each token's `LayerNorm(x (+ delta[b]) (+ residual))` over its N features (`delta` =
-    (flags (B,), (B, T, N)), read on rows whose flag is not 0: an adapter's `adapter_delta`), statistics in float32,
+               site_bias: tuple | None = None, lengths: torch.Tensor | None = None, **launch) -> torch.Tensor:
+    """One kernel, a new tensor: each token's `LayerNorm(x + site_bias[b] + delta[b] + residual)` over its N
+    features, each term optional: `site_bias` = (slots (B,), bank (C, N)), the linear's per-task bias (BitFit);
+    `delta` = (flags (B,), (B, T, N)), read on rows whose flag is not 0 (an adapter's term, `adapter_`'s `delta`).
+    Statistics in float32,
     with the backbone's `weight`, `bias` (N,) or, with `tuned` = (slots (B,), d_weight (C, N), d_bias (C, N)), each
     row's own affine `weight + d_weight[s]`, `bias + d_bias[s]` (a per-task LayerNorm's bank: slot 0 zeros). Tokens past
     a row's `lengths` (default: all T) are zeros, neither read nor normalised. x, residual (B, T, N)."""
@@ -194,12 +196,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     out = torch.empty_like(x)
     slots, d_weight, d_bias = tuned if tuned is not None else (weight, weight, bias)  # placeholders, never read
     flags, delta_t = delta if delta is not None else (weight, x)
+    bias_slots, bias_bank = site_bias if site_bias is not None else (weight, x)
     opt = {**LAYER_NORM, **launch}
     bt = _block(T, opt["block_t"], least=1)
     _kernels().layer_norm_kernel[(B, _cdiv(T, bt))](
-        x, residual.contiguous() if residual is not None else x, flags, delta_t, out, _lengths(lengths, B, T, x.device),
-        weight, bias, slots, d_weight, d_bias, T, N, eps, BLOCK_T=bt, BLOCK_N=_block(N, 1 << 16),
-        HAS_RES=residual is not None, HAS_DELTA=delta is not None, TUNED=tuned is not None,
+        x, bias_slots, bias_bank, residual.contiguous() if residual is not None else x, flags, delta_t, out,
+        _lengths(lengths, B, T, x.device), weight, bias, slots, d_weight, d_bias, T, N, eps, BLOCK_T=bt,
+        BLOCK_N=_block(N, 1 << 16), HAS_BIAS=site_bias is not None, HAS_RES=residual is not None, HAS_DELTA=delta is not None, TUNED=tuned is not None,
         num_warps=opt["num_warps"])
     return out
 
@@ -212,7 +215,7 @@ class PostOps:
     input scaling (IA3 before the feed-forward output) and the sublayer's residual as one `epilogue_` pass — or, at
     a site with an adapter, the adapter with the bias term and the residual as one `adapter_` pass — a kernel or
     two per site where each method's op was one or two of its own; given the sublayer's LayerNorm (`run`'s `norm`),
-    the residual goes to its kernel unless the adapter's pass takes it. Terms arrive in order (weight deltas, scalings,
+    its kernel takes the residual, a lone bias term and the adapter's term (written alone, on the adapter's rows). Terms arrive in order (weight deltas, scalings,
     the activation, scalings of the activated output, the adapter, the residual); a term that cannot join what is
     pending (a second of its kind, or a delta after a scaling) runs what is pending first. x: the linear's input,
     which the sparse products read. `add` and `run` return the output (the adapter's pass writes a new tensor)."""
@@ -240,31 +243,31 @@ class PostOps:
         return y
 
     def run(self, y: torch.Tensor, norm=None) -> torch.Tensor:
-        """Launch what is pending on y. `norm`: the sublayer's LayerNorm in one kernel, `norm(y, residual, delta)`
-        (`PetLayerNorm.fused`), which then takes the residual and an adapter's term (`adapter_`'s `delta`: the other
-        terms run first, in place, and no pass writes every row but the norm's)."""
+        """Launch what is pending on y. `norm`: the sublayer's LayerNorm in one kernel, `norm(y, residual, delta,
+        site_bias)` (`PetLayerNorm.fused`), which then takes the residual, a lone bias term and an adapter's term
+        (`adapter_`'s `delta`; other terms run first, in place on their rows: no pass writes every row but the
+        norm's)."""
         lengths = row_lengths(self.rows)
         dense, self.dense = self.dense, {}
         if self.sparse:
             sparse_deltas_(y, self.x, self.sparse, lengths, self.rows.memo)
             self.sparse = []
         adapter, residual = dense.pop("adapter", None), dense.pop("residual", None)
-        if adapter is not None and norm is not None:
-            if dense:
+        if norm is not None:
+            bias = dense.pop("bias") if list(dense) == ["bias"] else None  # a lone bias joins the norm's pass
+            if dense:  # in place, on the rows of its terms
                 epilogue_(y, **dense, lengths=lengths)
-            return norm(y, residual, (adapter[0], adapter_(y, *adapter, lengths=lengths, delta=True)))
+            delta = adapter and (adapter[0], adapter_(y, *adapter, bias=bias, lengths=lengths, delta=True))
+            return norm(y, residual, delta, bias)
         if adapter is not None:
             bias = dense.pop("bias") if list(dense) == ["bias"] else None  # a lone bias joins the adapter's pass
             if dense:
                 epilogue_(y, **dense, lengths=lengths)
             y, residual = adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths), None
-        elif dense:  # with a norm, its kernel adds the residual (the epilogue then skips rows of no term, and padding)
-            epilogue_(y, **dense, residual=residual if norm is None else None, lengths=lengths)
-            residual = residual if norm is not None else None
-        if norm is not None:
-            return norm(y, residual, None)
-        if residual is not None:  # alone and no norm given: torch's vectorized add beats the epilogue's tiles (3.6
-                                  # vs 4.2 us, H100)
+        elif dense:
+            epilogue_(y, **dense, residual=residual, lengths=lengths)
+            residual = None
+        if residual is not None:  # alone: torch's vectorized add beats the epilogue's tiles (3.6 vs 4.2 us, H100)
             y.add_(residual)
         return y
 

@@ -146,9 +146,9 @@ def adapter_kernel(y_ptr, out_ptr, res_ptr, len_ptr, slot_ptr, down_ptr, down_bi
     all N inputs itself (programs of one row's tokens repeat that small product rather than wait for each other):
     out is not y, so no program reads what another writes.
 
-    DELTA: out is a delta buffer, `up[s] · act(down[s] · y[b] + down_bias[s]) + up_bias[s]` written on rows with an
-    adapter slot, up to their length, and nothing else (no bias term, no residual: the LayerNorm's kernel after it
-    adds the delta and the residual; the other rows' programs do nothing)."""
+    DELTA: out is a delta buffer, `up[s] · act(down[s] · z + down_bias[s]) + up_bias[s]` written on rows with an
+    adapter slot, up to their length, and nothing else (the LayerNorm's kernel after it adds the delta, the bias term
+    and the residual; the other rows' programs do nothing)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -330,11 +330,11 @@ def sparse_delta_kernel(y_ptr, x_ptr, len_ptr, T, N, K, n_a,
 
 
 @triton.jit
-def layer_norm_kernel(x_ptr, res_ptr, delta_flag_ptr, delta_ptr, out_ptr, len_ptr, w_ptr, b_ptr, slot_ptr, dw_ptr,
-                      db_ptr, T, N, eps, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
-                      HAS_DELTA: tl.constexpr, TUNED: tl.constexpr):
-    """out[b, t] = LayerNorm(x[b, t] (+ delta[b, t]) (+ res[b, t])) (delta: read where the row's delta flag is not 0,
-    else unset) with the affine `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot
+def layer_norm_kernel(x_ptr, bias_slot_ptr, bias_ptr, res_ptr, delta_flag_ptr, delta_ptr, out_ptr, len_ptr, w_ptr,
+                      b_ptr, slot_ptr, dw_ptr, db_ptr, T, N, eps, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, TUNED: tl.constexpr):
+    """out[b, t] = LayerNorm(x[b, t] (+ bias[sb]) (+ delta[b, t]) (+ res[b, t])) (bias (C, N): the linear's per-task
+    bias bank, sb the row's slot there; delta: read where the row's delta flag is not 0, else unset) with the affine `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot
     in the per-task LayerNorm bank, whose null slot is zeros; else the backbone's w, b), statistics in float32 over the
     N features; tokens past the row's length get zeros (written, never read: no load of x or res there).
     x, res, out (B, T, N); w, b (N,); dw, db (C, N)."""
@@ -350,6 +350,9 @@ def layer_norm_kernel(x_ptr, res_ptr, delta_flag_ptr, delta_ptr, out_ptr, len_pt
         t_ok = offs_t < length
         mask = t_ok[:, None] & n_ok[None, :]
         v = tl.load(x_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            sb = tl.load(bias_slot_ptr + b)
+            v += tl.load(bias_ptr + sb * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_DELTA:
             if tl.load(delta_flag_ptr + b) != 0:
                 v += tl.load(delta_ptr + tile, mask=mask, other=0.0).to(tl.float32)

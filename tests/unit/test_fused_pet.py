@@ -174,28 +174,31 @@ def test_each_fused_op_matches_its_plain_form_and_skips_null_slot_rows_and_paddi
                                  residual=res, lengths=p).cpu()
             want = zb + delta * within + (0 if res is None else res.double().cpu())
             torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
-        # the adapter's term alone into a delta buffer (the LayerNorm's kernel adds it): its rows, up to lengths
-        buffer = fused.adapter_(y, slots, down_w, down_b, up_w, up_b, gelu, lengths=p, delta=True).cpu()
-        h = torch.einsum("btn,bmn->btm", yd, down_w.double().cpu()[s]) + down_b.double().cpu()[s][:, None]
+        # the adapter's term alone into a delta buffer (the LayerNorm's kernel adds it and the bias): its rows, up to
+        # lengths, from z = y + bias
+        buffer = fused.adapter_(y, slots, down_w, down_b, up_w, up_b, gelu, bias=(bias_slots, bias_bank), lengths=p,
+                                delta=True).cpu()
+        h = torch.einsum("btn,bmn->btm", zb, down_w.double().cpu()[s]) + down_b.double().cpu()[s][:, None]
         h = torch.where(gelu.cpu()[s][:, None, None], torch.nn.functional.gelu(h), torch.relu(h))
         term = torch.einsum("btm,bnm->btn", h, up_w.double().cpu()[s]) + up_b.double().cpu()[s][:, None]
         within = within.expand(B, T, N)
         torch.testing.assert_close(buffer.double()[within], term[within], rtol=rtol, atol=atol)
 
-    # LayerNorm, with the residual, an adapter's delta (flagged rows) and each row's own affine (a per-task
-    # LayerNorm's bank of deltas, slot 0 zeros), or without: a new tensor, tokens past a row's length zeros
+    # LayerNorm, with the residual, the linear's bias term, an adapter's delta (flagged rows) and each row's own
+    # affine (a per-task LayerNorm's bank of deltas, slot 0 zeros), or with none: a new tensor, padding zeros
     ln_w, ln_b, d_w, d_b = rand(N), rand(N), rand(C, N), rand(C, N)
     d_w[0], d_b[0] = 0, 0
     for p in (None, ragged):
         within = torch.arange(T)[None, :, None] < (T if p is None else lengths[:, None, None])
         buffer = torch.where(live[:, None, None].to(DEVICE), rand(B, T, N), float("nan"))  # unset off its rows
-        for res, tuned, delta in ((None, None, None), (residual, (slots, d_w, d_b), (slots, buffer))):
-            z = yd + (0 if res is None else res.double().cpu()) + (0 if delta is None else buffer.double().cpu(
-                ).nan_to_num())
+        for res, tuned, delta, site_bias in ((None, None, None, None), (residual, (slots, d_w, d_b), (slots, buffer),
+                                                                        (bias_slots, bias_bank))):
+            z = yd if res is None else zb + res.double().cpu() + buffer.double().cpu().nan_to_num()
             norm = torch.nn.functional.layer_norm(z, (N,), eps=1e-5)
             affine = [t.double().cpu() + (0 if tuned is None else d.double().cpu()[s][:, None])
                       for t, d in ((ln_w, d_w), (ln_b, d_b))]
-            got = fused.layer_norm(y, ln_w, ln_b, 1e-5, residual=res, tuned=tuned, delta=delta, lengths=p).cpu()
+            got = fused.layer_norm(y, ln_w, ln_b, 1e-5, residual=res, tuned=tuned, delta=delta, site_bias=site_bias,
+                                   lengths=p).cpu()
             torch.testing.assert_close(got.double(), (norm * affine[0] + affine[1]) * within, rtol=rtol, atol=atol)
 
     dense = [torch.zeros(N, K, dtype=torch.float64)]  # slot 0: the null slot; slots 1, 2 at 1% and 50%
