@@ -123,10 +123,10 @@ class PetLinear(nn.Module):
         pre-op form on the (activated) output, the next linear's pre ops, which that linear then leaves out
         (`pre_ops=()`): `FeedForward` passes the output linear's, so that the fused path scales that linear's input in
         this linear's pass. `pre_ops`: this linear's own (default). `residual` (B, T, out): added last (a sublayer's
-        input, before its LayerNorm), in the fused path within the post ops' pass. `norm`: that LayerNorm, applied last
-        (in the fused path its kernel also adds the residual and an adapter's term: `PetLayerNorm.fused`). `overlap`: where the fused path takes
-        this linear's sparse products launched ahead on a side stream and defers its post ops: the output is final
-        once `overlap.finish()` has run."""
+        input, before its LayerNorm), in the fused path within the post ops' pass. `norm`: that LayerNorm, applied
+        last (in the fused path its kernel also adds the residual, a lone bias term and an adapter's term:
+        `PetLayerNorm.fused`). `overlap`: where the fused path takes this linear's sparse products launched ahead on
+        a side stream and defers its post ops: the output is final once `overlap.finish()` has run."""
         gathered = getattr(rows, "gathered", False)
         for op in self.pre_ops if pre_ops is None else pre_ops:
             if not gathered:
@@ -151,8 +151,8 @@ class PetLinear(nn.Module):
         """The post ops', the activation's, `then`'s and the residual's gathered forms, leaving out methods the
         batch's rows do not use. Where the fused kernels serve, each step with a fused form gives its term to
         `fused.PostOps`, which launches them together on y, this linear's own fresh output (a kernel or two per site,
-        not one or two per method, a third for the activation and a fourth for the residual), and `norm` (with the
-        residual where no other term takes it) after them."""
+        not one or two per method, a third for the activation and a fourth for the residual), then `norm`, whose kernel
+        takes the residual, a lone bias term and an adapter's term."""
         ahead, delta = overlap.take(self) if overlap is not None else ([], None)  # sparse products launched ahead
         steps = [(op.fused and (lambda op=op: op.fused(x, rows)), lambda y, op=op: op.gathered(x, y, rows))
                  for op in self.ops if op.method in rows.slots and op not in ahead]
@@ -188,7 +188,7 @@ class PetLayerNorm(nn.LayerNorm):
     the affine of its task's slot, or returns None when no row of the batch overrides this norm; then (and whenever
     no op is hooked, or `rows` is None) the plain `F.layer_norm` with the backbone's weight and bias runs, exactly as
     an `nn.LayerNorm` (same parameters and state-dict names). Given `GatheredRows` (export), the op's `gathered` form
-    runs.
+    runs, or, where the fused kernels serve, one kernel for the norm and every row's affine (`fused`).
     """
 
     def __init__(self, site: str, hidden: int, eps: float):

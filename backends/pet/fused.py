@@ -13,10 +13,10 @@ from each method's `fused_op`):
 | BitFit `y += δb`, LoRA's up-projection, IA3 `y ⊙ (1 + l)`: all of a site's in one pass | `epilogue_` (in place) | gathers, broadcast adds, baddbmm, add one + multiply |
 | LoRA's down-projection `s·(x·Aᵀ)` | `gathered_matmul` | gathers of A, bmm, scaling |
 | IA3 before `output.dense` | `epilogue_` (scale) | gather, add one, multiply |
-| adapter `y += up(act(down(y)))`, with the site's BitFit bias and the sublayer's residual | `adapter_` | four gathers, two bmm, bias adds, both activations, a select and the residual add |
-| the sublayer's residual `y += x` at an output linear without an adapter | `epilogue_` with the site's other terms (alone: the LayerNorm's kernel) | torch's add |
+| adapter `y += up(act(down(y)))`, with the site's BitFit bias and the sublayer's residual (before a LayerNorm: its term alone, on its rows, which `layer_norm` adds) | `adapter_` | four gathers, two bmm, bias adds, both activations, a select and the residual add |
+| the sublayer's residual `y += x` at an output linear | the LayerNorm's kernel (without one: `epilogue_` with the site's other terms, alone torch's in-place add) | torch's add |
 | MaskBERT, Diff-Pruning `y += x·ΔWᵀ (+ δb)`: both methods in one launch | `sparse_deltas_` (+ `transposed`, shared) | per-row dense ΔW: gathers, zero fill, scatter, bmm, index_add |
-| a LayerNorm, with the residual no other pass took and each row's per-task affine (LN tuning) | `layer_norm` | torch's add and LayerNorm (the per-task affine: gathers, normalise, multiply, add) |
+| a LayerNorm, with the residual, a lone BitFit bias, the adapter's term and each row's per-task affine (LN tuning) | `layer_norm` | torch's add and LayerNorm (the per-task affine: gathers, normalise, multiply, add) |
 
 The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps a `rowptr` per site) in place: no
 ΔW is densified; its input's transposed form is made once per linear input and forward (`transposed`), and in a
@@ -187,10 +187,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """One kernel, a new tensor: each token's `LayerNorm(x + site_bias[b] + delta[b] + residual)` over its N
     features, each term optional: `site_bias` = (slots (B,), bank (C, N)), the linear's per-task bias (BitFit);
     `delta` = (flags (B,), (B, T, N)), read on rows whose flag is not 0 (an adapter's term, `adapter_`'s `delta`).
-    Statistics in float32,
-    with the backbone's `weight`, `bias` (N,) or, with `tuned` = (slots (B,), d_weight (C, N), d_bias (C, N)), each
-    row's own affine `weight + d_weight[s]`, `bias + d_bias[s]` (a per-task LayerNorm's bank: slot 0 zeros). Tokens past
-    a row's `lengths` (default: all T) are zeros, neither read nor normalised. x, residual (B, T, N)."""
+    Statistics in float32, with the backbone's `weight`, `bias` (N,) or, with `tuned` = (slots (B,), d_weight (C, N),
+    d_bias (C, N)), each row's own affine `weight + d_weight[s]`, `bias + d_bias[s]` (a per-task LayerNorm's bank:
+    slot 0 zeros). Tokens past a row's `lengths` (default: all T) are zeros, neither read nor normalised. x, residual
+    (B, T, N)."""
     B, T, N = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -202,8 +202,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     _kernels().layer_norm_kernel[(B, _cdiv(T, bt))](
         x, bias_slots, bias_bank, residual.contiguous() if residual is not None else x, flags, delta_t, out,
         _lengths(lengths, B, T, x.device), weight, bias, slots, d_weight, d_bias, T, N, eps, BLOCK_T=bt,
-        BLOCK_N=_block(N, 1 << 16), HAS_BIAS=site_bias is not None, HAS_RES=residual is not None, HAS_DELTA=delta is not None, TUNED=tuned is not None,
-        num_warps=opt["num_warps"])
+        BLOCK_N=_block(N, 1 << 16), HAS_BIAS=site_bias is not None, HAS_RES=residual is not None,
+        HAS_DELTA=delta is not None, TUNED=tuned is not None, num_warps=opt["num_warps"])
     return out
 
 
@@ -215,10 +215,11 @@ class PostOps:
     input scaling (IA3 before the feed-forward output) and the sublayer's residual as one `epilogue_` pass — or, at
     a site with an adapter, the adapter with the bias term and the residual as one `adapter_` pass — a kernel or
     two per site where each method's op was one or two of its own; given the sublayer's LayerNorm (`run`'s `norm`),
-    its kernel takes the residual, a lone bias term and the adapter's term (written alone, on the adapter's rows). Terms arrive in order (weight deltas, scalings,
-    the activation, scalings of the activated output, the adapter, the residual); a term that cannot join what is
-    pending (a second of its kind, or a delta after a scaling) runs what is pending first. x: the linear's input,
-    which the sparse products read. `add` and `run` return the output (the adapter's pass writes a new tensor)."""
+    its kernel takes the residual, a lone bias term and the adapter's term (written alone, on the adapter's rows).
+    Terms arrive in order (weight deltas, scalings, the activation, scalings of the activated output, the adapter,
+    the residual); a term that cannot join what is pending (a second of its kind, or a delta after a scaling) runs
+    what is pending first. x: the linear's input, which the sparse products read. `add` and `run` return the output
+    (the adapter's and the norm's passes write a new tensor)."""
 
     STAGES = {"sparse": 0, "delta": 0, "bias": 0, "low_rank": 0, "scale": 1, "activation": 2, "then": 3, "adapter": 4,
               "residual": 5}  # the pass's order
@@ -263,11 +264,10 @@ class PostOps:
             bias = dense.pop("bias") if list(dense) == ["bias"] else None  # a lone bias joins the adapter's pass
             if dense:
                 epilogue_(y, **dense, lengths=lengths)
-            y, residual = adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths), None
-        elif dense:
+            return adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths)
+        if dense:
             epilogue_(y, **dense, residual=residual, lengths=lengths)
-            residual = None
-        if residual is not None:  # alone: torch's vectorized add beats the epilogue's tiles (3.6 vs 4.2 us, H100)
+        elif residual is not None:  # alone: torch's vectorized add beats the epilogue's tiles (3.6 vs 4.2 us, H100)
             y.add_(residual)
         return y
 
