@@ -11,8 +11,10 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
     replay ms: those batches' graphs replayed alone (device time, no host work): the mixed one, the single-task
                ones and their mean weighted by each entry's rows in the mix (the same 64 rows served as
                single-task batches of their own PET types), and the mixed one with the sparse products on the
-               main stream (`fused.OVERLAP` off), and the mixed and single-task ones with torch's residual add and
-               LayerNorm (`fused.NORM` off: `:torch_norm`)
+               main stream (`fused.OVERLAP` off), and the mixed and single-task ones recaptured with one part of
+               the forward changed (`VARIANTS`: torch's residual add and LayerNorm, LoRA's down-projection in
+               order, each attention backend pinned); and the mix with its Diff-Pruning tasks at 0.5% density, what
+               `chorus train` makes (Guo et al.), against the same rows by type (`dp_trained`)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -20,20 +22,48 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chorus.backends.engine import Engine
 from chorus.backends.graphs import GraphedForward
 from chorus.backends.pet import fused
+from chorus.backends.task_files import random_task, save_task
 from perf.gpu_check import PET_MIX, cuda_ms, make_backbone, make_tasks
 from perf.inprocess import torch_pet_ops
 
 ROUNDS = 5
+DP_TRAINED = 0.005  # Diff-Pruning's density in what `chorus train` makes (Guo et al.'s 0.5%); the mix's is 5%
+
+
+@contextlib.contextmanager
+def in_order(engine: Engine, method: str):
+    """`method`'s ops run in their linears' pass, none launched ahead on the side stream (`fused.Overlap`)."""
+    ops = [op for m in engine.model.modules() for op in getattr(m, "ops", ()) if getattr(op, "method", "") == method]
+    for op in ops:
+        op.fused_ahead = False
+    try:
+        yield
+    finally:
+        for op in ops:
+            op.fused_ahead = True
+
+
+# graphs anew with one part of the forward changed: label -> (what changes, which batches)
+VARIANTS = {
+    "no_overlap": (lambda engine: mock.patch.object(fused, "OVERLAP", False), ("mixed",)),  # on the main stream
+    "torch_norm": (lambda engine: mock.patch.object(fused, "NORM", False), ("mixed", "single")),
+    "lora_in_order": (lambda engine: in_order(engine, "lora"), ("mixed", "single")),
+    "sdpa_efficient": (lambda engine: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), ("mixed", "single")),
+    "sdpa_cudnn": (lambda engine: sdpa_kernel(SDPBackend.CUDNN_ATTENTION), ("mixed", "single")),
+}
 
 
 def kernels(fn, top: int, cuda: bool) -> list[dict]:
@@ -74,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = make_backbone(args.work / "bert-base", args.bundle / "tokenizer.json")
     tasks = make_tasks(cfg, args.work / "tasks", 64)
     engine = Engine(args.work / "bert-base", device=args.device, dtype=torch.float16, capacity=80, max_length=128)
-    for name, path in tasks.items():
+    trained = {}  # the mix's Diff-Pruning tasks at the density `chorus train` makes
+    for i, name in enumerate(sorted(tasks)):
+        pet = PET_MIX[i % len(PET_MIX)]
+        if "diff_pruning" in pet:
+            trained[name] = f"{name}_trained"
+            save_task(random_task(trained[name], cfg.hidden_size, cfg.linear_sites(),
+                                  {"diff_pruning": {**pet["diff_pruning"], "density": DP_TRAINED}}, seed=i, scale=0.02),
+                      args.work / "tasks" / trained[name])
+    for name, path in [*tasks.items(), *((t, args.work / "tasks" / t) for t in trained.values())]:
         engine.load_task(name, path)
     if engine.graphs is not None:
         engine.graphs.hot_after, engine.graphs.background = 1, False  # captured at once
@@ -91,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     entries = names[:len(PET_MIX)]  # one task of each entry of the mix (LoRA r8 and r16, Houlsby and Pfeiffer, ...)
     for one in entries:
         runs["alone:" + one] = lambda one=one: engine.run(ids, [one] * 64)
+    mixed_dp = [trained.get(n, n) for n in mixed]
+    dp_one = next(one for one in entries if one in trained)
+    runs["mixed:dp_trained"] = lambda: engine.run(ids, mixed_dp)
+    runs["alone:" + trained[dp_one]] = lambda: engine.run(ids, [trained[dp_one]] * 64)
     for t in types:
         rest = [n for n in names if not n.endswith("_" + t)]
         runs["mixed_without:" + t] = lambda rest=rest: engine.run(ids, [rest[i % len(rest)] for i in range(64)])
@@ -113,26 +155,35 @@ def main(argv: list[str] | None = None) -> int:
             g["mixed:torch_ops"] = timed(lambda: engine.run(ids, mixed))
             g["single:torch_ops"] = timed(lambda: engine.run(ids, [names[0]] * 64))
     if engine.graphs is not None:  # the graphs alone: replays of the captured forward, no host work between
-        res["replay_ms"] = {k: replay_ms(runs[k]) for k in ("mixed", "single:" + names[0],
-                                                             *("alone:" + one for one in entries))}
-        res["single_over_mixed_replay"] = res["replay_ms"]["single:" + names[0]] / res["replay_ms"]["mixed"]
-        res["single_task_mean_replay_ms"] = sum(share[one] * res["replay_ms"]["alone:" + one] for one in entries)
-        res["single_mean_over_mixed_replay"] = res["single_task_mean_replay_ms"] / res["replay_ms"]["mixed"]
-        if fused.serves(engine.device):  # graphs anew with a fused path's part off
-            for flag, runs_off in (("OVERLAP", {"mixed:no_overlap": "mixed"}),  # sparse products on the main stream
-                                   ("NORM", {"mixed:torch_norm": "mixed", "single:torch_norm": "single:" + names[0]})):
-                setattr(fused, flag, False)
+        r = res["replay_ms"] = {k: replay_ms(runs[k]) for k in ("mixed", "single:" + names[0],
+                                                                 *("alone:" + one for one in entries),
+                                                                 "mixed:dp_trained", "alone:" + trained[dp_one])}
+        res["single_over_mixed_replay"] = r["single:" + names[0]] / r["mixed"]
+        res["single_task_mean_replay_ms"] = sum(share[one] * r["alone:" + one] for one in entries)
+        res["single_mean_over_mixed_replay"] = res["single_task_mean_replay_ms"] / r["mixed"]
+        res["dp_trained"] = {"density": DP_TRAINED, "single_task_mean_replay_ms": sum(
+            share[one] * r["alone:" + trained.get(one, one)] for one in entries)}
+        res["dp_trained"]["single_mean_over_mixed_replay"] = (res["dp_trained"]["single_task_mean_replay_ms"]
+                                                              / r["mixed:dp_trained"])
+        res["dp_trained"]["single_over_mixed_replay"] = r["single:" + names[0]] / r["mixed:dp_trained"]
+        if fused.serves(engine.device):
+            for variant, (change, batches) in VARIANTS.items():
                 graphs, engine.graphs = engine.graphs, GraphedForward(engine.model, hot_after=1, background=False)
                 try:
-                    for label, run in runs_off.items():
-                        res["replay_ms"][label] = replay_ms(runs[run])
+                    with change(engine):
+                        for batch in batches:
+                            r[f"{batch}:{variant}"] = replay_ms(runs["mixed" if batch == "mixed" else
+                                                                    "single:" + names[0]])
+                except RuntimeError as e:  # a backend that does not run here (e.g. no cuDNN attention)
+                    print(f"{variant}: {e}", flush=True)
                 finally:
-                    setattr(fused, flag, True)
                     engine.graphs = graphs
         for k, v in res["replay_ms"].items():
             print(f"replay {k:33s} {v:8.3f} ms", flush=True)
         print(f"{'single-task / mixed, replays':40s} {res['single_over_mixed_replay']:8.2f}", flush=True)
         print(f"{'single-task batches of the mix / mixed':40s} {res['single_mean_over_mixed_replay']:8.2f}", flush=True)
+        print(f"{'the same, Diff-Pruning at 0.5%':40s} {res['dp_trained']['single_mean_over_mixed_replay']:8.2f}",
+              flush=True)
     res["fused_pet_kernels"] = fused.serves(engine.device)
     for k, v in g.items():
         print(f"{k:40s} {v:8.2f} ms", flush=True)
