@@ -153,7 +153,7 @@ class PetLinear(nn.Module):
         `fused.PostOps`, which launches them together on y, this linear's own fresh output (a kernel or two per site,
         not one or two per method, a third for the activation and a fourth for the residual), then `norm`, whose kernel
         takes the residual, a lone bias term and an adapter's term."""
-        ahead, made = overlap.take(self) if overlap is not None else ([], [])  # terms launched ahead (side stream)
+        ahead, delta = overlap.take(self) if overlap is not None else ([], None)  # sparse products launched ahead
         steps = [(op.fused and (lambda op=op: op.fused(x, rows)), lambda y, op=op: op.gathered(x, y, rows))
                  for op in self.ops if op.method in rows.slots and op not in ahead]
         if activation is not None:
@@ -163,10 +163,8 @@ class PetLinear(nn.Module):
         if residual is not None:
             steps.append((lambda: ("residual", residual), lambda y: y + residual))
         pending = fused.PostOps(x, rows) if fused.available(y) else None
-        if made:  # launched ahead only where the fused kernels serve
-            pending.join = overlap.join
-            for kind, term in made:
-                y = pending.add(y, kind, term)
+        if delta is not None:  # launched ahead only where the fused kernels serve
+            y, pending.join = pending.add(y, "delta", delta), overlap.join
         for term, apply in steps:
             if pending is not None and term:
                 y = pending.add(y, *term())

@@ -12,9 +12,9 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
                ones and their mean weighted by each entry's rows in the mix (the same 64 rows served as
                single-task batches of their own PET types), and the mixed one with the sparse products on the
                main stream (`fused.OVERLAP` off), and the mixed and single-task ones recaptured with one part of
-               the forward changed (`VARIANTS`: torch's residual add and LayerNorm, LoRA's down-projection in
-               order, each attention backend pinned); and the mix with its Diff-Pruning tasks at 0.5% density, what
-               `chorus train` makes (Guo et al.), against the same rows by type (`dp_trained`)
+               the forward changed (`VARIANTS`: torch's residual add and LayerNorm, cuDNN's attention); and the
+               mix with its Diff-Pruning tasks at 0.5% density, what `chorus train` makes (Guo et al.), against
+               the same rows by type (`dp_trained`)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -22,7 +22,6 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -43,26 +42,11 @@ ROUNDS = 5
 DP_TRAINED = 0.005  # Diff-Pruning's density in what `chorus train` makes (Guo et al.'s 0.5%); the mix's is 5%
 
 
-@contextlib.contextmanager
-def in_order(engine: Engine, method: str):
-    """`method`'s ops run in their linears' pass, none launched ahead on the side stream (`fused.Overlap`)."""
-    ops = [op for m in engine.model.modules() for op in getattr(m, "ops", ()) if getattr(op, "method", "") == method]
-    for op in ops:
-        op.fused_ahead = False
-    try:
-        yield
-    finally:
-        for op in ops:
-            op.fused_ahead = True
-
-
 # graphs anew with one part of the forward changed: label -> (what changes, which batches)
 VARIANTS = {
-    "no_overlap": (lambda engine: mock.patch.object(fused, "OVERLAP", False), ("mixed",)),  # on the main stream
-    "torch_norm": (lambda engine: mock.patch.object(fused, "NORM", False), ("mixed", "single")),
-    "lora_in_order": (lambda engine: in_order(engine, "lora"), ("mixed", "single")),
-    "sdpa_efficient": (lambda engine: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), ("mixed", "single")),
-    "sdpa_cudnn": (lambda engine: sdpa_kernel(SDPBackend.CUDNN_ATTENTION), ("mixed", "single")),
+    "no_overlap": (lambda: mock.patch.object(fused, "OVERLAP", False), ("mixed",)),  # on the main stream
+    "torch_norm": (lambda: mock.patch.object(fused, "NORM", False), ("mixed", "single")),
+    "sdpa_cudnn": (lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION), ("mixed", "single")),  # `Engine` turns it off
 }
 
 
@@ -170,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant, (change, batches) in VARIANTS.items():
                 graphs, engine.graphs = engine.graphs, GraphedForward(engine.model, hot_after=1, background=False)
                 try:
-                    with change(engine):
+                    with change():
                         for batch in batches:
                             r[f"{batch}:{variant}"] = replay_ms(runs["mixed" if batch == "mixed" else
                                                                     "single:" + names[0]])

@@ -108,7 +108,7 @@ class PetMethod(nn.Module):
     # is large per row: a graphed batch runs it on the rows that use the method only (`GatheredRows.subsets`).
     row_subset: bool = False
     # The fused term reads only the linear's input (not its output): `fused.Overlap` may launch it before the
-    # linear's shared op, on a side stream (the sparse weight deltas, LoRA's down-projection).
+    # linear's shared op, on a side stream (the sparse weight deltas).
     fused_ahead: bool = False
 
     def __init__(self, sites: dict[str, tuple[int, int]], capacity: int, device=None, dtype=torch.float32):

@@ -11,7 +11,7 @@ from each method's `fused_op`):
 | op | kernel | replaces (torch, per site) |
 | --- | --- | --- |
 | BitFit `y += δb`, LoRA's up-projection, IA3 `y ⊙ (1 + l)`: all of a site's in one pass | `epilogue_` (in place) | gathers, broadcast adds, baddbmm, add one + multiply |
-| LoRA's down-projection `s·(x·Aᵀ)` (at a layer's query, value and key: on the side stream, `Overlap`) | `gathered_matmul` | gathers of A, bmm, scaling |
+| LoRA's down-projection `s·(x·Aᵀ)` | `gathered_matmul` | gathers of A, bmm, scaling |
 | IA3 before `output.dense` | `epilogue_` (scale) | gather, add one, multiply |
 | adapter `y += up(act(down(y)))`, with the site's BitFit bias and the sublayer's residual (before a LayerNorm: its term alone, on its rows, which `layer_norm` adds) | `adapter_` | four gathers, two bmm, bias adds, both activations, a select and the residual add |
 | the sublayer's residual `y += x` at an output linear | the LayerNorm's kernel (without one: `epilogue_` with the site's other terms, alone torch's in-place add) | torch's add |
@@ -228,12 +228,14 @@ class PostOps:
         self.x, self.rows = x, rows
         self.sparse: list[dict] = []
         self.dense: dict = {}
-        self.join = None  # with terms made on a side stream (`Overlap`): what makes the main stream wait for them
+        self.join = None  # with a "delta" made on a side stream (`Overlap`): what makes the main stream wait for it
 
     def add(self, y: torch.Tensor, kind: str, term) -> torch.Tensor:
         if kind == "scale" and "activation" in self.dense:
             kind = "then"  # scales the activated output
         if kind in self.dense or any(self.STAGES[k] > self.STAGES[kind] for k in self.dense):
+            if "delta" in self.dense:  # runs before `Overlap.finish` joins the side stream: join it now
+                self.join()
             y = self.run(y)
         if kind == "sparse":
             self.sparse.append(term)
@@ -246,9 +248,6 @@ class PostOps:
         site_bias)` (`PetLayerNorm.fused`), which then takes the residual, a lone bias term and an adapter's term
         (`adapter_`'s `delta`; other terms run first, in place on their rows: no pass writes every row but the
         norm's)."""
-        if self.join is not None:  # terms made on the side stream, run before `Overlap.finish` joins it: join now
-            self.join()
-            self.join = None
         lengths = row_lengths(self.rows)
         dense, self.dense = self.dense, {}
         if self.sparse:
@@ -272,11 +271,10 @@ class PostOps:
 
 class Overlap:
     """PetS's PET-operator scheduling for a layer's query, value and key linears (they read one input), in the fused
-    gathered forward on a GPU. Their terms that read only the linears' input — the sparse products (MaskBERT,
-    Diff-Pruning), each linear's into a delta buffer of its own, and LoRA's down-projection — are launched first
-    (`launch_ahead`), on a side stream, while the main stream runs the three shared ops and the other PET kernels;
-    each linear's remaining post ops wait (`defer`) and run in `finish`, after the main stream has joined the side
-    stream, adding the delta and the up-projection in their pass. Sparse
+    gathered forward on a GPU. Their sparse products (MaskBERT, Diff-Pruning: they read only the linears' input) are
+    launched first (`launch_ahead`), on a side stream, each into a delta buffer of its linear's own, while the main
+    stream runs the three shared ops and the other PET kernels; each linear's remaining post ops wait (`defer`) and
+    run in `finish`, after the main stream has joined the side stream, adding the delta in their pass. Sparse
     products are bound by L2 bandwidth and the shared GEMMs by tensor cores: side by side, the one hides in the
     other's gaps. In a CUDA graph the side stream's kernels are a parallel branch (captured, as any fork joined
     before the capture ends).
@@ -288,54 +286,37 @@ class Overlap:
 
     def __init__(self):
         self.side: torch.cuda.Stream | None = None
-        self.ahead: dict[int, tuple[list, list]] = {}  # id(linear) -> (its ops launched ahead, their terms)
+        self.ahead: dict[int, tuple[list, tuple]] = {}  # id(linear) -> (its ops launched ahead, its delta term)
         self.waiting: list[tuple[PostOps, torch.Tensor]] = []
         self.memo: dict = {}  # the side stream's own (transposed inputs made there stay there)
         self.queries: torch.Tensor | None = None
 
     def launch_ahead(self, x: torch.Tensor, rows, linears) -> None:
-        """Launch the terms of `linears` (`PetLinear`s that read x) that read x only on the side stream now, before
-        their shared ops: the sparse products, each linear's into a new (B, T, out) delta, rows flagged by their
-        slots in its sparse methods; LoRA's down-projection. Only in a gathered forward (`GatheredRows`) where the
-        fused kernels serve a CUDA device."""
+        """Launch the sparse products of `linears` (`PetLinear`s that read x) on the side stream now, before their
+        shared ops: each linear's into a new (B, T, out) delta, rows flagged by their slots in its sparse methods.
+        Only in a gathered forward (`GatheredRows`) where the fused kernels serve a CUDA device."""
         if not (OVERLAP and getattr(rows, "gathered", False) and x.device.type == "cuda" and available(x)):
             return
         lengths = row_lengths(rows)  # made (once per forward) on the main stream, which reads it later too
-        main = torch.cuda.current_stream(x.device)
         for linear in linears:
             ops = [op for op in linear.ops if getattr(op, "fused_ahead", False) and op.method in rows.slots]
             if not ops:
                 continue
-            # the sparse products' buffer, from the main stream's memory (a graph's pool reuses it layer to layer;
-            # dropped unused where the linear has none)
+            methods = tuple(op.method for op in ops)
+            if ("delta flags", methods) not in rows.memo:  # a row's flag: its slots summed (0: none), once a forward
+                rows.memo["delta flags", methods] = functools.reduce(torch.add, (rows.slots[m] for m in methods))
             delta = torch.empty(*x.shape[:2], linear.weight.shape[0], dtype=x.dtype, device=x.device)
             self.side = self.side or _side_stream(x.device)
             # after everything the main stream has launched: x, the slots, the lengths, and any kernel still
             # reading memory the allocator has just handed to delta
-            self.side.wait_stream(main)
+            self.side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(self.side):
-                made = [op.fused(x, rows) for op in ops]  # LoRA's down-projection launches here
-                terms = [(kind, term) for kind, term in made if kind != "sparse"]
-                sparse = [(op.method, term) for op, (kind, term) in zip(ops, made) if kind == "sparse"]
-                if sparse:
-                    methods = tuple(m for m, _ in sparse)
-                    if ("delta flags", methods) not in rows.memo:  # a row's flag: its slots summed (0: none)
-                        rows.memo["delta flags", methods] = functools.reduce(torch.add,
-                                                                             (rows.slots[m] for m in methods))
-                    sparse_deltas_(delta, x, [term for _, term in sparse], lengths, self.memo, accumulate=False)
-            for _, term in terms:  # tensors made on the side stream (LoRA's down-projection, small), read on the
-                for t in term:     # main one: not handed out again before the main stream is done with them
-                    if isinstance(t, torch.Tensor):
-                        t.record_stream(main)
-            if sparse:
-                flags = rows.memo["delta flags", methods]
-                flags.record_stream(main)
-                terms.insert(0, ("delta", (flags, delta)))
-            self.ahead[id(linear)] = (ops, terms)
+                sparse_deltas_(delta, x, [op.fused(x, rows)[1] for op in ops], lengths, self.memo, accumulate=False)
+            self.ahead[id(linear)] = (ops, (rows.memo["delta flags", methods], delta))
 
-    def take(self, linear) -> tuple[list, list]:
-        """The ops of `linear` launched ahead and the terms its pass adds in their place (none: [], [])."""
-        return self.ahead.pop(id(linear), ([], []))
+    def take(self, linear) -> tuple[list, tuple | None]:
+        """The ops of `linear` launched ahead and the delta term its pass adds in their place (none: [], None)."""
+        return self.ahead.pop(id(linear), ([], None))
 
     def join(self) -> None:
         """Make the main stream wait for everything launched on the side stream so far."""
@@ -366,7 +347,6 @@ class Overlap:
         """Join the side stream and run the deferred linears' post ops (in place: the outputs `defer` kept)."""
         self.join()
         for ops, y in self.waiting:
-            ops.join = None  # joined
             ops.run(y)
         self.side, self.ahead, self.waiting, self.memo, self.queries = None, {}, [], {}, None
 

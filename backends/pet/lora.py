@@ -25,8 +25,6 @@ from chorus.errors import TaskFileError
 class LoRA(PetMethod):
     name = "lora"
     tensor_names = ("lora_A", "lora_B")
-    fused_ahead = True  # the down-projection reads the linear's input only: at a layer's query, value and key it runs
-                        # on a side stream beside the shared ops (`fused.Overlap`)
 
     def __init__(self, sites, capacity, device=None, dtype=torch.float32, max_rank: int = 16):
         super().__init__(sites, capacity, device, dtype)
