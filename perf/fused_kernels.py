@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 ops["adapter m64 delta, then residual + delta + LayerNorm"] = lambda: fused.layer_norm(
                     y, ln_w, ln_b, 1e-12, residual=x, lengths=rows, delta=(slots, fused.adapter_(
                         y, slots, down, bias64, up, vec, gelu, lengths=rows, delta=True)))
-            if active:  # rows with a per-task LayerNorm of their own
+                # rows with a per-task LayerNorm of their own
                 ops["residual + per-task LayerNorm: fused"] = lambda: fused.layer_norm(
                     y, ln_w, ln_b, 1e-12, residual=x, tuned=(slots, vec, vec), lengths=rows)
             if active == 8 and padded:  # one site's ops for three methods' rows (8 each, disjoint): one launch or

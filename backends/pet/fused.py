@@ -260,7 +260,8 @@ class PostOps:
                 epilogue_(y, **dense, lengths=lengths)
             if norm is None:
                 return adapter_(y, *adapter, bias=bias, residual=residual, lengths=lengths)
-            delta = adapter and (adapter[0], adapter_(y, *adapter, bias=bias, lengths=lengths, delta=True))
+            delta = None if adapter is None else (adapter[0], adapter_(y, *adapter, bias=bias, lengths=lengths,
+                                                                       delta=True))
             return norm(y, residual, delta, bias)
         if dense:
             epilogue_(y, **dense, residual=residual, lengths=lengths)

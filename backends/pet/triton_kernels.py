@@ -334,9 +334,10 @@ def layer_norm_kernel(x_ptr, bias_slot_ptr, bias_ptr, res_ptr, delta_flag_ptr, d
                       b_ptr, slot_ptr, dw_ptr, db_ptr, T, N, eps, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, TUNED: tl.constexpr):
     """out[b, t] = LayerNorm(x[b, t] (+ bias[sb]) (+ delta[b, t]) (+ res[b, t])) (bias (C, N): the linear's per-task
-    bias bank, sb the row's slot there; delta: read where the row's delta flag is not 0, else unset) with the affine `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot
-    in the per-task LayerNorm bank, whose null slot is zeros; else the backbone's w, b), statistics in float32 over the
-    N features; tokens past the row's length get zeros (written, never read: no load of x or res there).
+    bias bank, sb the row's slot there; delta: read where the row's delta flag is not 0, else unset) with the affine
+    `w + dw[s]`, `b + db[s]` (TUNED: s the row's slot in the per-task LayerNorm bank, whose null slot is zeros; else
+    the backbone's w, b), statistics in float32 over the N features; tokens past the row's length get zeros (written,
+    never read: no load of x or res there).
     x, res, out (B, T, N); w, b (N,); dw, db (C, N)."""
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
