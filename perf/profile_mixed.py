@@ -14,7 +14,9 @@ The bert-base-shaped backbone and 64 random tasks of every PET type as the bench
                main stream (`fused.OVERLAP` off), and the mixed and single-task ones recaptured with one part of
                the forward changed (`VARIANTS`: torch's residual add and LayerNorm, cuDNN's attention); and the
                mix with its Diff-Pruning tasks at 0.5% density, what `chorus train` makes (Guo et al.), against
-               the same rows by type (`dp_trained`)
+               the same rows by type (`dp_trained`); and at larger batches of the same 64 tasks (`SIZES` rows, more
+               of the real sentences), the mixed batch against the single-task LoRA batch and the same rows by type
+               (`by_size`)
     kernels: the gathered forward run without capture (the same kernels a graph replays) under torch.profiler,
              the top kernels by device time for the mixed and the single-task batch
 """
@@ -39,6 +41,7 @@ from perf.gpu_check import PET_MIX, cuda_ms, make_backbone, make_tasks
 from perf.inprocess import torch_pet_ops
 
 ROUNDS = 5
+SIZES = (128,)  # batch sizes beside 64 rows (`by_size`): the 64 tasks with 2 rows each (graphs.BATCH_BUCKETS' largest)
 DP_TRAINED = 0.005  # Diff-Pruning's density in what `chorus train` makes (Guo et al.'s 0.5%); the mix's is 5%
 
 
@@ -102,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.graphs.hot_after, engine.graphs.background = 1, False  # captured at once
     cuda = args.device.startswith("cuda")
     timed = cuda_ms if cuda else lambda fn: float("nan")
-    texts = json.loads((args.bundle / "rt_texts.json").read_text())[:64]
-    ids = engine.tokenize(texts)
+    texts = json.loads((args.bundle / "rt_texts.json").read_text())
+    ids = engine.tokenize(texts[:64])
     names = sorted(tasks)
     types = sorted({n.split("_", 1)[1] for n in names})
     mixed = [names[i % len(names)] for i in range(64)]
@@ -150,6 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         res["dp_trained"]["single_mean_over_mixed_replay"] = (res["dp_trained"]["single_task_mean_replay_ms"]
                                                               / r["mixed:dp_trained"])
         res["dp_trained"]["single_over_mixed_replay"] = r["single:" + names[0]] / r["mixed:dp_trained"]
+        res["by_size"] = {64: {"longest": res["longest"], "mixed": r["mixed"], "single": r["single:" + names[0]],
+                               "by_type": res["single_task_mean_replay_ms"]}}
+        for n in SIZES:  # the same tasks, more rows each: the PET kernels' fixed costs over more rows
+            more = engine.tokenize(texts[:n])
+            engine.graphs.max_tokens = n * 512  # graphed whatever its longest sentence (serving runs them eagerly)
+            size = res["by_size"][n] = {
+                "longest": max(map(len, more)),
+                "mixed": replay_ms(lambda: engine.run(more, [names[i % len(names)] for i in range(n)])),
+                "single": replay_ms(lambda: engine.run(more, [names[0]] * n)),
+                "by_type": sum(share[one] * replay_ms(lambda one=one: engine.run(more, [one] * n)) for one in entries)}
+        for n, size in res["by_size"].items():
+            size["single_over_mixed"], size["by_type_over_mixed"] = (size["single"] / size["mixed"],
+                                                                     size["by_type"] / size["mixed"])
+            print(f"{n:4d} rows (longest {size['longest']:3d}): mixed {size['mixed']:.3f} ms, single-task "
+                  f"{size['single']:.3f} ({size['single_over_mixed']:.2f}), by type {size['by_type']:.3f} "
+                  f"({size['by_type_over_mixed']:.2f})", flush=True)
         if fused.serves(engine.device):
             for variant, (change, batches) in VARIANTS.items():
                 graphs, engine.graphs = engine.graphs, GraphedForward(engine.model, hot_after=1, background=False)
