@@ -7,6 +7,7 @@
 #   make test          everything not marked slow or gpu (builds the repository first); PYTEST_ARGS= adds pytest args
 #   make test-unit     tests/unit only (no model repository needed)
 #   make test-slow     tests marked slow
+#   make test-gpu      tests marked gpu (fused PET kernels, CUDA graphs, export; on a CUDA machine)
 #   make gpu-bundle    .gpu/: what perf/gpu/run.sh needs on the GPU machine (carry it with the device tool)
 #   make minilm-bundle .minilm/: the real all-MiniLM-L6-v2 (fp16) + corpora for `bash perf/gpu/run.sh minilm`
 #   make clean         caches, stamps and the trained tasks (keeps .venv)
@@ -33,12 +34,12 @@ SERVE_FLAGS := $(if $(HOST),--host '$(HOST)') $(if $(HTTP_PORT),--http-port '$(H
 	$(if $(GRPC_PORT),--grpc-port '$(GRPC_PORT)') $(if $(METRICS_PORT),--metrics-port '$(METRICS_PORT)') \
 	$(if $(ADMIN_KEY),--admin-key '$(ADMIN_KEY)')
 
-.PHONY: all help venv system-deps repository serve test test-unit test-slow gpu-bundle clean distclean
+.PHONY: all help venv system-deps repository serve test test-unit test-slow test-gpu gpu-bundle clean distclean
 
 all: venv repository
 
 help:
-	@sed -n '1,14s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '/^#/!q; s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 venv: $(VENV_STAMP) system-deps $(VADER_SDIST)
 
@@ -87,6 +88,10 @@ test-unit: venv
 # pytest exits 5 when nothing is marked slow yet: that is not a failure here.
 test-slow: venv repository
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# On the device machine (torch there, no .venv): `bash perf/gpu/run.sh test`, carrying .gpu.
+test-gpu: venv
+	$(BIN)/pytest tests/unit -m gpu $(PYTEST_ARGS)
 
 # What perf/gpu/run.sh needs on the GPU machine (it has torch but no tritonserver, perf_analyzer or numpy<2), for the
 # device tool's `carry` (64 MiB a call): tritonserver 2.51 + Python backend + the Python 3.12 stub + libs, perf_analyzer,
