@@ -84,6 +84,8 @@ def _cell(v) -> str:
         return "null"
     if isinstance(v, int):
         return f"{v:,}"
+    if 0 < abs(v) < 0.1:  # two significant digits, not 0.00 (e.g. a model FLOPs utilisation of 0.0048)
+        return f"{v:.2g}"
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:,.0f}"
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see perf/README.md): set up tritonserver + perf_analyzer from carried files, install
 # chorus, run perf/gpu_check.py (or, with the argument `probe`, perf/gpu/send_probe.py; with `test`, the tests marked
-# gpu; with `perf`, the benchmark harness perf/gpu/perf.sh, which also needs `make perf-gpu-bundle`; with `minilm`,
-# perf/gpu/minilm.sh: the real all-MiniLM-L6-v2 task, carrying `.minilm/` from `make minilm-bundle`), leave results
-# under $OUT. The setup below is done once per machine: a second call on the same warm machine finds it done and may
-# carry only `.minilm`.
+# gpu, which need nothing carried; with `perf`, the benchmark harness perf/gpu/perf.sh, which also needs `make
+# perf-gpu-bundle`; with `minilm`, perf/gpu/minilm.sh: the real all-MiniLM-L6-v2 task, carrying `.minilm/` from `make
+# minilm-bundle`), leave results under $OUT. The setup below is done once per machine: a second call on the same warm
+# machine finds it done and may carry only `.minilm`.
 # Carried folder `.gpu/` (built by `make gpu-bundle`):
 #   triton.tar.xz (tritonserver 2.51 binary, Python backend, 3.12 stub, libs from the nvidia-pytriton wheel),
 #   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4-cp312.tar.xz (the wheel's files),
@@ -15,6 +15,12 @@ G=.gpu
 SITE=/tmp/triton-site
 OUT=${OUT:-/tmp/out}
 mkdir -p "$SITE" "$OUT"
+if [ "${1:-}" = test ]; then  # the GPU tests (`make test-gpu` elsewhere): they need torch and Triton, no bundle
+  shift
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "pip install -e . failed" >&2; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  exec python3 -m pytest -m gpu tests/unit -p no:cacheprovider "$@"
+fi
 if [ ! -e "$SITE/.extracted" ] && [ ! -e $G/triton.tar.xz ]; then
   echo "no $G/triton.tar.xz and no earlier setup on this machine: carry .gpu (a fresh machine), or run \`minilm\`" \
     "right after a call that did (within the machine's warm period)" >&2
@@ -60,10 +66,6 @@ if [ "${1:-}" = profile ]; then  # perf/profile_mixed.py: where a mixed all-PET 
 fi
 if [ "${1:-}" = kernels ]; then  # perf/fused_kernels.py: each fused PET kernel's device time per call (issue 3)
   exec python3 -m perf.fused_kernels --bundle $G --out "$OUT"
-fi
-if [ "${1:-}" = test ]; then  # the GPU tests (`make test-gpu` on a CUDA machine): fused kernels, graphs, export
-  shift
-  exec python3 -m pytest -m gpu tests/unit -p no:cacheprovider "$@"
 fi
 if [ "${1:-}" = overhead ]; then  # perf/overhead.py (tiny model, this host's cores): the serving path alone
   shift

@@ -220,3 +220,27 @@ def test_per_phase_summaries_split_by_scheduled_arrival():
     assert (base["sent"], burst["sent"], after["sent"]) == (10, 20, 10)
     assert burst["start_s"] == 1.0 and burst["rate"] == 100.0 and burst["p50_ms"] == pytest.approx(200.0)
     assert base["offered_per_s"] == 10.0 and burst["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("chorus_rate,db,skipped,want", [
+    (40.0, None, [{"what": "dynbatch", "why": "time budget: 20 s left, needs ~45 s"}],
+     "the dynamic batcher was not measured (time budget: 20 s left, needs ~45 s)"),
+    (40.0, {"pa_poisson": {"max_rate_at_slo": None}}, [], "no Poisson rate tried met p99 <= 300 ms for the dynamic batcher"),
+    (None, {"pa_poisson": {"max_rate_at_slo": 30.0}}, [], "no Poisson rate tried met p99 <= 300 ms for chorus"),
+])
+def test_scheduler_rate_key_says_why_it_is_null(tmp_path, chorus_rate, db, skipped, want):
+    b = bare_bench(tmp_path, "python3")
+    b.w = bench.World("b", {}, [], tmp_path, {}, None, "cpu", "")
+    systems = {"chorus": {"pa_poisson": {"max_rate_at_slo": chorus_rate}}}
+    if db is not None:
+        systems["triton_dynbatch_5000us"] = db
+    b.result.update(systems=systems, skipped=skipped, dynamic_batcher_best="triton_dynbatch_5000us" if db else None)
+    keys = b.keys()
+    assert keys["values"]["scheduler_rate_vs_dynamic_batcher"] is None
+    assert keys["null_because"]["scheduler_rate_vs_dynamic_batcher"] == want
+
+
+@pytest.mark.parametrize("v,cell", [(None, "null"), (0.0, "0.00"), (0.0048, "0.0048"), (0.0576, "0.058"),
+                                    (0.85, "0.85"), (29.87, "29.9"), (126711, "126,711"), (342.7, "343")])
+def test_readme_cells_keep_small_ratios_readable(v, cell):
+    assert summarize._cell(v) == cell
