@@ -17,7 +17,7 @@ SITES = TINY.linear_sites()
 
 def test_measured_bytes_agree_with_the_slot_shapes():
     cfg = capacity.BACKBONES["all-MiniLM-L6-v2"]
-    h, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    h, L = cfg.hidden_size, cfg.num_layers
     lora = next(s for s in capacity.SETTINGS if s.label.startswith("LoRA"))
     backbone, pet, head = capacity.measure(cfg, torch.float16, lora)
     assert pet == L * 2 * (8 * h + h * 8) * 2 + 2  # A and B at query and value, fp16, plus the slot's scaling
