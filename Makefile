@@ -89,7 +89,7 @@ test-unit: venv
 test-slow: venv repository
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# On the device machine (torch there, no .venv): `bash perf/gpu/run.sh test`, carrying .gpu.
+# On the device machine (torch there, no .venv): `bash perf/gpu/run.sh test`, nothing carried.
 test-gpu: venv
 	$(BIN)/pytest tests/unit -m gpu $(PYTEST_ARGS)
 

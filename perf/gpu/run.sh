@@ -17,7 +17,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$SITE" "$OUT"
 if [ "${1:-}" = test ]; then  # the GPU tests (`make test-gpu` elsewhere): they need torch and Triton, no bundle
   shift
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "pip install -e . failed" >&2; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || { echo "pip install -e . failed" >&2; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   exec python3 -m pytest -m gpu tests/unit -p no:cacheprovider "$@"
 fi

@@ -225,7 +225,8 @@ def test_per_phase_summaries_split_by_scheduled_arrival():
 @pytest.mark.parametrize("chorus_rate,db,skipped,want", [
     (40.0, None, [{"what": "dynbatch", "why": "time budget: 20 s left, needs ~45 s"}],
      "the dynamic batcher was not measured (time budget: 20 s left, needs ~45 s)"),
-    (40.0, {"pa_poisson": {"max_rate_at_slo": None}}, [], "no Poisson rate tried met p99 <= 300 ms for the dynamic batcher"),
+    (40.0, {"pa_poisson": {"max_rate_at_slo": None}}, [],
+     "no Poisson rate tried met p99 <= 300 ms for the dynamic batcher"),
     (None, {"pa_poisson": {"max_rate_at_slo": 30.0}}, [], "no Poisson rate tried met p99 <= 300 ms for chorus"),
 ])
 def test_scheduler_rate_key_says_why_it_is_null(tmp_path, chorus_rate, db, skipped, want):
