@@ -97,13 +97,21 @@ test-gpu: venv
 # device tool's `carry` (64 MiB a call): tritonserver 2.51 + Python backend + the Python 3.12 stub + libs, perf_analyzer,
 # numpy 1.26 (the cp312 wheel's files, xz-compressed: 9 MB instead of the wheel's 18), the all-MiniLM-L6-v2 tokenizer
 # and 1,000 Rotten Tomatoes test sentences.
+# What a device-tool call carrying the folder $(1) sends: it and the working tree (tracked and untracked-not-ignored
+# files, results folders too) must stay within 64 MiB together, or the call is refused before any machine starts.
+carry_size = @$(BIN)/python -c 'import os, subprocess as sp; \
+  files = sp.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True).stdout.decode().split("\0"); \
+  tree = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / 2**20; \
+  own = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk("$(1)") for f in fs) / 2**20; \
+  print(f"carry $(1): {own:.1f} MiB + the working tree {tree:.1f} MiB = {own + tree:.1f} MiB of the 64 MiB a call takes" \
+        + ("" if own + tree < 64 else ": too large, the call will be refused"))'
 SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
 gpu-bundle: venv
 	mkdir -p .gpu
-	tar -C $(SITE) -cJf .gpu/triton.tar.xz --exclude='libpython3-*' pytriton/tritonserver/bin/tritonserver \
+	tar -C $(SITE) -cf - --exclude='libpython3-*' pytriton/tritonserver/bin/tritonserver \
 	  pytriton/tritonserver/backends/python/libtriton_python.so \
 	  pytriton/tritonserver/backends/python/triton_python_backend_utils.py \
-	  pytriton/tritonserver/python_backend_stubs/3.12 nvidia_pytriton.libs
+	  pytriton/tritonserver/python_backend_stubs/3.12 nvidia_pytriton.libs | xz -9e -T2 > .gpu/triton.tar.xz
 	xz -T2 -c $(BIN)/perf_analyzer > .gpu/perf_analyzer.xz
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_17_x86_64 -d .cache/wheels numpy==1.26.4
@@ -114,7 +122,7 @@ gpu-bundle: venv
 	$(BIN)/python -c 'import json, random; from chorus.data import load_dataset; \
 	  t = [e.text for e in load_dataset("rotten_tomatoes").test]; random.Random(0).shuffle(t); \
 	  json.dump(t[:1000], open(".gpu/rt_texts.json", "w"))'
-	@du -sh .gpu
+	$(call carry_size,.gpu)
 
 clean:
 	rm -rf .cache .pytest_cache model_repository/chorus/tasks model_repository/chorus/students $(VENV_STAMP)
@@ -149,10 +157,16 @@ perf-report: venv
 .PHONY: perf-gpu-bundle
 perf-gpu-bundle: gpu-bundle
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .gpu \
-	  grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.25
-	tar -C $(SITE) -cJf .gpu/tritonclient.tar.xz --exclude='__pycache__' tritonclient
-	@du -sh .gpu
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d .cache/wheels grpcio==1.85.1 protobuf==4.25.9 python-rapidjson==1.25
+	rm -rf .cache/perf-site && mkdir -p .cache/perf-site
+	for w in grpcio-1.85.1 protobuf-4.25.9 python_rapidjson-1.25; do \
+	  $(BIN)/python -m zipfile -e .cache/wheels/$$w-*.whl .cache/perf-site; done
+	cp -r $(SITE)/tritonclient .cache/perf-site/
+	# one file, the wheels' files unpacked (a wheel is laid out as site-packages): 2 MB less than the wheels as they are
+	tar -C .cache/perf-site -cf - --exclude='__pycache__' . | xz -9e -T2 > .gpu/perf-site.tar.xz
+	rm -f .gpu/grpcio-*.whl .gpu/protobuf-*.whl .gpu/python_rapidjson-*.whl .gpu/tritonclient.tar.xz
+	$(call carry_size,.gpu)
 
 # What `bash perf/gpu/run.sh minilm` needs (issue 4; perf/minilm.py), carried alone in a second call on the machine
 # the main perf call left warm: the all-MiniLM-L6-v2 package's model/ folder with its weights rounded to fp16 (fp32,
@@ -161,4 +175,4 @@ perf-gpu-bundle: gpu-bundle
 .PHONY: minilm-bundle
 minilm-bundle: venv
 	$(BIN)/python -m perf.minilm bundle --out .minilm
-	@du -sh .minilm
+	$(call carry_size,.minilm)

@@ -24,14 +24,7 @@ T0=$(date +%s)
 mkdir -p "$OUT"
 [ -f "$M/MINILM_BUNDLE.json" ] || { echo "missing $M: run \`make minilm-bundle\` here and carry .minilm" >&2; exit 2; }
 if ! PYTHONPATH=$PERFSITE $NP1 -c 'import tritonclient.grpc, rapidjson' 2>/dev/null; then
-  # what perf/gpu/perf.sh installs (the load generator's gRPC client), when no earlier call left it here
-  for f in $G/grpcio-*.whl $G/protobuf-*.whl $G/python_rapidjson-*.whl $G/tritonclient.tar.xz; do
-    [ -e "$f" ] || { echo "missing $PERFSITE and $f: carry .gpu (make perf-gpu-bundle) too" >&2; exit 2; }
-  done
-  mkdir -p "$PERFSITE"
-  $PY -m pip install -q --no-index --no-deps --no-compile --target "$PERFSITE" $G/grpcio-*.whl $G/protobuf-*.whl \
-    $G/python_rapidjson-*.whl
-  tar -C "$PERFSITE" -xJf $G/tritonclient.tar.xz
+  source perf/gpu/client_site.sh  # what perf/gpu/perf.sh installs (the load generator's gRPC client): not left here yet
 fi
 export CHORUS_DATA_DIR=$M/data  # the vaderSentiment sdist (distillation's extra texts)
 export CHORUS_MINILM_COMMAND="bash perf/gpu/run.sh minilm${*:+ $*}"

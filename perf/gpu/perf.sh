@@ -3,8 +3,8 @@
 # the benchmark harness (python -m perf.bench --profile gpu) within the device tool's 10 minutes, its results folder
 # tarred into $OUT/perf-results.tar.gz (the tool brings back at most 8 files). Then, on the dev machine:
 #   make perf-import TARBALL=<files_at>/perf-results.tar.gz     (plots, summary.md, perf/results/summary.json, README)
-# Needs from `make perf-gpu-bundle` in .gpu/: grpcio, protobuf and python-rapidjson cp312 wheels and
-# tritonclient.tar.xz (tritonclient's Python package: the load generator speaks gRPC).
+# Needs from `make perf-gpu-bundle` in .gpu/: perf-site.tar.xz (tritonclient's Python package and the cp312 files of
+# grpcio, protobuf and python-rapidjson: the load generator speaks gRPC; perf/gpu/client_site.sh unpacks it).
 set -euo pipefail
 G=.gpu
 OUT=${OUT:-/tmp/out}
