@@ -93,10 +93,6 @@ test-slow: venv repository
 test-gpu: venv
 	$(BIN)/pytest tests/unit -m gpu $(PYTEST_ARGS)
 
-# What perf/gpu/run.sh needs on the GPU machine (it has torch but no tritonserver, perf_analyzer or numpy<2), for the
-# device tool's `carry` (64 MiB a call): tritonserver 2.51 + Python backend + the Python 3.12 stub + libs, perf_analyzer,
-# numpy 1.26 (the cp312 wheel's files, xz-compressed: 9 MB instead of the wheel's 18), the all-MiniLM-L6-v2 tokenizer
-# and 1,000 Rotten Tomatoes test sentences.
 # What a device-tool call carrying the folder $(1) sends: it and the working tree (tracked and untracked-not-ignored
 # files, results folders too) must stay within 64 MiB together, or the call is refused before any machine starts.
 carry_size = @$(BIN)/python -c 'import os, subprocess as sp; \
@@ -105,6 +101,11 @@ carry_size = @$(BIN)/python -c 'import os, subprocess as sp; \
   own = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk("$(1)") for f in fs) / 2**20; \
   print(f"carry $(1): {own:.1f} MiB + the working tree {tree:.1f} MiB = {own + tree:.1f} MiB of the 64 MiB a call takes" \
         + ("" if own + tree < 64 else ": too large, the call will be refused"))'
+
+# What perf/gpu/run.sh needs on the GPU machine (it has torch but no tritonserver, perf_analyzer or numpy<2), for the
+# device tool's `carry` (64 MiB a call): tritonserver 2.51 + Python backend + the Python 3.12 stub + libs, perf_analyzer,
+# numpy 1.26 (the cp312 wheel's files, xz-compressed: 9 MB instead of the wheel's 18), the all-MiniLM-L6-v2 tokenizer
+# and 1,000 Rotten Tomatoes test sentences.
 SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
 gpu-bundle: venv
 	mkdir -p .gpu

@@ -731,12 +731,13 @@ class Bench:
         b = best_db.get("pa_poisson", {}).get("max_rate_at_slo")
         keys["scheduler_rate_vs_dynamic_batcher"] = a / b if a and b else None
         if chorus.get("pa_poisson") and not (a and b):
-            skipped = [x["why"] for x in r["skipped"] if x["what"] == "dynbatch"]
-            why["scheduler_rate_vs_dynamic_batcher"] = (
-                f"the dynamic batcher was not measured ({skipped[0] if skipped else 'no run of it'})"
-                if a and not best_db.get("pa_poisson") else
-                f"no Poisson rate tried met p99 <= {self.p.slo_ms:g} ms for "
-                f"{'chorus' if not a else 'the dynamic batcher'}")
+            if a and not best_db.get("pa_poisson"):
+                skipped = [x["why"] for x in r["skipped"] if x["what"] == "dynbatch"]
+                why["scheduler_rate_vs_dynamic_batcher"] = (
+                    f"the dynamic batcher was not measured ({skipped[0] if skipped else 'no run of it'})")
+            else:
+                why["scheduler_rate_vs_dynamic_batcher"] = (f"no Poisson rate tried met p99 <= {self.p.slo_ms:g} ms "
+                                                            f"for {'chorus' if not a else 'the dynamic batcher'}")
         a = chorus.get("loadgen_poisson", {}).get("max_rate_at_slo")
         b = per_task.get("loadgen_poisson", {}).get("max_rate_at_slo")
         keys["max_rate_at_slo_vs_triton_baseline"] = a / b if a and b else None

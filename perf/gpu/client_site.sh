@@ -3,5 +3,6 @@
 # perf-gpu-bundle`) into $PERFSITE, for the load generator and perf/overhead.py.
 PERFSITE=/tmp/perf-site
 mkdir -p "$PERFSITE"
-[ -e $G/perf-site.tar.xz ] || { echo "missing $G/perf-site.tar.xz: run \`make perf-gpu-bundle\` on the dev machine and carry .gpu" >&2; exit 2; }
+[ -e $G/perf-site.tar.xz ] \
+  || { echo "missing $G/perf-site.tar.xz: run \`make perf-gpu-bundle\` on the dev machine and carry .gpu" >&2; exit 2; }
 tar -C "$PERFSITE" -xJf $G/perf-site.tar.xz

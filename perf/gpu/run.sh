@@ -15,11 +15,11 @@ G=.gpu
 SITE=/tmp/triton-site
 OUT=${OUT:-/tmp/out}
 mkdir -p "$SITE" "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+  || { echo "pip install -e . failed" >&2; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "${1:-}" = test ]; then  # the GPU tests (`make test-gpu` elsewhere): they need torch and Triton, no bundle
   shift
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-    || { echo "pip install -e . failed" >&2; exit 1; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   # only the modules that hold gpu tests: others import tritonclient, which this machine's Python lacks
   exec python3 -m pytest -m gpu -p no:cacheprovider $(grep -l "pytest.mark.gpu" tests/unit/test_*.py) "$@"
 fi
@@ -37,8 +37,6 @@ ln -sf "$(ls $LIBS/libcudart-*.so.12*)" $LIBS/libcudart.so.12
 if [ ! -x /tmp/perf_analyzer ]; then
   xz -dc $G/perf_analyzer.xz > /tmp/perf_analyzer.tmp && chmod +x /tmp/perf_analyzer.tmp && mv /tmp/perf_analyzer.tmp /tmp/perf_analyzer
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-  || { echo "pip install -e . failed" >&2; exit 1; }
 # A second environment with numpy 1.26: the backend stub was built against numpy 1.x, and with numpy 2 it hands
 # BYTES inputs over corrupted (see perf/README.md). The venv sees the system's torch and chorus.
 if ! /tmp/np1env/bin/python3 -c 'import numpy; assert numpy.__version__ == "1.26.4"' 2>/dev/null; then
@@ -52,7 +50,6 @@ python3 -c "import site; print(f'import site; site.addsitedir({site.getsitepacka
 export TRITONSERVER=$SITE/pytriton/tritonserver/bin/tritonserver
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:$LIBS:${LD_LIBRARY_PATH:-}
 export PERF_ANALYZER=/tmp/perf_analyzer PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numpy, tokenizers, safetensors; print('torch', torch.__version__, 'numpy', numpy.__version__)"
 /tmp/np1env/bin/python3 -c "import numpy, torch; print('np1env: numpy', numpy.__version__, 'torch', torch.__version__)"
 if [ "${1:-}" = minilm ]; then  # issue 4: the real MiniLM task (perf/gpu/minilm.sh), results in $OUT/minilm-results.tar.gz
