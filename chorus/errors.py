@@ -25,6 +25,10 @@ class TaskFileError(InvalidInput):
     """A PET / task file is missing, malformed, or does not fit the backbone."""
 
 
+class TaskPathError(InvalidInput):
+    """A task or student directory lies outside the server's task roots (`chorus.backends.paths`)."""
+
+
 class Overloaded(ChorusError):
     """The server cannot meet the request's deadline right now (Triton: UNAVAILABLE)."""
 

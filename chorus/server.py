@@ -35,7 +35,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from chorus.errors import ServerError
+from chorus import admin_key as keys
+from chorus.backends.paths import TASK_ROOTS_ENV, task_roots as model_task_roots
+from chorus.errors import ChorusError, ServerError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -276,6 +278,10 @@ class TritonServer:
     Ports given as 0 are replaced by free ones at :meth:`start`. ``admin_key`` guards the model-repository
     endpoints (index, load, unload): HTTP clients must send the header ``admin-key: <key>``, gRPC clients
     ``triton-grpc-protocol-admin-key: <key>`` (tritonserver prefixes restricted gRPC headers; see GRPC_ADMIN_HEADER).
+    Without one the repository API is open to whoever reaches the ports, so a ``host`` beyond loopback needs a key
+    (`chorus serve` always passes one: ``chorus.admin_key``). ``task_roots`` are folders the chorus model may read
+    task and student directories from besides its own directory (env ``CHORUS_TASK_ROOTS`` of the server;
+    ``chorus.backends.paths``).
     """
 
     def __init__(
@@ -288,6 +294,7 @@ class TritonServer:
         metrics_port: int = 8002,
         models_to_load: Sequence[str] = ("chorus",),
         admin_key: str | None = None,
+        task_roots: Sequence[Path | str] = (),
         log_path: Path | str | None = None,
         extra_args: Sequence[str] = (),
         tritonserver: Path | str | None = None,
@@ -299,6 +306,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.models_to_load = tuple(models_to_load)
         self.admin_key = admin_key
+        self.task_roots = tuple(Path(r).expanduser().absolute() for r in task_roots)
         self.extra_args = tuple(extra_args)
         self.tritonserver = Path(tritonserver) if tritonserver else None
         self.exit_timeout_s = exit_timeout_s
@@ -361,6 +369,10 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist. Fix: run `make repository`, "
                               "or pass the right --repository.")
+        if not self.admin_key and not keys.is_loopback(self.host):
+            raise ServerError(f"refusing to listen on {self.host!r} with an open model-repository API (anyone who "
+                              "reaches the port could load models and run their code). Fix: pass admin_key=..., or "
+                              "listen on 127.0.0.1.")
         binary = self.tritonserver or find_tritonserver()
         backend_dir = python_backend_dir(binary)
         wanted = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if p == 0]
@@ -374,11 +386,14 @@ class TritonServer:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(binary, backend_dir)
         LOGGER.info("starting %s (log: %s)", " ".join(self._redacted(cmd)), self._log_path)
+        env = server_env(binary)
+        if self.task_roots:
+            env[TASK_ROOTS_ENV] = _prepend_paths(env.get(TASK_ROOTS_ENV), *self.task_roots)
         self._log_file = open(self._log_path, "ab")
         try:
             self._process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                env=server_env(binary), start_new_session=True,
+                env=env, start_new_session=True,
                 preexec_fn=_death_signal_preexec())
         except OSError as exc:
             self._close_log()
@@ -490,9 +505,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         var = f"CHORUS_{name.upper()}_PORT"
         p.add_argument(f"--{name}-port", type=_port, default=env.get(var, default),
                        help=f"{name} port, 0 = any free port (default: %(default)s; env {var})")
-    p.add_argument("--admin-key", default=env.get("CHORUS_ADMIN_KEY") or None,
-                   help="require a key for model load/unload: HTTP header `admin-key: KEY`, gRPC header "
-                        "`triton-grpc-protocol-admin-key: KEY` (env CHORUS_ADMIN_KEY)")
+    p.add_argument("--admin-key", default=env.get(keys.KEY_ENV) or None,
+                   help="the key model load/unload need: HTTP header `admin-key: KEY`, gRPC header "
+                        "`triton-grpc-protocol-admin-key: KEY` (env CHORUS_ADMIN_KEY). Default: a generated key "
+                        "kept in $CHORUS_ADMIN_KEY_FILE, else $XDG_STATE_HOME/chorus/admin-key or "
+                        "~/.local/state/chorus/admin-key (mode 0600; chorus clients on this machine read it). "
+                        "Required with a --host beyond loopback")
+    p.add_argument("--task-root", dest="task_roots", action="append", type=Path, default=[], metavar="DIR",
+                   help="a folder task and student directories may come from, besides the model's own directory "
+                        "(repeatable; added to env CHORUS_TASK_ROOTS, os.pathsep-separated)")
     p.add_argument("--log-file", type=Path, default=None,
                    help="tritonserver log (default: a new chorus-tritonserver-*.log in the temp folder)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness (%(default)s)")
@@ -511,8 +532,21 @@ def serve(args: argparse.Namespace) -> int:
         print(f"chorus serve: {repository} has no chorus/config.pbtxt. Run `make repository` first "
               "(it trains the default tasks and writes the model repository).", file=sys.stderr)
         return 2
+    task_roots = [Path(r).expanduser().resolve() for r in getattr(args, "task_roots", [])]
+    try:
+        key = keys.server_key(args.admin_key, args.host)
+        roots = model_task_roots(repository / "chorus", {
+            TASK_ROOTS_ENV: _prepend_paths(os.environ.get(TASK_ROOTS_ENV), *task_roots)})
+    except ChorusError as exc:
+        print(f"chorus serve: {exc}", file=sys.stderr)
+        return 2
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, admin_key=args.admin_key, log_path=args.log_file)
+                          metrics_port=args.metrics_port, admin_key=key.value, log_path=args.log_file,
+                          task_roots=task_roots)
+    if key.file is None:
+        guard = "the key given (--admin-key / CHORUS_ADMIN_KEY)"
+    else:
+        guard = f"the key in {key.file}{' (new)' if key.created else ''}; chorus clients on this machine read it"
     # Both stop the server; SIGINT explicitly too, as a shell starting us in the background leaves it ignored.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -525,9 +559,10 @@ def serve(args: argparse.Namespace) -> int:
               f"  metrics  {server.metrics_url}\n"
               f"  log      {server.log_path}\n"
               f"  binary   {server.tritonserver or find_tritonserver()}\n"
-              + (f"  model load/unload need the header {HTTP_ADMIN_HEADER} (HTTP) or {GRPC_ADMIN_HEADER} (gRPC)\n"
-                 if args.admin_key else "")
-              + "Press Ctrl-C to stop.", flush=True)
+              f"  model load/unload (chorus task add|remove) need {guard}: header {HTTP_ADMIN_HEADER} (HTTP) or "
+              f"{GRPC_ADMIN_HEADER} (gRPC); inference is open\n"
+              f"  task and student directories may come from: {', '.join(map(str, roots))}\n"
+              "Press Ctrl-C to stop.", flush=True)
         while server.poll() is None:
             time.sleep(0.5)
         print(f"chorus: tritonserver exited unexpectedly with code {server.poll()}. Last lines of "

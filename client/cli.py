@@ -2,7 +2,8 @@
 
 `chorus.cli` (the console script) calls `register(subparsers)`; each command's parser sets `func(args) -> exit code`.
 Connection flags default to the environment: --url CHORUS_URL, --protocol CHORUS_PROTOCOL, --admin-key
-CHORUS_ADMIN_KEY. A failure prints `error: <message>` to stderr and exits 1.
+CHORUS_ADMIN_KEY; with neither key given, a server on 127.0.0.1 gets the key that this machine's `chorus serve` keeps
+in its key file (`chorus.admin_key`). A failure prints `error: <message>` to stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = common.add_argument_group("server")
     group.add_argument("--url", help="tritonserver host:port (env CHORUS_URL; default 127.0.0.1:8000 http, :8001 grpc)")
     group.add_argument("--protocol", choices=["http", "grpc"], help="env CHORUS_PROTOCOL; default http")
-    group.add_argument("--admin-key", help="key for Triton's restricted model-repository API (env CHORUS_ADMIN_KEY)")
+    group.add_argument("--admin-key", help="key for Triton's restricted model-repository API (env CHORUS_ADMIN_KEY; "
+                                            "default for a server on 127.0.0.1: the key file of `chorus serve`)")
 
     p = subparsers.add_parser("classify", parents=[common], help="classify texts with one task")
     p.add_argument("--task", required=True, help="task name")
@@ -59,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def client_from_args(args: argparse.Namespace) -> ChorusClient:
-    """A ChorusClient from --url/--protocol/--admin-key, falling back to CHORUS_URL/CHORUS_PROTOCOL/CHORUS_ADMIN_KEY."""
+    """A ChorusClient from --url/--protocol/--admin-key, falling back to CHORUS_URL/CHORUS_PROTOCOL/CHORUS_ADMIN_KEY
+    (and, for the key, to the local `chorus serve`'s key file: ChorusClient looks it up)."""
     return ChorusClient(
         url=args.url or os.environ.get("CHORUS_URL") or None,
         protocol=args.protocol or os.environ.get("CHORUS_PROTOCOL") or "http",

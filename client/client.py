@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from chorus.admin_key import client_key
 from chorus.errors import ChorusError
 
 from .wire import (
@@ -66,17 +68,33 @@ class _Transport:
         self.client = self.module.InferenceServerClient(url, **client_kwargs)
         self.call: dict[str, Any] = {"client_timeout": timeout} if grpc else {}  # http: timeouts live on the client
         self.as_json: dict[str, Any] = {"as_json": True} if grpc else {}  # grpc returns protobuf messages otherwise
-        # Triton's gRPC server expects restricted-API headers with a "triton-grpc-protocol-" prefix.
-        self.admin: dict[str, str] | None = None
-        if admin_key is not None:
-            self.admin = {"admin-key": admin_key}
-            if grpc:
-                self.admin["triton-grpc-protocol-admin-key"] = admin_key
+        self._url, self._grpc, self._admin_key = url, grpc, admin_key
         self.errors: tuple[type[BaseException], ...] = (InferenceServerException, OSError, asyncio.TimeoutError)
         if aio and not grpc:
             import aiohttp
 
             self.errors += (aiohttp.ClientError,)
+
+    @functools.cached_property
+    def admin(self) -> dict[str, str] | None:
+        """The admin-key headers for repository calls: the key given, else `chorus.admin_key.client_key` (env
+        CHORUS_ADMIN_KEY, or the local `chorus serve`'s key file for a loopback url); None sends none. Looked up at
+        the first repository call, so inference never depends on the key file."""
+        key = self._admin_key if self._admin_key is not None else client_key(self._url)
+        if key is None:
+            return None
+        headers = {"admin-key": key}
+        if self._grpc:  # Triton's gRPC server expects restricted-API headers with a "triton-grpc-protocol-" prefix
+            headers["triton-grpc-protocol-admin-key"] = key
+        return headers
+
+    def admin_for_reading(self) -> dict[str, str] | None:
+        """`admin` for calls that work without the key (model config): a key-file problem is raised by the next
+        load, which needs the key, not by a read."""
+        try:
+            return self.admin
+        except ChorusError:
+            return None
 
     def inputs(self, tensors: dict[str, np.ndarray]) -> list:
         out = []
@@ -141,8 +159,10 @@ class ChorusClient(_ClientBase):
     """Blocking client of the `chorus` model.
 
     `url` is host:port (default 127.0.0.1:8000 for http, 127.0.0.1:8001 for grpc). `admin_key` is sent as header
-    `admin-key` on model-config and model-repository calls. `timeout` bounds any one call in seconds, a model reload
-    included. Rows go in requests of at most `max_batch_size` (the model's, 64) rows each.
+    `admin-key` on model-config and model-repository calls; None uses env CHORUS_ADMIN_KEY, else, for a server on a
+    loopback address, the key file of this machine's `chorus serve` (`chorus.admin_key`). `timeout` bounds any one
+    call in seconds, a model reload included. Rows go in requests of at most `max_batch_size` (the model's, 64) rows
+    each.
     """
 
     _aio = False
@@ -221,7 +241,8 @@ class ChorusClient(_ClientBase):
 
     def _config(self) -> dict:
         with self._errors(f"read model {self.model!r} config"):
-            raw = self._t.client.get_model_config(self.model, headers=self._t.admin, **self._t.as_json, **self._t.call)
+            raw = self._t.client.get_model_config(self.model, headers=self._t.admin_for_reading(), **self._t.as_json,
+                                                  **self._t.call)
         return normalize_config(raw)
 
     def _load(self, config: str, action: str) -> None:
@@ -309,7 +330,8 @@ class AsyncChorusClient(_ClientBase):
 
     async def _config(self) -> dict:
         with self._errors(f"read model {self.model!r} config"):
-            raw = await self._t.client.get_model_config(self.model, headers=self._t.admin, **self._t.as_json, **self._t.call)
+            raw = await self._t.client.get_model_config(self.model, headers=self._t.admin_for_reading(),
+                                                        **self._t.as_json, **self._t.call)
         return normalize_config(raw)
 
     async def _load(self, config: str, action: str) -> None:

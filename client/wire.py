@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chorus.admin_key import key_file
 from chorus.errors import ChorusError, InvalidInput, Overloaded, ServerError, UnknownTask
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -286,7 +287,9 @@ def translate_error(exc: BaseException, action: str, url: str, protocol: str) ->
     code, msg = str(status() or ""), str(exc.message() or "")
     msg = msg.split("\n\nAt:\n")[0].strip()  # Python-backend load errors append the stub's traceback
     if "is restricted, expecting header" in msg:  # HTTP 403; gRPC says UNAVAILABLE
-        return ChorusError(f"{action}: the server refused: {msg}; pass the key with --admin-key / CHORUS_ADMIN_KEY")
+        return ChorusError(f"{action}: the server refused: {msg}; pass the key with --admin-key / CHORUS_ADMIN_KEY "
+                           f"(a `chorus serve` on this machine given none keeps it in {key_file()}, read from there "
+                           "for a server on 127.0.0.1; docs/security.md)")
     if code in _UNAVAILABLE and "failed to connect" in msg:
         return ServerError(f"{action}: cannot reach tritonserver at {url} over {protocol}: {msg}")
     if code in _INVALID:

@@ -24,7 +24,9 @@ def server(tmp_path_factory):
     if not (REPOSITORY / "chorus" / "tasks" / ".built").is_file():
         pytest.fail("the default tasks are not built: run `make repository` (or `make test`, which builds them)")
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    with TritonServer(REPOSITORY, http_port=0, grpc_port=0, metrics_port=0, admin_key=ADMIN_KEY, log_path=log) as s:
+    # tests add tasks from their tmp_path folders: the session's temporary folder is a task root
+    with TritonServer(REPOSITORY, http_port=0, grpc_port=0, metrics_port=0, admin_key=ADMIN_KEY, log_path=log,
+                      task_roots=[tmp_path_factory.getbasetemp()]) as s:
         yield s
 
 

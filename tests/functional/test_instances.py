@@ -20,7 +20,8 @@ from tests.functional.test_serving import NEGATIVE, POSITIVE
 
 def test_two_instances_answer_as_one_and_share_a_latency_table(client, tmp_path):
     table = tmp_path / "latency_table.json"
-    repos.scheduler_model(tmp_path / "repo", repos.shipped_tasks(), latency_table=str(table), instances=2)
+    repos.scheduler_model(tmp_path / "repo", repos.shipped_tasks(), latency_table=str(table), instances=2,
+                          task_roots=json.dumps([str(repos.SHIPPED)]))  # the shipped tasks, by absolute path
     config = (tmp_path / "repo" / "chorus" / "config.pbtxt").read_text()
     assert "instance_group [ { count: 2, kind: KIND_CPU } ]" in config
     texts = POSITIVE + NEGATIVE

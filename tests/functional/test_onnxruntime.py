@@ -29,8 +29,8 @@ def test_onnxruntime_runtime_answers_as_the_torch_runtime(client, tmp_path):
     (model / "config.pbtxt").write_text(config)
     texts = POSITIVE + NEGATIVE
     rows = [DEFAULT_TASKS[i % len(DEFAULT_TASKS)] for i in range(len(texts))]
-    with TritonServer(tmp_path / "repo", http_port=0, grpc_port=0, metrics_port=0,
-                      log_path=tmp_path / "triton.log") as server, ChorusClient(server.http_url) as ort:
+    with TritonServer(tmp_path / "repo", http_port=0, grpc_port=0, metrics_port=0, log_path=tmp_path / "triton.log",
+                      task_roots=[REPOSITORY / "chorus" / "tasks"]) as server, ChorusClient(server.http_url) as ort:
         got = ort.classify(texts, rows)
     want = client.classify(texts, rows, students=0)
     assert [p.label for p in got] == [p.label for p in want]
