@@ -47,6 +47,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from chorus.backends.engine import DEFAULT_BACKBONE, DTYPES, Classified, Engine
+from chorus.backends.paths import task_dir
 from chorus.backends.requests import decode_request
 from chorus.backends.scheduler import LatencyTable, SchedulerConfig
 from chorus.backends.serving import ServingLoop, classify_rows, profile_engine, students_for
@@ -409,7 +410,7 @@ class TritonPythonModel:
         tasks = _json_param(params, "tasks", "{}")
         model_dir = Path(args["model_repository"])
         for name, path in tasks.items():
-            self.engine.load_task(name, model_dir / path)  # an absolute path stays as it is
+            self.engine.load_task(name, task_dir(model_dir, name, path))  # confined to the task roots
         if runtime == "onnxruntime":
             self.engine.refresh()  # export and bind now, not on the first request
         # A model's instances given a `latency_table` path share it, and load from here one at a time (a lock on the
@@ -437,7 +438,7 @@ class TritonPythonModel:
         self.students = (StudentBank(self.engine, pruning.pop("max_accuracy_drop", 1.0), devices=devices)
                          if student_dirs else None)
         for name, path in student_dirs.items():
-            self.students.load(name, model_dir / path)
+            self.students.load(name, task_dir(model_dir, name, path, kind="students of task"))
         try:
             policy = (PruningPolicy(self.students.max_students, **pruning)
                       if self.students is not None and pruning.pop("enabled", True) else None)
