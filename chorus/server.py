@@ -50,6 +50,10 @@ DEFAULT_BACKENDS_CACHE = CACHE_DIR / "triton_backends"
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 HTTP_ADMIN_HEADER = "admin-key"  # the header named in the restricted-API flags
+# What the admin key guards: loading and unloading models (which runs the model's code), registering shared-memory
+# regions of the host, and changing trace and log settings. Inference, health, metadata, model config and statistics
+# stay open, as tritonserver has them.
+RESTRICTED_CATEGORIES = ("model-repository", "shared-memory", "trace", "logging")
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + HTTP_ADMIN_HEADER  # what gRPC clients must send for it
 _FIX = "Fix: run `make venv` (installs nvidia-pytriton==0.7.0, which ships tritonserver 2.51.0), " \
        "or set TRITONSERVER=/path/to/tritonserver."
@@ -276,7 +280,8 @@ class TritonServer:
     """A tritonserver child process (context manager: starts, waits until ready, stops).
 
     Ports given as 0 are replaced by free ones at :meth:`start`. ``admin_key`` guards the model-repository
-    endpoints (index, load, unload): HTTP clients must send the header ``admin-key: <key>``, gRPC clients
+    endpoints (index, load, unload), shared-memory registration and the trace and log settings
+    (RESTRICTED_CATEGORIES): HTTP clients must send the header ``admin-key: <key>``, gRPC clients
     ``triton-grpc-protocol-admin-key: <key>`` (tritonserver prefixes restricted gRPC headers; see GRPC_ADMIN_HEADER).
     Without one the repository API is open to whoever reaches the ports, so a ``host`` beyond loopback needs a key
     (`chorus serve` always passes one: ``chorus.admin_key``). ``task_roots`` are folders the chorus model may read
@@ -358,8 +363,9 @@ class TritonServer:
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 "--log-verbose=0", f"--exit-timeout-secs={self.exit_timeout_s}"]
         if self.admin_key:  # form `<apis>:<header>=<value>` (2.51's --help shows a `,` there: that is wrong)
-            cmd += [f"--http-restricted-api=model-repository:{HTTP_ADMIN_HEADER}={self.admin_key}",
-                    f"--grpc-restricted-protocol=model-repository:{HTTP_ADMIN_HEADER}={self.admin_key}"]
+            guarded = ",".join(RESTRICTED_CATEGORIES)
+            cmd += [f"--http-restricted-api={guarded}:{HTTP_ADMIN_HEADER}={self.admin_key}",
+                    f"--grpc-restricted-protocol={guarded}:{HTTP_ADMIN_HEADER}={self.admin_key}"]
         return cmd + list(self.extra_args)
 
     def start(self) -> None:

@@ -143,7 +143,7 @@ def test_triton_server_refuses_an_open_repository_api_beyond_loopback(tmp_path):
     with pytest.raises(ServerError, match="admin_key"):
         TritonServer(tmp_path, host="0.0.0.0", http_port=1, grpc_port=2, metrics_port=3).start()
     cmd = TritonServer(tmp_path, host="0.0.0.0", admin_key="k").command(Path("/x/tritonserver"), None)
-    assert "--http-restricted-api=model-repository:admin-key=k" in cmd
+    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:admin-key=k" in cmd
 
 
 def test_serve_takes_task_roots(monkeypatch):

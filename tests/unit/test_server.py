@@ -197,8 +197,9 @@ def test_command_line_flags(tmp_path):
     for flag in (f"--model-repository={tmp_path.resolve()}", f"--backend-directory={tmp_path / 'backends'}",
                  "--model-control-mode=explicit", "--load-model=a", "--load-model=b", "--http-address=127.0.0.1",
                  "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", "--http-port=18000",
-                 "--grpc-port=18001", "--metrics-port=18002", "--http-restricted-api=model-repository:admin-key=k",
-                 "--grpc-restricted-protocol=model-repository:admin-key=k"):
+                 "--grpc-port=18001", "--metrics-port=18002",
+                 "--http-restricted-api=model-repository,shared-memory,trace,logging:admin-key=k",
+                 "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:admin-key=k"):
         assert flag in cmd
     assert cmd[-1] == "--log-info=false"
     assert not any("backend-directory" in a for a in server.command(Path("/x/tritonserver"), None))
