@@ -20,7 +20,7 @@ from chorus.backends.encoder import Encoder, EncoderConfig, init_random, read_hf
 from chorus.backends.graphs import GraphedForward
 from chorus.backends.task_bank import TaskBank, TaskSpec
 from chorus.backends.formats import load_any
-from chorus.errors import ChorusError, InvalidInput
+from chorus.errors import ChorusError, InvalidInput, TaskFileError
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,15 @@ class Engine:
         return self.model.bank
 
     def load_task(self, name: str, path: str | Path, replace: bool = False) -> None:
-        """Register a task from its files: chorus-task/1, a PEFT checkpoint or an AdapterHub adapter."""
-        self.bank.add(load_any(path, name, sites=self.cfg.linear_sites()), replace=replace)
+        """Register a task from its files: chorus-task/1, a PEFT checkpoint or an AdapterHub adapter. A malformed task
+        raises TaskFileError naming its directory and what is wrong, and leaves the bank as it was."""
+        spec = load_any(path, name, sites=self.cfg.linear_sites())
+        try:
+            self.bank.add(spec, replace=replace)
+        except TaskFileError as e:  # the bank's checks know the task, not where it came from
+            if str(path) in str(e):
+                raise
+            raise TaskFileError(f"{e} (task directory {path})") from None
 
     def add_task(self, spec: TaskSpec, replace: bool = False) -> None:
         self.bank.add(spec, replace=replace)

@@ -126,8 +126,15 @@ class TaskBank(nn.Module):
         with self._lock, torch.inference_mode(False):
             if spec.name in self.tasks and not replace:
                 raise InvalidInput(f"task {spec.name!r} is already registered; replace it explicitly")
-            slots = {m: self.methods[m].write(g, spec.pet[m]) for m, g in groups.items()}
-            head = self._write_head(spec)
+            slots: dict[str, int] = {}
+            try:  # all of the task or none of it: slots written before a failure are given back
+                for m, g in groups.items():
+                    slots[m] = self._write_method(m, g, spec.pet[m])
+                head = self._write_head(spec)
+            except BaseException:
+                for m, slot in slots.items():
+                    self.methods[m].clear(slot)
+                raise
             entry = TaskEntry(spec.name, list(spec.labels), head, slots, spec.pet, dict(spec.meta))
             old = self.tasks.get(spec.name)
             self.tasks[spec.name] = entry
@@ -135,6 +142,17 @@ class TaskBank(nn.Module):
                 self._release(old)
             self.version += 1
         return entry
+
+    def _write_method(self, method: str, group: dict, options: dict) -> int:
+        """One method's slot for a validated task; a write that fails gives its slot back before raising."""
+        bank = self.methods[method]
+        free = set(bank.free)
+        try:
+            return bank.write(group, options)
+        except BaseException:
+            for slot in free - set(bank.free):  # the slot it took
+                bank.clear(slot)
+            raise
 
     def remove(self, name: str) -> None:
         with self._lock:

@@ -4,7 +4,8 @@
 - `task.safetensors`: the task's tensors (see `TaskSpec`), fp32 or fp16.
 
 Files are read with safetensors only (nothing is unpickled) and written atomically: a task directory is either the old
-one or the complete new one, never half-written (`chorus.backends.bundle`).
+one or the complete new one, never half-written (`chorus.backends.bundle`). A malformed or hostile file is refused with
+a `TaskFileError` naming the file and what is wrong, NaN or infinite weights by the tensor's name.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from chorus.backends.bundle import read_bundle, write_bundle
+from chorus.backends.bundle import check_labels, read_bundle, write_bundle
 from chorus.backends.encoder import LAYER_LINEARS, norm_sites
 from chorus.backends.task_bank import TaskSpec, check_task_name
 from chorus.errors import TaskFileError
@@ -29,12 +30,15 @@ def load_task(path: str | Path, name: str) -> TaskSpec:
     check_task_name(name)
     meta_path, meta, tensors = read_bundle(path, f"task {name!r}", META_FILE, TENSOR_FILE, FORMAT,
                                            {"format", "labels", "pet", "meta"})
-    labels, pet = meta.get("labels"), meta.get("pet", {})
-    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
-        raise TaskFileError(f"task {name!r}: {meta_path} \"labels\" must be a list of non-empty strings")
+    labels = check_labels(meta.get("labels"), meta_path, f"task {name!r}")
+    pet, extra = meta.get("pet", {}), meta.get("meta", {})
     if not isinstance(pet, dict) or not all(isinstance(v, dict) for v in pet.values()):
-        raise TaskFileError(f"task {name!r}: {meta_path} \"pet\" must map method names to option objects")
-    return TaskSpec(name, labels, pet, tensors, meta.get("meta", {}))
+        raise TaskFileError(f"task {name!r}: {meta_path} \"pet\" must map method names to option objects, e.g. "
+                            '{"lora": {"r": 8, "alpha": 16}}')
+    if not isinstance(extra, dict):
+        raise TaskFileError(f"task {name!r}: {meta_path} \"meta\" must be a JSON object, not "
+                            f"{type(extra).__name__}")
+    return TaskSpec(name, labels, pet, tensors, extra)
 
 
 def save_task(spec: TaskSpec, path: str | Path) -> Path:

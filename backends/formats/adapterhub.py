@@ -27,6 +27,7 @@ tuning, …: use PEFT's files for LoRA/IA3). AdapterHub prediction heads read th
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -78,6 +79,13 @@ REFUSED = {  # option -> (the value chorus serves, why another value cannot be s
 ACTIVATION_NAMES = {"relu": "relu", "gelu": "gelu", "gelu_python": "gelu", "swish": "silu", "silu": "silu"}
 
 
+def _fits_float(x: int | float) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _options(meta: dict, file: Path, task: str) -> tuple[str, str, float | str]:
     """(placement, chorus activation, scaling) from the file's adapter config, refusing what chorus cannot serve."""
     cfg = meta.get("config")
@@ -116,7 +124,9 @@ def _options(meta: dict, file: Path, task: str) -> tuple[str, str, float | str]:
         served = sorted(k for k, v in ACTIVATION_NAMES.items() if v in ACTIVATIONS)
         raise TaskFileError(f"task {task!r}: {file} uses non_linearity {act!r}; chorus's adapters run "
                             f"{sorted(ACTIVATIONS)} (AdapterHub names: {served})")
-    if not isinstance(cfg["scaling"], (int, float)) and cfg["scaling"] not in ("learned", "channel"):
+    scaling = cfg["scaling"]
+    number = isinstance(scaling, (int, float)) and not isinstance(scaling, bool)
+    if (not number and scaling not in ("learned", "channel")) or (number and not _fits_float(scaling)):
         raise TaskFileError(f"task {task!r}: {file} sets scaling={cfg['scaling']!r}; expected a number, "
                             "'learned' or 'channel'")
     return ("houlsby" if mh else "pfeiffer"), chorus_act, cfg["scaling"]
@@ -157,6 +167,9 @@ def load_adapterhub(path: str | Path, name: str, head: TaskHead | None = None,
             raise TaskFileError(f"task {name!r}: {weights} has {sorted(k for k, _ in group.values())} for {site} but "
                                 f"lacks its {missing}")
         (kd, down), (_, down_b), (ku, up), (_, up_b) = (group[k] for k in TENSORS)
+        if down.dim() != 2:
+            raise TaskFileError(f"task {name!r}: {weights} tensor {kd!r} has shape {tuple(down.shape)}, expected "
+                                "(bottleneck, hidden)")
         m = down.shape[0]
         shapes = {"adapter_down.0.weight": (m, down.shape[-1]), "adapter_down.0.bias": (m,),
                   "adapter_up.weight": (down.shape[-1], m), "adapter_up.bias": (down.shape[-1],)}

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from chorus.backends.bundle import float_tensors, read_json_object, read_safetensors
 from chorus.backends.encoder import EMBEDDINGS_NORM, LAYER_LINEARS, LAYER_NORMS, norm_sites
 from chorus.errors import TaskFileError
 
@@ -18,15 +18,7 @@ NORM_SITE = re.compile(rf"^(?:{re.escape(EMBEDDINGS_NORM)}|encoder\.layer\.\d+\.
 
 
 def read_json(path: Path, task: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TaskFileError(f"task {task!r}: cannot read {path}: {e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TaskFileError(f"task {task!r}: {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise TaskFileError(f"task {task!r}: {path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    return read_json_object(path, f"task {task!r}")
 
 
 def read_adapter_dir(path: Path, task: str, config: str, weights: tuple[str, ...]) -> tuple[Path, dict, Path]:
@@ -40,24 +32,20 @@ def read_adapter_dir(path: Path, task: str, config: str, weights: tuple[str, ...
 
 
 def read_tensors(path: Path, task: str) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a PyTorch `.bin` state dict read with `weights_only=True` (no code is unpickled)."""
+    """A safetensors file, or a PyTorch `.bin` state dict read with `weights_only=True` (no code is unpickled), as
+    float32 tensors with finite values (`chorus.backends.bundle.float_tensors`)."""
+    who = f"task {task!r}"
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise TaskFileError(f"task {task!r}: {path} is not a readable safetensors file: {e}") from None
-    else:
-        try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... on bad files
-            raise TaskFileError(f"task {task!r}: {path} is not a PyTorch state dict that loads with "
-                                f"weights_only=True: {type(e).__name__}: {e}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise TaskFileError(f"task {task!r}: {path} must hold a dict of tensors (a state dict)")
-    return {k: v.float() for k, v in tensors.items()}
+        return read_safetensors(path, who)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... on bad files
+        raise TaskFileError(f"{who}: {path} is not a PyTorch state dict that loads with "
+                            f"weights_only=True: {type(e).__name__}: {e}") from None
+    if not isinstance(tensors, dict):
+        raise TaskFileError(f"{who}: {path} must hold a dict of tensors (a state dict), not a "
+                            f"{type(tensors).__name__}")
+    return float_tensors(tensors, path, who)
 
 
 def check_site(site: str, key: str, file: Path, task: str) -> str:
@@ -82,9 +70,13 @@ def _chorus_shape(site: str, name: str, out_f: int, in_f: int, t: torch.Tensor) 
 
 def check_against_backbone(origin: dict[str, str], tensors: dict[str, torch.Tensor],
                            sites: dict[str, tuple[int, int]] | None, file: Path, task: str) -> None:
-    """With the backbone's `sites` (its linears, site -> (out, in)), check every converted PET tensor's shape (linears'
-    and LayerNorms'), naming the file and the tensor's key there. `origin`: chorus key -> the key in `file` it came
-    from."""
+    """Every converted PET tensor's values must be finite; with the backbone's `sites` (its linears, site -> (out,
+    in)), check its shape too (linears' and LayerNorms'), naming the file and the tensor's key there. `origin`: chorus
+    key -> the key in `file` it came from."""
+    for key, original in origin.items():
+        if not torch.isfinite(tensors[key]).all():  # finite in the file, but not once scaled (e.g. a huge alpha)
+            raise TaskFileError(f"task {task!r}: {file} tensor {original!r} overflows to NaN or infinity as chorus's "
+                                f"{key.rpartition('.')[2]} (its scaling from the config is too large)")
     if sites is None:
         return
     layers = len(sites) // len(LAYER_LINEARS)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from chorus.backends.bundle import check_labels
 from chorus.backends.formats.files import read_json, read_tensors
 from chorus.errors import TaskFileError
 
@@ -54,10 +55,7 @@ def read_head(directory: Path, task: str) -> TaskHead | None:
     if meta.get("pooling") != "mean":
         raise TaskFileError(f"task {task!r}: {meta_path} says pooling {meta.get('pooling')!r}; chorus's heads read "
                             'mean-pooled tokens only, so the head must have been trained on them ("pooling": "mean")')
-    labels = meta.get("labels")
-    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
-        raise TaskFileError(f"task {task!r}: {meta_path} \"labels\" must be a list of non-empty strings")
-    head = TaskHead(labels)
+    head = TaskHead(check_labels(meta.get("labels"), meta_path, f"task {task!r}"))
     tensor_path = directory / HEAD_TENSORS
     if tensor_path.is_file():
         tensors = read_tensors(tensor_path, task)

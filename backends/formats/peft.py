@@ -77,12 +77,25 @@ def _check_options(cfg: dict, known: set[str], file: Path, task: str) -> None:
                                 f"{sorted(known)}")
 
 
-def _pattern_value(pattern: dict, module: str, default):
+def _finite(x) -> bool:
+    """A JSON number (not a bool) that fits a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _pattern_value(pattern: dict, module: str, default, file: Path, task: str):
     """PEFT's `rank_pattern` / `alpha_pattern` lookup (`peft.utils.other.get_pattern_key`): first key matching the
     module path's end."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise TaskFileError(f"task {task!r}: {file} pattern {key!r} is not a regular expression: {e}") from None
     return default
 
 
@@ -119,7 +132,7 @@ def load_peft(path: str | Path, name: str, head: TaskHead | None = None,
     path = Path(path)
     cfg_file, cfg, weights = read_adapter_dir(path, name, CONFIG, WEIGHTS)
     peft_type = cfg.get("peft_type")
-    if peft_type not in KINDS:
+    if not isinstance(peft_type, str) or peft_type not in KINDS:
         raise TaskFileError(f"task {name!r}: {cfg_file} has peft_type {peft_type!r}; chorus loads PEFT's LORA, IA3 "
                             "and LN_TUNING checkpoints (for bottleneck adapters, AdapterHub's format)")
     _check_options(cfg, OPTIONS[peft_type], cfg_file, name)
@@ -164,7 +177,7 @@ def load_peft(path: str | Path, name: str, head: TaskHead | None = None,
 
 def _lora(cfg, pet_tensors, cfg_file, weights, task):
     r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not _finite(alpha):
         raise TaskFileError(f"task {task!r}: {cfg_file} needs an integer r >= 1 and a number lora_alpha, got "
                             f"r={r!r}, lora_alpha={alpha!r}")
     if cfg.get("bias", "none") != "none":
@@ -177,6 +190,11 @@ def _lora(cfg, pet_tensors, cfg_file, weights, task):
                             "model's weights, so the adapter is not a delta on the shared backbone; convert it to "
                             "plain LoRA first (PEFT's save_pretrained(path_initial_model_for_weight_conversion=...))")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for key, pattern, kind in (("rank_pattern", rank_pattern, int), ("alpha_pattern", alpha_pattern, (int, float))):
+        if not isinstance(pattern, dict) or not all(isinstance(v, kind) and _finite(v) and v > 0
+                                                    for v in pattern.values()):
+            raise TaskFileError(f"task {task!r}: {cfg_file} {key} must map module patterns to positive "
+                                f"{'integers' if kind is int else 'numbers'}, got {pattern!r:.200}")
     rslora = bool(cfg.get("use_rslora"))
 
     by_site: dict[str, dict] = {}
@@ -193,11 +211,11 @@ def _lora(cfg, pet_tensors, cfg_file, weights, task):
             raise TaskFileError(f"task {task!r}: {weights} tensors {ka!r} {tuple(A.shape)} and {kb!r} "
                                 f"{tuple(B.shape)} do not pair as lora_A (r, in) and lora_B (out, r)")
         r_site = A.shape[0]
-        want_r = _pattern_value(rank_pattern, g["module"], r)
+        want_r = _pattern_value(rank_pattern, g["module"], r, cfg_file, task)
         if r_site != want_r:
             raise TaskFileError(f"task {task!r}: {weights} tensor {ka!r} has shape {tuple(A.shape)}, but {cfg_file} "
                                 f"gives this module rank {want_r} (expected ({want_r}, {A.shape[1]}))")
-        a_site = _pattern_value(alpha_pattern, g["module"], alpha)
+        a_site = _pattern_value(alpha_pattern, g["module"], alpha, cfg_file, task)
         scaling = a_site / (math.sqrt(r_site) if rslora else r_site)
         sites[site] = (A, B, r_site, scaling, ka, kb)
 

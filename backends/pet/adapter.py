@@ -60,12 +60,12 @@ class Adapter(PetMethod):
 
     def validate(self, task, options, tensors):
         m, act, placement = self.options_of(options)
-        if not isinstance(m, int) or not 1 <= m <= self.max_bottleneck:
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= self.max_bottleneck:
             raise TaskFileError(f"task {task!r}: adapter bottleneck={m!r} must be an integer in "
                                 f"1..{self.max_bottleneck} (this bank's max_bottleneck)")
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             raise TaskFileError(f"task {task!r}: adapter activation {act!r}; supported: {sorted(ACTIVATIONS)}")
-        if placement not in PLACEMENTS:
+        if not isinstance(placement, str) or placement not in PLACEMENTS:
             raise TaskFileError(f"task {task!r}: adapter placement {placement!r}; supported: {sorted(PLACEMENTS)}")
         wrong = sorted({k.rpartition(".")[0] for k in tensors} - {s for s in self.site_shapes
                                                                     if layer_site(s) in PLACEMENTS[placement]})

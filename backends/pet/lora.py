@@ -43,10 +43,13 @@ class LoRA(PetMethod):
         return super()._bank(site, {**options, "r": self.max_rank})
 
     def validate(self, task, options, tensors):
-        r = options.get("r")
-        if not isinstance(r, int) or not 1 <= r <= self.max_rank:
+        r, alpha = options.get("r"), options.get("alpha", 1)
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= self.max_rank:
             raise TaskFileError(f"task {task!r}: LoRA rank r={r!r} must be an integer in 1..{self.max_rank} "
                                 f"(this bank's max_rank)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not abs(alpha) < 2 ** 64:
+            raise TaskFileError(f"task {task!r}: LoRA alpha={alpha!r:.100} must be a number of magnitude below 2^64 "
+                                "(the scaling is alpha / r)")
         return super().validate(task, options, tensors)
 
     def write(self, by_site, options):

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from chorus.backends.bundle import read_bundle, write_bundle
+from chorus.backends.bundle import check_finite_number, check_labels, read_bundle, write_bundle
 from chorus.backends.students.config import StudentConfig
 from chorus.backends.students.embeddings import SharedEmbeddings
 from chorus.backends.students.group import StudentGroup
+from chorus.backends.students.reference import Student
 from chorus.errors import TaskFileError
 
 FORMAT = "chorus-students/1"
@@ -67,25 +68,86 @@ def save_students(files: StudentFiles, path: str | Path) -> Path:
     return write_bundle(path, META_FILE, meta, TENSOR_FILE, files.tensors)
 
 
+def student_shapes(cfg: StudentConfig) -> dict[str, tuple[int, ...]]:
+    """The file's tensors for `cfg`: name -> shape, (K, ...) each (a `Student`'s state dict, stacked)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated, whatever sizes the config names
+        state = Student(cfg).state_dict()
+    return {name: (cfg.num_students, *t.shape) for name, t in state.items()}
+
+
+def _check_tensors(cfg: StudentConfig, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    per_layer = len(student_shapes(StudentConfig(num_students=1, num_layers=1, hidden_size=4, num_heads=1,
+                                                 intermediate_size=1)))
+    want_count = cfg.num_layers * (per_layer - 2) + 2  # the classifier's weight and bias once
+    if len(tensors) != want_count:  # before building the shapes: a hostile num_layers costs nothing
+        raise TaskFileError(f"students: {file} holds {len(tensors)} tensors, but {cfg.num_layers}-layer students "
+                            f"have {want_count} (config {cfg.to_dict()})")
+    want = student_shapes(cfg)
+    missing, stray = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or stray:
+        raise TaskFileError(f"students: {file} does not hold the tensors its config describes: missing "
+                            f"{missing[:3]}, unexpected {stray[:3]}")
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise TaskFileError(f"students: {file} tensor {name!r} has shape {tuple(tensors[name].shape)}, but the "
+                                f"config ({cfg.num_students} students, hidden {cfg.hidden_size}, intermediate "
+                                f"{cfg.intermediate_size}, {cfg.num_labels} labels) needs {shape}")
+
+
+def _check_records(meta: dict, meta_path: Path, k_max: int) -> tuple[dict, list[dict], dict]:
+    """The header's free-form parts, checked where serving reads them: embeddings, prefixes, meta."""
+    embeddings, prefixes, extra = meta.get("embeddings", {}), meta.get("prefixes", []), meta.get("meta", {})
+    if not isinstance(embeddings, dict):
+        raise TaskFileError(f"students: {meta_path} \"embeddings\" must be a JSON object "
+                            '({"backbone": ..., "fingerprint": [numbers]})')
+    fingerprint = embeddings.get("fingerprint")
+    if fingerprint is not None:
+        if not isinstance(fingerprint, list):
+            raise TaskFileError(f"students: {meta_path} \"embeddings\".\"fingerprint\" must be a list of numbers")
+        for x in fingerprint:
+            check_finite_number(x, meta_path, "students", "\"embeddings\".\"fingerprint\" entry")
+    if not isinstance(prefixes, list) or len(prefixes) not in (0, k_max):
+        raise TaskFileError(f"students: {meta_path} \"prefixes\" must be a list of 0 or {k_max} records "
+                            f"(one per number of students k), got {prefixes!r:.200}")
+    for k, record in enumerate(prefixes, 1):
+        if not isinstance(record, dict) or record.get("k") != k or isinstance(record.get("k"), bool):
+            raise TaskFileError(f"students: {meta_path} \"prefixes\"[{k - 1}] must be a JSON object with \"k\": {k}, "
+                                f"got {record!r:.200}")
+        for key in ("validation_accuracy", "test_accuracy"):
+            if record.get(key) is not None:
+                check_finite_number(record[key], meta_path, "students", f"\"prefixes\"[{k - 1}].{key}")
+    if not isinstance(extra, dict):
+        raise TaskFileError(f"students: {meta_path} \"meta\" must be a JSON object")
+    teacher = extra.get("teacher_accuracy", {})
+    if not isinstance(teacher, dict):
+        raise TaskFileError(f"students: {meta_path} \"meta\".\"teacher_accuracy\" must be a JSON object")
+    if teacher.get("validation") is not None:
+        check_finite_number(teacher["validation"], meta_path, "students",
+                            "\"meta\".\"teacher_accuracy\".\"validation\"")
+    return embeddings, prefixes, extra
+
+
 def read_students(path: str | Path) -> StudentFiles:
     """Read a student directory; every problem raises TaskFileError naming the file and what is wrong."""
     meta_path, meta, tensors = read_bundle(path, "students", META_FILE, TENSOR_FILE, FORMAT, _KEYS)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise TaskFileError(f"students: {meta_path} \"config\" must be a StudentConfig object, got {config!r:.200}")
     try:
-        cfg = StudentConfig.from_dict(meta["config"])
+        cfg = StudentConfig.from_dict(config)
     except (KeyError, TypeError, ValueError) as e:
         raise TaskFileError(f"students: {meta_path} \"config\" is not a valid StudentConfig: {e}") from None
     weights = meta.get("boosting_weights")
     if not isinstance(weights, list) or len(weights) != cfg.num_students:
-        raise TaskFileError(f"students: {meta_path} needs {cfg.num_students} \"boosting_weights\", got {weights!r}")
-    labels = meta.get("labels")
-    if not isinstance(labels, list) or len(labels) != cfg.num_labels:
-        raise TaskFileError(f"students: {meta_path} needs {cfg.num_labels} \"labels\", got {labels!r}")
-    bad = sorted(n for n, t in tensors.items() if t.shape[0] != cfg.num_students)
-    if bad:
-        raise TaskFileError(f"students: {meta_path.parent / TENSOR_FILE} tensors {bad[:3]} do not have "
-                            f"{cfg.num_students} students in their first dimension")
-    return StudentFiles(cfg, labels, tensors, torch.tensor(weights),
-                        meta.get("embeddings", {}), meta.get("prefixes", []), meta.get("meta", {}))
+        raise TaskFileError(f"students: {meta_path} needs {cfg.num_students} \"boosting_weights\", got "
+                            f"{weights!r:.200}")
+    weights = [check_finite_number(a, meta_path, "students", "\"boosting_weights\" entry") for a in weights]
+    labels = check_labels(meta.get("labels"), meta_path, "students")
+    if len(labels) != cfg.num_labels:
+        raise TaskFileError(f"students: {meta_path} needs {cfg.num_labels} \"labels\", got {labels!r:.200}")
+    _check_tensors(cfg, tensors, meta_path.parent / TENSOR_FILE)
+    embeddings, prefixes, extra = _check_records(meta, meta_path, cfg.num_students)
+    return StudentFiles(cfg, labels, tensors, torch.tensor(weights), embeddings, prefixes, extra)
 
 
 def load_students(path: str | Path, embeddings: SharedEmbeddings, device: str | torch.device = "cpu",
