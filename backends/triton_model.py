@@ -47,10 +47,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from chorus.backends.engine import DEFAULT_BACKBONE, DTYPES, Classified, Engine
+from chorus.backends.executor import Call, Executor, profile_engine
 from chorus.backends.paths import task_dir
-from chorus.backends.requests import decode_request
+from chorus.backends.requests import decode_many
 from chorus.backends.scheduler import LatencyTable, SchedulerConfig
-from chorus.backends.serving import ServingLoop, classify_rows, profile_engine, students_for
 from chorus.backends.students.bank import StudentBank
 from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
@@ -214,8 +214,10 @@ class GcPauses:
 
 class Metrics:
     """Custom metric families on Triton's metrics port: what the scheduler batches, how padded, what it refuses, how
-    many students answer. Each update of a `pb_utils` metric is an IPC round trip to the server, so the serving
-    threads only add to plain counters here and one thread publishes them every FLUSH_S seconds (and at unload)."""
+    many students answer. Each update of a `pb_utils` metric is an IPC round trip to the server, so the serving path
+    only adds to plain counters here, and `execute()` publishes them at most every FLUSH_S seconds, on its own thread
+    (and `close()` at unload). Published from another thread while execute() runs, such a round trip stalled the
+    stub for 0.5 s now and then (one request at a time on a 2-core CPU: p99 0.5 s against 14 ms without it)."""
 
     FLUSH_S = 0.25
 
@@ -238,14 +240,19 @@ class Metrics:
             "tokens": family("chorus_batch_tokens_total", counter, "rows x padded length of those batches"),
             "padding": family("chorus_padding_tokens_total", counter, "padding tokens in those batches"),
             "refused": family("chorus_refused_total", counter, "requests refused (UNAVAILABLE): queue full or deadline"),
-            # a request's stages on the scheduler path (Triton's own nv_inference_*_duration_us see execute() only)
-            "answered": family("chorus_answered_total", counter, "requests answered by the scheduler path"),
+            # where an answered request's time goes inside execute() (Triton's nv_inference_queue_duration_us and
+            # nv_inference_compute_infer_duration_us hold the time before execute() and the whole call)
+            "answered": family("chorus_answered_total", counter, "requests answered"),
+            "decode_us": family("chorus_decode_duration_us", counter,
+                                "microseconds answered requests spent in their execute() call's decoding (reading "
+                                "inputs and parameters, one tokenizer call for the call's texts)"),
             "queue_us": family("chorus_queue_duration_us", counter,
-                               "microseconds answered requests waited, from execute() to their last batch's start"),
+                               "microseconds from decoding's end to the start of their last batch (admission, "
+                               "scheduling, earlier batches of the call)"),
             "compute_us": family("chorus_compute_duration_us", counter,
-                                 "microseconds of the batches that answered them (one batch's run per request)"),
-            "send_us": family("chorus_send_duration_us", counter,
-                              "microseconds from their batch's end until their response was sent"),
+                                 "microseconds of the batch that finished them (padding, host copies, the engine)"),
+            "encode_us": family("chorus_encode_duration_us", counter,
+                                "microseconds building their call's responses"),
             # a batch whose shape (and PET methods) has no CUDA graph yet waits for one to be captured
             "captures": family("chorus_cuda_graph_captures_total", counter,
                                "CUDA graphs captured (backbone + PET and students; at load and while serving)"),
@@ -271,19 +278,19 @@ class Metrics:
         self.student_rows: dict[int, object] = {}
         self._pending: Counter = Counter()  # counter name or ("k", k) -> increments not yet published
         self._values: dict[str, float] = {}  # gauge name -> latest value not yet published
-        self._lock = threading.Lock()  # responses are counted from several threads
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._publish_loop, name="chorus-metrics", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()  # execute() counts, close() may publish from the unloading thread
+        self._last_publish = time.monotonic()
 
     def answered(self, ks: list[int]) -> None:
         with self._lock:
             self._pending.update(("k", k) for k in ks)
 
-    def stages(self, queue_s: float, compute_s: float, send_s: float) -> None:
+    def stages(self, n: int, decode_s: float, queue_us: float, compute_us: float, encode_s: float) -> None:
+        """`n` answered requests of one execute() call: the call's decode and encode seconds (each request waits for
+        all of them) and the sums of the requests' queue and compute microseconds."""
         with self._lock:
-            self._pending.update({"answered": 1, "queue_us": queue_s * 1e6, "compute_us": compute_s * 1e6,
-                                  "send_us": send_s * 1e6})
+            self._pending.update({"answered": n, "decode_us": n * decode_s * 1e6, "queue_us": queue_us,
+                                  "compute_us": compute_us, "encode_us": n * encode_s * 1e6})
 
     def refused(self) -> None:
         with self._lock:
@@ -320,25 +327,40 @@ class Metrics:
         for key, value in values.items():
             self.gauges[key].set(value)
 
-    def _publish_loop(self) -> None:
-        while not self._stop.wait(self.FLUSH_S):
+    def maybe_publish(self) -> None:
+        """Publish if FLUSH_S has passed since the last time (call it on execute()'s thread)."""
+        now = time.monotonic()
+        if now - self._last_publish >= self.FLUSH_S:
+            self._last_publish = now
             try:
                 self.publish()
             except Exception as e:  # noqa: BLE001 - metrics must never stop serving
                 pb_utils.Logger.log_warn(f"chorus: publishing metrics failed: {e!r}")
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
         self.publish()
         self.gc.close()
+
+
+def _outputs(result: Classified, wanted: frozenset[str] | None) -> list[tuple[str, np.ndarray]]:
+    """The output arrays (all, or those in `wanted`) of one request's rows."""
+    names = result.label_names
+    width = max(len(n) for n in names)  # this request's largest label count
+    outputs = {
+        "LOGITS": lambda: np.ascontiguousarray(result.logits[:, :width], dtype=np.float32),
+        "LABEL": lambda: np.array([[s.encode()] for s in result.labels], dtype=np.object_),
+        "LABEL_NAMES": lambda: np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names],
+                                        dtype=np.object_),
+        "STUDENTS": lambda: np.array(result.students, dtype=np.int32).reshape(-1, 1),
+    }
+    return [(name, make()) for name, make in outputs.items() if wanted is None or name in wanted]
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _check_numpy()
         _route_logging()
-        # Requests pass through several threads (execute, the serving worker, the answerers): at CPython's default
+        # execute() shares the GIL with the metrics publisher and the CUDA-graph capture thread: at CPython's default
         # 5 ms switch interval a thread that wants the GIL can wait that long per hand-off, more than a student
         # batch takes on a GPU. The stub process is ours alone.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -350,9 +372,9 @@ class TritonPythonModel:
         if self.batching == "auto":
             self.batching = "scheduler"
         # The torch work of loading runs on a thread of its own that ends before serving starts, so that on a CPU the
-        # serving worker is the only thread with an OpenMP team: with a second team alive (the stub's main thread's,
+        # thread that runs execute() is the only one with an OpenMP team: with a second team alive (the stub's main thread's,
         # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region: a small GEMM on
-        # the worker ran 7x slower (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
+        # the serving thread ran 7x slower (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
         # Several instances share the machine's cores: each stub's torch pool gets its share (with a pool of every core
         # in each, 8 stubs loading at once on a 16-core H100 host spun to a load average of 123 and missed the 240 s
         # a harness waits: perf/results/h100-2026-11-22). One instance keeps torch's default.
@@ -363,14 +385,14 @@ class TritonPythonModel:
                                      f"{torch.get_num_threads()} torch threads each")
         loaded = _on_own_thread(self._load, params, args)
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
-        self.metrics, self.loop = Metrics(labels, self._graph_stats), None
+        self.metrics = Metrics(labels, self._graph_stats)
+        scheduler = None
         if self.batching == "scheduler":
             scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
             if self.students is not None:
                 scheduler = replace(scheduler, max_students=self.students.max_students)
-            self.loop = ServingLoop(self.engine, scheduler, loaded["table"], on_batch=self.metrics.observe,
-                                    students=self.students, choose_k=loaded["policy"],
-                                    on_answered=self.metrics.stages)
+        self.executor = Executor(self.engine, scheduler, loaded["table"], students=self.students,
+                                 choose_k=loaded["policy"], on_batch=self.metrics.observe)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {loaded['device']} serves {len(loaded['tasks'])} "
                                  f"tasks: {sorted(loaded['tasks'])} (numpy {np.__version__}, torch "
                                  f"{torch.__version__}); batching {self.batching}; students for "
@@ -453,90 +475,63 @@ class TritonPythonModel:
         return {"device": device, "tasks": tasks, "students": student_dirs, "student_devices": devices or [device],
                 "policy": policy, "table": table}
 
-    def execute(self, requests: list) -> list | None:
-        """Decode each request; `scheduler`: hand its rows to the scheduler, whose worker answers through the response
-        senders; `triton`: run the rows of every request Triton's batcher gave us as one mixed batch, in order."""
-        decoded = []
-        for request in requests:
+    def execute(self, requests: list) -> list:
+        """Decode every request (one tokenizer call for all their texts), run them (`chorus.backends.executor`:
+        admission, the length-bucket scheduler's batches, the engine) and return each one's response: one message
+        back to the server for the whole call."""
+        start = time.perf_counter()
+        calls = [Call() for _ in requests]
+        inputs, readable = [], []
+        for call, request in zip(calls, requests):
             try:
                 arrays = {n.lower(): pb_utils.get_input_tensor_by_name(request, n) for n in ("TEXT", "INPUT_IDS", "TASK")}
-                arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}  # copies: inputs are
-                truncate, deadline_s, students = _request_options(request)  # freed on return
-                decoded.append((decode_request(self.engine, **arrays, truncate=truncate), deadline_s, students))
+                arrays = {k: None if v is None else v.as_numpy() for k, v in arrays.items()}
+                truncate, call.deadline_s, call.students = _request_options(request)
+                # Only the outputs the client asked for are built (the stub would drop the others)
+                call.wanted = frozenset(request.requested_output_names()) or None
             except InvalidInput as e:
-                decoded.append((e, None, None))
-        if self.loop is None:
-            return self._run_inline(decoded)
-        for request, (d, deadline_s, students) in zip(requests, decoded):
-            sender = request.get_response_sender()
-            # Only the outputs the client asked for: the 24.10 stub's send() prunes the others with the GIL released,
-            # and freeing a BYTES tensor there crashed the stub on the H100 (perf/results/h100-2026-11-22).
-            wanted = frozenset(request.requested_output_names())
-            if isinstance(d, Exception):
-                self._send(sender, wanted, d)
-            else:
-                self.loop.submit(d, lambda result, s=sender, w=wanted: self._send(s, w, result), deadline_s, students)
-        return None
-
-    def _run_inline(self, decoded: list) -> list:
-        """`batching: triton`: every good request's rows as one batch (students, where a task has them, run all K or
-        what the request allows: no load-based pruning without the scheduler)."""
-        good = [(d, n) for d, _, n in decoded if not isinstance(d, Exception)]
-        ids = [r for d, _ in good for r in d.ids]
-        tasks = [t for d, _ in good for t in d.tasks]
-        ks = [students_for(self.students, t, n) for d, n in good for t in d.tasks]
-        try:
-            out = classify_rows(self.engine, self.students, ids, tasks, ks) if good else None
-        except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
-            pb_utils.Logger.log_error(f"chorus: batch failed: {e!r}")
-            out = RuntimeError(f"batch failed: {e}")
-        responses, start = [], 0
-        for d, _, _ in decoded:
-            if isinstance(d, Exception) or isinstance(out, Exception):
-                responses.append(self._error(d if isinstance(d, Exception) else out))
+                call.error = e
                 continue
-            rows = slice(start, start + len(d.ids))
-            start += len(d.ids)
-            responses.append(self._response(out.logits[rows], out.labels[rows], out.label_names[rows],
-                                            out.students[rows]))
-            self.metrics.answered(out.students[rows])
+            inputs.append({**arrays, "truncate": truncate})
+            readable.append(call)
+        for call, decoded in zip(readable, decode_many(self.engine, inputs)):
+            if isinstance(decoded, Exception):
+                call.error = decoded
+            else:
+                call.ids, call.tasks, call.truncated = decoded.ids, decoded.tasks, decoded.truncated
+        decoded_at = time.perf_counter()
+        try:
+            self.executor.run(calls)
+        except Exception as e:  # noqa: BLE001 - a failed call answers its requests with the error; serving goes on
+            pb_utils.Logger.log_error(f"chorus: execute failed: {e!r}")
+            for call in calls:
+                if call.ok and call.result is None:
+                    call.error = RuntimeError(f"batch failed: {e!r}")
+        ran_at = time.perf_counter()
+        responses = [self._response(c) for c in calls]
+        answered = [c for c in calls if c.result is not None]
+        if answered:
+            self.metrics.stages(len(answered), decoded_at - start,
+                                sum(c.batch_start - decoded_at for c in answered) * 1e6,
+                                sum(c.batch_s for c in answered) * 1e6, time.perf_counter() - ran_at)
+            self.metrics.answered([k for c in answered for k in c.result.students])
+        self.metrics.maybe_publish()
         return responses
 
-    def _error(self, error: Exception):
-        code = (pb_utils.TritonError.INVALID_ARG if isinstance(error, InvalidInput)
-                else pb_utils.TritonError.UNAVAILABLE if isinstance(error, Overloaded)
-                else pb_utils.TritonError.INTERNAL)
-        if code == pb_utils.TritonError.UNAVAILABLE:
-            self.metrics.refused()
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
-
-    def _send(self, sender, wanted: frozenset[str], result: Classified | Exception) -> None:
-        if isinstance(result, Exception):
-            response = self._error(result)
-        else:
-            response = self._response(result.logits, result.labels, result.label_names, result.students, wanted)
-            self.metrics.answered(result.students)
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    @staticmethod
-    def _response(logits: np.ndarray, labels: list[str], names: list[list[str]], students: list[int],
-                  wanted: frozenset[str] | None = None):
-        """The outputs (all, or those in `wanted`) of one request's rows."""
-        width = max(len(n) for n in names)  # this request's largest label count
-        outputs = {
-            "LOGITS": lambda: np.ascontiguousarray(logits[:, :width], dtype=np.float32),
-            "LABEL": lambda: np.array([[s.encode()] for s in labels], dtype=np.object_),
-            "LABEL_NAMES": lambda: np.array([[s.encode() for s in n] + [b""] * (width - len(n)) for n in names],
-                                            dtype=np.object_),
-            "STUDENTS": lambda: np.array(students, dtype=np.int32).reshape(-1, 1),
-        }
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, make()) for name, make in outputs.items()
-                                                          if wanted is None or name in wanted])
+    def _response(self, call: Call):
+        if call.result is None:
+            error = call.error or RuntimeError("the request was not run")
+            code = (pb_utils.TritonError.INVALID_ARG if isinstance(error, InvalidInput)
+                    else pb_utils.TritonError.UNAVAILABLE if isinstance(error, Overloaded)
+                    else pb_utils.TritonError.INTERNAL)
+            if code == pb_utils.TritonError.UNAVAILABLE:
+                self.metrics.refused()
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array)
+                                                          for name, array in _outputs(call.result, call.wanted)])
 
     def finalize(self) -> None:
         """Unload: answer everything already queued, then stop the worker."""
-        if self.loop is not None:
-            self.loop.close()
         if getattr(self.engine, "graphs", None) is not None:
             self.engine.graphs.close()  # its capture thread holds the model
         self.metrics.close()

@@ -19,7 +19,7 @@ from chorus.errors import InvalidInput
 
 def _cmd_profile(args) -> int:
     from chorus.backends.engine import DTYPES, Engine
-    from chorus.backends.serving import profile_engine
+    from chorus.backends.executor import profile_engine
     from chorus.backends.students.bank import StudentBank
     from chorus.export.cli import backbone_of, model_parameters
 

@@ -56,6 +56,7 @@ SUMMARY_KEYS = (
     "max_rate_at_slo_vs_triton_baseline",
     "mixed_tasks_speedup_vs_seqs", "mixed_vs_single_task_ratio", "max_tasks_one_gpu", "padding_fraction",
     "scheduler_rate_vs_dynamic_batcher", "served_vs_inprocess_throughput", "model_flops_utilisation",
+    "served_vs_floor_throughput", "p50_above_floor_ms",
 )
 # Students: the config parameter that turns pruning off for the "without pruning" burst (backends/triton_model.py),
 # checked at run time: a no-pruning run whose STUDENTS output ever drops below K keeps its key null.
@@ -94,6 +95,9 @@ class Profile:
     # >1: the students' burst (with pruning) also runs on the chorus model with this many instances (Python-backend
     # processes, each its own GIL), the same phases: what a deployment gains past one process's serving path
     students_instances: int = 1
+    # instances (Python-backend processes, each its own GIL and engine) of chorus, chorus_noprune and the floor model:
+    # each execute() runs its batches, so on a GPU several processes keep the device busy while others decode
+    instances: int = 1
 
 
 PROFILES = {
@@ -111,7 +115,7 @@ PROFILES = {
                    # at ~0.2x saturation (perf/results/h100-2026-11-22), so the 20 ms SLO is met, if at all, down here
                    rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000), overload_s=10.0,
                    recovery_s=10.0, burst_cycles=2, per_task_models=8, per_task_delay_us=2000, inprocess_rows=64,
-                   metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0), students_instances=6),
+                   metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0), instances=4),
 }
 
 
@@ -180,7 +184,7 @@ def random_students(cfg, out: Path, K: int, layers: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the harness
-STAGES = ("queue", "compute", "send")
+STAGES = ("decode", "queue", "compute", "encode")  # chorus_<stage>_duration_us: inside execute()
 
 
 def graph_captures(before_text: str, after_text: str) -> dict:
@@ -193,9 +197,9 @@ def graph_captures(before_text: str, after_text: str) -> dict:
 
 
 def stage_means(before_text: str, after_text: str) -> dict | None:
-    """Mean milliseconds per answered request in each stage of chorus's scheduler path over a run (the
-    chorus_{queue,compute,send}_duration_us counters), or None where nothing was answered on that path. What the
-    client saw beyond their sum is Triton, the IPC into execute() and the client itself."""
+    """Mean milliseconds per answered request in each stage of chorus's execute() over a run (the
+    chorus_{decode,queue,compute,encode}_duration_us counters), or None where nothing was answered. What the client
+    saw beyond their sum is Triton's queue, the IPC into and out of execute() and the client itself."""
     before, after = loadgen.parse_prometheus(before_text), loadgen.parse_prometheus(after_text)
     n = after.get("chorus_answered_total", 0) - before.get("chorus_answered_total", 0)
     if n <= 0:
@@ -292,7 +296,7 @@ class Bench:
             if r["returncode"] != 0:
                 LOG.warning("perf_analyzer %s c=%d failed: %s", tag, c, r["output_tail"][-600:])
             rows += r["rows"]
-        time.sleep(0.3)  # the stub publishes its counters every 0.25 s
+        loadgen.flush_metrics(server.grpc_url, model)
         self.result["systems"].setdefault(tag, {})["pa_concurrency"] = {
             "rows": rows, "runs": runs, "graph_captures": graph_captures(before, loadgen.scrape_text(server.metrics_url))}
         return rows
@@ -302,6 +306,7 @@ class Bench:
         before = loadgen.scrape_text(server.metrics_url)
         r = pa.run(model, server.grpc_url, self.pa_input, self.out / "raw" / f"pa-{tag}-poisson.csv",
                    pa.rate_mode(start, end, step), self.p.pa, latency_threshold_ms=2 * self.p.slo_ms)
+        loadgen.flush_metrics(server.grpc_url, model)
         after = loadgen.scrape_text(server.metrics_url)
         res = {"rows": r["rows"], "command": r["command"], "returncode": r["returncode"], "seconds": r["seconds"],
                "max_rate_at_slo": pa_max_rate(r["rows"], self.p.slo_ms),
@@ -524,12 +529,13 @@ class Bench:
         # other models' CUDA-graph captures (they load in parallel), and a table inflated that way made admission
         # refuse up to 94% of a burst on one model and 33% on its twin (perf/results/h100-2026-11-22, run AC).
         params = {"latency_table": str((repo / "latency_table_shared.json").resolve()), **self.w.params}
-        name = repos.scheduler_model(repo, self.w.tasks, **params)
-        models = [name]
+        instances = self.p.instances if self.p.instances > 1 else None
+        name = repos.scheduler_model(repo, self.w.tasks, instances=instances, **params)
+        models = [name, repos.floor_model(repo, instances=self.p.instances)]
         if self.w.students:
             no_prune = "chorus_noprune"
             repos.write_model(repo, no_prune, {"batching": "scheduler", "tasks": json.dumps(self.w.tasks),
-                                               **params, **NO_PRUNING_PARAMS})
+                                               **params, **NO_PRUNING_PARAMS}, instances=instances)
             models.append(no_prune)
         multi = None
         if self.w.students and self.p.students_instances > 1:
@@ -545,6 +551,8 @@ class Bench:
             if not self.saturation:
                 raise RuntimeError("perf_analyzer measured no throughput for chorus")
             self.result["saturation_per_s"] = self.saturation
+            # the do-nothing model in the same server, same load: what the Python backend itself costs here
+            self.pa_concurrency(server, repos.FLOOR, "floor")
             self.pa_rates(server, name, "chorus")
             self.bursts(server, name, "chorus")
             if self.fits("chorus loadgen", 60):
@@ -581,6 +589,7 @@ class Bench:
                 outcomes, _ = gen.run([(t, rows[i % len(rows)]) for i, t in enumerate(offsets)])
             finally:
                 gen.close()
+            loadgen.flush_metrics(server.grpc_url, name)
             after = loadgen.scrape_text(server.metrics_url)
             write_outcomes(self.out / "raw" / f"loadgen-students-{label}.csv", outcomes)
             res[label] = loadgen.summarize(outcomes, offsets[-1] if offsets else 1.0)
@@ -749,6 +758,17 @@ class Bench:
                       for x in s.get("pa_concurrency", {}).get("rows", [])] or [0]) or None
         eng = ip.get("engine", {}).get("rows_per_s")
         keys["served_vs_inprocess_throughput"] = served / eng if served and eng else None
+        ours = {r["concurrency"]: r for r in chorus.get("pa_concurrency", {}).get("rows", []) if "concurrency" in r}
+        floor = {r["concurrency"]: r for r in systems.get("floor", {}).get("pa_concurrency", {}).get("rows", [])
+                 if "concurrency" in r}
+        if ours and floor:
+            peak = max(r["infer_per_s"] for r in ours.values())
+            keys["served_vs_floor_throughput"] = peak / max(r["infer_per_s"] for r in floor.values())
+            low = min(set(ours) & set(floor), default=None)
+            if low is not None and ours[low].get("p50_ms") is not None and floor[low].get("p50_ms") is not None:
+                keys["p50_above_floor_ms"] = ours[low]["p50_ms"] - floor[low]["p50_ms"]
+        else:
+            why["served_vs_floor_throughput"] = why["p50_above_floor_ms"] = "the floor model was not measured"
         if served and self.w.device == "cuda" and torch.cuda.is_available():  # (rederive elsewhere keeps the run's)
             name = torch.cuda.get_device_name(0)
             peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -785,7 +805,9 @@ class Bench:
             keys["burst_p99_ms_with_pruning"] = st.get("burst_with_pruning", {}).get("p99_ms")
             keys["burst_p99_ms_with_pruning_instances"] = st.get("burst_with_pruning_instances", {}).get("p99_ms")
             if self.p.students_instances <= 1:
-                why["burst_p99_ms_with_pruning_instances"] = "this profile serves the students from one instance"
+                why["burst_p99_ms_with_pruning_instances"] = (
+                    f"no separate several-instance model: chorus itself runs {self.p.instances} instances here"
+                    if self.p.instances > 1 else "this profile serves the students from one instance")
             nop = st.get("burst_without_pruning")
             if nop and nop.get("switch_effective"):
                 keys["burst_p99_ms_without_pruning"] = nop["p99_ms"]

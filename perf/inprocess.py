@@ -32,7 +32,7 @@ from chorus.backends.graphs import GraphedForward
 from chorus.backends.pet import fused
 from chorus.backends.reference import merged_state
 from chorus.backends.scheduler import LatencyTable
-from chorus.backends.serving import profile_engine
+from chorus.backends.executor import profile_engine
 from chorus.backends.task_files import load_task
 
 

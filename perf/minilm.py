@@ -257,7 +257,7 @@ def render_summary(r: dict) -> str:
         lines += [f"- low load: {_f(low.get('rate_per_s'), '.1f')} requests/s Poisson ({low.get('how', '')}), "
                   "each test row once, gRPC, latency from the scheduled arrival (perf.loadgen)", "",
                   "| path (request parameter) | p50 ms | p99 ms | accuracy (served) | checked | answered / sent | "
-                  "refused | mean STUDENTS | server queue / compute / send ms |",
+                  "refused | mean STUDENTS | server decode / queue / compute / encode ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for label, k in (("teacher", 0), ("students", st.get("K") if st else "K")):
             x = low.get(label)
@@ -267,7 +267,7 @@ def render_summary(r: dict) -> str:
             lines.append(_row(f"{label} (students={k})", _f(x.get("p50_ms")), _f(x.get("p99_ms")),
                               _f(x.get("accuracy"), ".4f"), x.get("checked"), f"{x.get('ok')} / {x.get('sent')}",
                               x.get("refused"), _f(x.get("students_mean")),
-                              " / ".join(_f(stages.get(s)) for s in ("queue", "compute", "send"))))
+                              " / ".join(_f(stages.get(s)) for s in ("decode", "queue", "compute", "encode"))))
         lines.append("")
     burst = r.get("burst")
     if burst:

@@ -206,11 +206,14 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
         staged = [(key, st[key]["server_stages_ms"]) for key in ("teacher", "students")
                   if (st.get(key) or {}).get("server_stages_ms")]
         if staged:
-            lines += ["", "Where a request's time went on the server (means per answered request, ms; chorus_*_duration_us):",
-                      "", "| run | queue | compute | send | client mean - their sum |", "| --- | ---: | ---: | ---: | ---: |"]
+            lines += ["", "Where a request's time went inside execute() (means per answered request, ms; "
+                      "chorus_*_duration_us):", "",
+                      "| run | decode | queue | compute | encode | client mean - their sum |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for key, g in staged:
-                rest = (st[key].get("mean_ms") or 0) - g["queue"] - g["compute"] - g["send"]
-                lines.append(f"| {key} | {_f(g['queue'])} | {_f(g['compute'])} | {_f(g['send'])} | "
+                parts = [g.get(k) or 0 for k in ("decode", "queue", "compute", "encode")]
+                rest = (st[key].get("mean_ms") or 0) - sum(parts)
+                lines.append(f"| {key} | " + " | ".join(_f(x) for x in parts) + " | "
                              f"{_f(rest) if st[key].get('mean_ms') is not None else '—'} |")
     if r.get("notes") or r.get("skipped"):
         lines += ["", "## Notes and skipped", ""] + [f"- {n}" for n in r.get("notes", [])]

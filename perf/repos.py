@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "model_repository" / "chorus"
+DYNAMIC_BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", flags=re.M | re.S)  # the shipped block
 _PARAM = re.compile(r'\{\s*key:\s*"([^"]+)"\s*,\s*value:\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")\s*\}\s*\}')
 
 
@@ -39,7 +40,7 @@ def render_config(head: str, name: str, params: dict[str, str], dynamic_batching
             raise ValueError("the shipped config has no `instance_group [ { count: N, ...` line to change")
     head = "\n".join(line for line in head.splitlines() if not line.lstrip().startswith("#")) + "\n"
     if dynamic_batching_us is not None:  # replaces the shipped block
-        head = re.sub(r"^dynamic_batching\b.*\n", "", head, flags=re.M)  # one line, as the shipped config has it
+        head = DYNAMIC_BATCHING.sub("", head)
         head += f"dynamic_batching {{ max_queue_delay_microseconds: {int(dynamic_batching_us)} }}\n"
     body = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items())
     return head + "parameters [\n" + body + "\n]\n"
@@ -50,6 +51,7 @@ def write_model(repo: Path, name: str, overrides: dict[str, str], dynamic_batchi
     """One model directory `repo/name` from the shipped config with `overrides` (and Triton's batcher if asked)."""
     head, params = split_config((shipped / "config.pbtxt").read_text())
     params.update(overrides)
+    params.setdefault("task_roots", json.dumps(_roots(params)))
     config = render_config(head, name, params, dynamic_batching_us, instances)  # may refuse: before any file
     model = repo / name
     shutil.rmtree(model, ignore_errors=True)
@@ -60,6 +62,13 @@ def write_model(repo: Path, name: str, overrides: dict[str, str], dynamic_batchi
             (model / sub).symlink_to((shipped / sub).resolve(), target_is_directory=True)
     (model / "config.pbtxt").write_text(config)
     return model
+
+
+def _roots(params: dict[str, str]) -> list[str]:
+    """Task roots for a benchmark's model: the folders holding the absolute task and student paths it serves (the
+    harness writes them; a served model only reads directories inside its roots, `chorus.backends.paths`)."""
+    paths = [p for key in ("tasks", "students") for p in json.loads(params.get(key) or "{}").values()]
+    return sorted({str(Path(p).parent) for p in paths if Path(p).is_absolute()})
 
 
 def scheduler_model(repo: Path, tasks: dict[str, str], name: str = "chorus", instances: int | None = None,
@@ -88,3 +97,19 @@ def shipped_tasks(shipped: Path = SHIPPED) -> dict[str, str]:
     """The shipped task map with absolute paths."""
     _, params = split_config((shipped / "config.pbtxt").read_text())
     return {k: str((shipped / v).resolve()) for k, v in json.loads(params.get("tasks", "{}")).items()}
+
+
+FLOOR = "floor"  # the do-nothing model served beside chorus (perf/floor_model.py)
+
+
+def floor_model(repo: Path, name: str = FLOOR, instances: int = 1, shipped: Path = SHIPPED) -> str:
+    """A model with the shipped model's inputs, outputs and batching that does no work: what the Python backend
+    itself costs, the floor every served figure is read against."""
+    head, _ = split_config((shipped / "config.pbtxt").read_text())
+    config = render_config(head, name, {}, instances=instances).replace("parameters [\n\n]\n", "")
+    model = repo / name
+    shutil.rmtree(model, ignore_errors=True)
+    (model / "1").mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("floor_model.py"), model / "1" / "model.py")
+    (model / "config.pbtxt").write_text(config)
+    return name

@@ -40,6 +40,8 @@ DESCRIPTIONS = {
     "scheduler_rate_vs_dynamic_batcher": "highest Poisson rate within the SLO, scheduler / best dynamic batcher",
     "served_vs_inprocess_throughput": "peak served infer/s / the same engine in process (rows/s)",
     "model_flops_utilisation": "served useful FLOP/s / the GPU's dense fp16 peak",
+    "served_vs_floor_throughput": "peak served infer/s / the do-nothing Python-backend model's, same server and load",
+    "p50_above_floor_ms": "p50 at the lowest concurrency, chorus minus the do-nothing model (ms)",
 }
 
 

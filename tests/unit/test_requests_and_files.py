@@ -1,13 +1,14 @@
 """Request decoding (every bad input names its problem) and the task file format (atomic, validated)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from chorus.backends.engine import Engine
-from chorus.backends.requests import MAX_TEXT_CHARS, decode_request
+from chorus.backends.requests import MAX_TEXT_CHARS, decode_many, decode_request
 from chorus.backends.task_files import load_task, random_task, save_task
 from chorus.errors import InvalidInput, TaskFileError
 
@@ -60,6 +61,27 @@ def test_input_ids_rows_drop_trailing_padding(engine):
 def test_bad_requests_name_the_problem(engine, kwargs, match):
     with pytest.raises(InvalidInput, match=match):
         decode_request(engine, **kwargs)
+    # decoding a whole execute() call: the same error for that request, its neighbours decoded as if alone
+    good = dict(text=strings("a fine film", "dull"), input_ids=None, task=strings("movie", "news"))
+    ids = dict(text=None, input_ids=np.array([[101, 2307, 102, 0]], np.int32), task=strings("news"))
+    out = decode_many(engine, [good, kwargs, ids, {**good, "truncate": True}])
+    assert isinstance(out[1], InvalidInput) and re.search(match, str(out[1]))
+    for i, request in ((0, good), (2, ids), (3, good)):
+        alone = decode_request(engine, **request)
+        assert (out[i].ids, out[i].tasks, out[i].truncated) == (alone.ids, alone.tasks, alone.truncated)
+
+
+def test_a_call_decodes_with_one_tokenizer_call_and_truncates_per_request(engine, monkeypatch):
+    calls = []
+    real = engine.tokenize
+    monkeypatch.setattr(engine, "tokenize", lambda texts, truncate: calls.append(len(texts)) or real(texts, truncate))
+    long = dict(text=strings("word " * 50), input_ids=None, task=strings("movie"))
+    out = decode_many(engine, [long, {**long, "truncate": True}, dict(text=strings("a", "b"), input_ids=None,
+                                                                    task=strings("movie", "news"))])
+    assert calls == [4]  # every text of the call in one batch
+    assert isinstance(out[0], InvalidInput) and "52 tokens long" in str(out[0])
+    assert len(out[1].ids[0]) == 16 and out[1].truncated == [0]
+    assert out[2].tasks == ["movie", "news"] and [len(r) for r in out[2].ids] == [3, 3]
 
 
 def test_task_files_round_trip_and_serve_the_same_logits(engine, tmp_path):

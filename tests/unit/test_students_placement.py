@@ -13,7 +13,7 @@ from chorus.backends.students.cuda_graphs import GraphedStudents
 from chorus.backends.students.placement import balanced_split
 from chorus.backends.students.reference import Student
 from chorus.errors import InvalidInput
-from tests.unit.test_serving import TINY, engine  # noqa: F401 - `engine` is a fixture
+from tests.unit.test_executor import TINY, engine  # noqa: F401 - `engine` is a fixture
 from tests.unit.test_students import TOL, embeddings, random_batch, random_students
 
 

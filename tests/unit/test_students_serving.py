@@ -1,20 +1,19 @@
 """Students in serving: the pruning policy (pure), the student bank over the serving backbone's embeddings, and the
-serving loop choosing between a task's students and its teacher."""
+executor choosing between a task's students and its teacher."""
 
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from chorus.backends.scheduler import SchedulerConfig
-from chorus.backends.serving import ServingLoop, classify_rows, profile_engine
+from chorus.backends.executor import Call, Executor, classify_rows, profile_engine
 from chorus.backends.students import StudentConfig, StudentFiles, StudentGroup, save_students, stack_students
 from chorus.backends.students.bank import StudentBank
 from chorus.backends.students.pruning import PruningPolicy
 from chorus.backends.students.reference import Student
 from chorus.errors import InvalidInput, TaskFileError, UnknownTask
-from tests.unit.test_serving import TINY, engine, requests  # noqa: F401 - `engine` is a fixture
+from tests.unit.test_executor import TINY, engine, requests  # noqa: F401 - `engine` is a fixture
 
 K = 3
 
@@ -110,37 +109,27 @@ def test_students_must_match_a_served_task_and_its_labels(engine, bank, tmp_path
     assert bank.num_students("t0") == K and bank.num_students("t1") == 0 and bank.max_students == K
 
 
-# ---- the serving loop -----------------------------------------------------------------------------------------------
-def serve(loop, reqs, students=None):
-    results, all_done = {}, threading.Event()
-
-    def record(i):
-        def done(result):
-            results[i] = result
-            if len(results) == len(reqs):
-                all_done.set()
-        return done
-
-    for i, r in enumerate(reqs):
-        loop.submit(r, record(i), students=students)
-    assert all_done.wait(60), f"{len(results)} of {len(reqs)} answered"
-    return [results[i] for i in range(len(reqs))]
+# ---- serving: the executor of an execute() call -------------------------------------------------------------------
+def serve(executor, reqs, students=None):
+    """The requests as one execute() call; each one's result (or error)."""
+    calls = [Call(r.ids, r.tasks, students=students) for r in reqs]
+    executor.run(calls)
+    return [c.result if c.error is None else c.error for c in calls]
 
 
 def test_a_task_with_students_is_answered_by_them_unless_the_request_asks_for_the_teacher(engine, bank):  # noqa: F811
     table = profile_engine(engine, bank, batch_sizes=(1, 8), seq_lens=(8, 32), repeats=1)
     assert "students" in table.pet
-    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=60.0, max_students=K), table, students=bank)
+    executor = Executor(engine, SchedulerConfig(default_deadline_s=60.0, max_students=K), table, students=bank)
     reqs = requests(20, seed=7)
     for students, expect in ((None, K), (0, 0), (2, 2)):
-        for req, got in zip(reqs, serve(loop, reqs, students)):
+        for req, got in zip(reqs, serve(executor, reqs, students)):
             assert not isinstance(got, Exception), got
             ks = [expect if t == "t0" else 0 for t in req.tasks]
             assert got.students == ks
             want = classify_rows(engine, bank, req.ids, req.tasks, ks)
             np.testing.assert_allclose(got.logits[:, :2], want.logits[:, :2], rtol=1e-4, atol=1e-5)
             assert got.labels == want.labels
-    loop.close()
 
 
 def test_under_a_burst_the_policy_prunes_student_batches(engine, bank):  # noqa: F811
@@ -152,16 +141,15 @@ def test_under_a_burst_the_policy_prunes_student_batches(engine, bank):  # noqa:
         if p.startswith("students"):
             table.pet[p] = [[200 * t for t in row] for row in table.pet[p]]
     policy = PruningPolicy(K)
-    loop = ServingLoop(engine, SchedulerConfig(default_deadline_s=3600.0, max_students=K), table, students=bank,
-                       choose_k=policy)
+    executor = Executor(engine, SchedulerConfig(default_deadline_s=3600.0, max_students=K), table, students=bank,
+                        choose_k=policy)
     burst = requests(80, seed=8)
     for r in burst:
         r.tasks[:] = ["t0"] * len(r.tasks)
-    got = serve(loop, burst)  # all submitted at once: arrivals far faster than the students' service rate
-    loop.close()
+    got = serve(executor, burst)  # one call: arrivals far faster than the students' service rate
     ran = [k for g in got for k in g.students]
     assert min(ran) < K and all(1 <= k <= K for k in ran)
-    assert loop.scheduler.metrics.student_batches >= 1
+    assert executor.scheduler.metrics.student_batches >= 1
 
 
 # ---- CUDA graphs ----------------------------------------------------------------------------------------------------
@@ -209,7 +197,7 @@ def test_graphed_students_match_the_eager_group_for_every_k_and_shape(bank, dtyp
 
 
 def test_the_accuracy_budget_sets_the_default_and_the_floor_of_pruning(engine, tmp_path):  # noqa: F811
-    from chorus.backends.serving import row_students, students_for
+    from chorus.backends.executor import row_students, students_for
 
     def load(name, val_accuracies):
         cfg = StudentConfig(num_students=K, num_layers=1, hidden_size=TINY.hidden_size, num_heads=4,
