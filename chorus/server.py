@@ -38,6 +38,7 @@ from typing import Any
 from chorus import admin_key as keys
 from chorus.backends.paths import TASK_ROOTS_ENV, task_roots as model_task_roots
 from chorus.errors import ChorusError, ServerError
+from chorus.supervisor import Supervisor
 
 LOGGER = logging.getLogger(__name__)
 
@@ -555,6 +556,7 @@ def serve(args: argparse.Namespace) -> int:
         guard = f"the key in {key.file}{' (new)' if key.created else ''}; chorus clients on this machine read it"
     # Both stop the server; SIGINT explicitly too, as a shell starting us in the background leaves it ignored.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = Supervisor(server)  # reloads a model whose Python backend stub died (chorus.supervisor)
     try:
         server.start()
         print(f"chorus: starting tritonserver (pid {server.pid}); log: {server.log_path}", flush=True)
@@ -569,6 +571,7 @@ def serve(args: argparse.Namespace) -> int:
               f"{GRPC_ADMIN_HEADER} (gRPC); inference is open\n"
               f"  task and student directories may come from: {', '.join(map(str, roots))}\n"
               "Press Ctrl-C to stop.", flush=True)
+        supervisor.start()
         while server.poll() is None:
             time.sleep(0.5)
         print(f"chorus: tritonserver exited unexpectedly with code {server.poll()}. Last lines of "
@@ -583,6 +586,7 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the server half-stopped
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        supervisor.stop()
         code = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
