@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see perf/README.md): set up tritonserver + perf_analyzer from carried files, install
-# chorus, run perf/gpu_check.py (or, with the argument `probe`, perf/gpu/send_probe.py; with `test`, the tests marked
-# gpu, which need nothing carried; with `perf`, the benchmark harness perf/gpu/perf.sh, which also needs `make
-# perf-gpu-bundle`; with `minilm`, perf/gpu/minilm.sh: the real all-MiniLM-L6-v2 task, carrying `.minilm/` from `make
-# minilm-bundle`), leave results under $OUT. The setup below is done once per machine: a second call on the same warm
-# machine finds it done and may carry only `.minilm`.
+# chorus, run perf/gpu_check.py (or, with the argument `test`, the tests marked gpu, which need nothing carried; with
+# `kernels`, perf/fused_kernels.py; with `overhead`, perf/overhead.py; with `perf`, the benchmark harness
+# perf/gpu/perf.sh, which also needs `make perf-gpu-bundle`; with `minilm`, perf/gpu/minilm.sh: the real
+# all-MiniLM-L6-v2 task, carrying `.minilm/` from `make minilm-bundle`), leave results under $OUT. The setup below is
+# done once per machine: a second call on the same warm machine finds it done and may carry only `.minilm`.
 # Carried folder `.gpu/` (built by `make gpu-bundle`):
 #   triton.tar.xz (tritonserver 2.51 binary, Python backend, 3.12 stub, libs from the nvidia-pytriton wheel),
 #   perf_analyzer.xz (from the tritonclient 2.51 wheel), numpy-1.26.4-cp312.tar.xz (the wheel's files),
@@ -60,9 +60,6 @@ if [ "${1:-}" = perf ]; then  # the benchmark harness (issue 6): perf/gpu/perf.s
   shift
   exec bash perf/gpu/perf.sh "$@"
 fi
-if [ "${1:-}" = profile ]; then  # perf/profile_mixed.py: where a mixed all-PET batch's time goes (issue 3)
-  exec python3 -m perf.profile_mixed --bundle $G --out "$OUT"
-fi
 if [ "${1:-}" = kernels ]; then  # perf/fused_kernels.py: each fused PET kernel's device time per call (issue 3)
   exec python3 -m perf.fused_kernels --bundle $G --out "$OUT"
 fi
@@ -70,9 +67,6 @@ if [ "${1:-}" = overhead ]; then  # perf/overhead.py (tiny model, this host's co
   shift
   source perf/gpu/client_site.sh  # sets PERFSITE
   PYTHONPATH=$PERFSITE exec /tmp/np1env/bin/python3 -m perf.overhead "$@"
-fi
-if [ "${1:-}" = probe ]; then  # perf/gpu/send_probe.py: answering from a worker thread, feature by feature
-  exec /tmp/np1env/bin/python3 perf/gpu/send_probe.py "$OUT"
 fi
 python3 perf/gpu_check.py --bundle $G --out "$OUT" --label "numpy $(python3 -c 'import numpy; print(numpy.__version__)')" "$@" \
   || /tmp/np1env/bin/python3 perf/gpu_check.py --bundle $G --out "$OUT" --label "numpy 1.26" --skip-in-process "$@"
