@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -80,21 +81,31 @@ def _check_links(top: Path, roots: Sequence[Path]) -> None:
                     pending.append(Path(entry.path))
 
 
+_PARAMETER = re.compile(r'\{\s*key:\s*"([^"]*)"\s*,?\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"\s*\}\s*\}')
+
+
+def _string_parameter(pbtxt: str, key: str) -> str | None:
+    """The string value of the parameter `key` in a config.pbtxt's text, or None. Read with a pattern for the
+    `{ key: "...", value: { string_value: "..." } }` entries, not protobuf: the backend stub's Python need not have
+    Triton's client packages. Quotes and backslashes inside the value are escaped as in JSON."""
+    found = None
+    for name, value in _PARAMETER.findall(pbtxt):
+        if name == key:
+            found = json.loads(f'"{value}"'.replace("\\'", "'"))
+    return found
+
+
 def config_roots(config_file: Path) -> list[str]:
     """The `task_roots` parameter (JSON list of folders) of a Triton `config.pbtxt`; [] if the file or the
     parameter is absent."""
     if not config_file.is_file():
         return []
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     try:
-        config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig(), allow_unknown_field=True)
-    except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
+        text = _string_parameter(config_file.read_text(), CONFIG_PARAMETER)
+    except (UnicodeDecodeError, OSError, ValueError) as exc:
         raise TaskPathError(f"cannot read the parameter {CONFIG_PARAMETER} from {config_file}: {exc}") from None
-    if CONFIG_PARAMETER not in config.parameters:
+    if text is None:
         return []
-    text = config.parameters[CONFIG_PARAMETER].string_value
     try:
         value = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as exc:
