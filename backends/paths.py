@@ -81,7 +81,7 @@ def _check_links(top: Path, roots: Sequence[Path]) -> None:
                     pending.append(Path(entry.path))
 
 
-_PARAMETER = re.compile(r'\{\s*key:\s*"([^"]*)"\s*,?\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"\s*\}\s*\}')
+_PARAMETER = re.compile(r'\{\s*key\s*:\s*"([^"]*)"\s*,?\s*value\s*:?\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}')
 
 
 def _string_parameter(pbtxt: str, key: str) -> str | None:
