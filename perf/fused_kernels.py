@@ -68,7 +68,7 @@ def sweep(out: list, label: str, base: dict, variants, call, **fields) -> None:
 
 
 def rt_lengths(bundle: Path) -> list[int]:
-    """Token counts of the first B Rotten Tomatoes sentences (as profile_mixed batches them), at most T."""
+    """Token counts of the first B Rotten Tomatoes sentences (the mixed benchmark batch's rows), at most T."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 ops["residual + per-task LayerNorm: fused"] = lambda: fused.layer_norm(
                     y, ln_w, ln_b, 1e-12, residual=x, tuned=(slots, vec, vec), lengths=rows)
             if active == 8 and padded:  # one site's ops for three methods' rows (8 each, disjoint): one launch or
-                other = torch.zeros_like(slots)  # one per method, as session 10 ran them
+                other = torch.zeros_like(slots)  # one launch per method, the alternative measured
                 free = torch.nonzero(slots == 0).flatten()
                 third = torch.zeros_like(slots)
                 other[free[:8]], third[free[8:16]] = slots[users], slots[users]
