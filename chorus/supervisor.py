@@ -242,7 +242,8 @@ class Supervisor:
                 if child not in w.unknown:
                     w.unknown.add(child)
                     LOGGER.warning("chorus supervisor: Python backend stub pid %d died (%s) before it was seen alive; "
-                                   "its model is not known, so nothing is reloaded", child, describe_exit(proc.exit_code))
+                                   "its model is not known, so nothing is reloaded", child,
+                                   describe_exit(proc.exit_code))
                 continue
             since = w.zombie_since.setdefault(child, now)
             if now - since >= self.confirm_s:
