@@ -112,7 +112,7 @@ def float_tensors(tensors: dict[str, torch.Tensor], path: Path, who: str) -> dic
             raise TaskFileError(f"{who}: {path} tensor {name!r} is complex ({t.dtype}); chorus's tensors are real "
                                 "floating point (float32, float16 or bfloat16)")
         try:
-            f = t.float()
+            f = t.to(torch.float32, copy=True)  # memory of its own, whatever the tensor was read from
         except (RuntimeError, NotImplementedError, TypeError) as e:
             raise TaskFileError(f"{who}: {path} tensor {name!r} has type {t.dtype}, which chorus cannot read as "
                                 f"float32 ({e}); save it as float32, float16 or bfloat16") from None
@@ -129,12 +129,22 @@ def read_safetensors(path: Path, who: str) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as float32 (see `float_tensors`); anything else raises TaskFileError naming the
     file: truncated or corrupt files, headers whose sizes or offsets do not fit the file, pickles."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as e:
+        # read, not memory-mapped: a file truncated or rewritten in place while it is read, or after, cannot fault
+        # the serving process (SIGBUS); every tensor is copied into memory of its own (float_tensors)
+        data = path.read_bytes()
+    except OSError as e:
+        raise TaskFileError(f"{who}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        tensors = load(data)
+    except KeyError as e:  # a dtype safetensors knows but torch's loader does not map
+        raise TaskFileError(f"{who}: {path} is not a readable safetensors file: tensor type {e} is not one chorus "
+                            "reads; save float32, float16 or bfloat16 tensors") from None
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as e:
         raise TaskFileError(f"{who}: {path} is not a readable safetensors file: {e}.{_file_kind(path)}") from None
+    del data
     return float_tensors(tensors, path, who)
 
 
