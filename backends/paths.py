@@ -84,12 +84,33 @@ def _check_links(top: Path, roots: Sequence[Path]) -> None:
 _PARAMETER = re.compile(r'\{\s*key\s*:\s*"([^"]*)"\s*,?\s*value\s*:?\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}')
 
 
+def _without_comments(pbtxt: str) -> str:
+    """`pbtxt` with its `#` comments removed (a `#` inside a quoted string stays): a parameter shown in a comment is
+    not set."""
+    out: list[str] = []
+    quote, escaped, comment = "", False, False
+    for ch in pbtxt:
+        if comment:
+            comment = ch != "\n"
+        elif escaped:
+            escaped = False
+        elif quote:
+            escaped, quote = ch == "\\", "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            comment = True
+        if not comment:
+            out.append(ch)
+    return "".join(out)
+
+
 def _string_parameter(pbtxt: str, key: str) -> str | None:
     """The string value of the parameter `key` in a config.pbtxt's text, or None. Read with a pattern for the
     `{ key: "...", value: { string_value: "..." } }` entries, not protobuf: the backend stub's Python need not have
     Triton's client packages. Quotes and backslashes inside the value are escaped as in JSON."""
     found = None
-    for name, value in _PARAMETER.findall(pbtxt):
+    for name, value in _PARAMETER.findall(_without_comments(pbtxt)):
         if name == key:
             found = json.loads(f'"{value}"'.replace("\\'", "'"))
     return found

@@ -85,10 +85,14 @@ def read_key_file(path: Path) -> str | None:
         if not stat.S_ISREG(st.st_mode):
             raise ChorusError(f"the admin key file {path} is not a regular file. Fix: delete it; `chorus serve` "
                               "writes a new one")
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if st.st_uid != os.geteuid():
+            raise ChorusError(f"the admin key file {path} belongs to uid {st.st_uid}, not to this user (uid "
+                              f"{os.geteuid()}). Fix: run as its owner, pass the key with --admin-key / {KEY_ENV}, "
+                              f"or point {KEY_FILE_ENV} at a key file of this user")
+        if st.st_mode & 0o077:
             raise ChorusError(f"the admin key file {path} can be read by other users (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}). Fix: chmod 600 {path} as its "
-                              "owner, or delete it and restart `chorus serve` to get a new key")
+                              f"{stat.S_IMODE(st.st_mode):04o}). Fix: chmod 600 {path}, or delete it and restart "
+                              "`chorus serve` to get a new key")
         with os.fdopen(fd, "r", encoding="ascii", errors="replace") as f:
             fd = -1
             text = f.read(4096)

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from chorus.client.client import ChorusClient
 from chorus.client.wire import config_with, normalize_config
-from chorus.errors import InvalidInput
+from chorus.errors import ChorusError
 from tests.functional.conftest import REPOSITORY
 from tests.functional.test_serving import NEGATIVE, POSITIVE
 
@@ -57,14 +57,14 @@ class Served:
     marker: Path  # written only if uploaded model code runs
 
 
-def lean_model(model: Path, latency_table: Path) -> None:
+def lean_model(model: Path) -> None:
     """The shipped chorus model serving one task from its own `tasks/` folder, with no students."""
     (model / "1").mkdir(parents=True)
     shutil.copy(REPOSITORY / "chorus" / "1" / "model.py", model / "1" / "model.py")
     for name in (FIRST, SECOND):
         shutil.copytree(TASKS_DIR / name, model / "tasks" / name)
     config = (REPOSITORY / "chorus" / "config.pbtxt").read_text()
-    params = {"tasks": json.dumps({FIRST: f"tasks/{FIRST}"}), "students": "{}", "latency_table": str(latency_table)}
+    params = {"tasks": json.dumps({FIRST: f"tasks/{FIRST}"}), "students": "{}"}
     for key, value in params.items():
         config, n = re.subn(r'\{ key: "%s", value: \{ string_value: ".*" \} \}' % key,
                             lambda _: '{ key: "%s", value: { string_value: %s } }' % (key, json.dumps(value)), config)
@@ -77,7 +77,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
     if not (TASKS_DIR / ".built").is_file():
         pytest.fail("the default tasks are not built: run `make repository` (or `make test`, which builds them)")
     work = tmp_path_factory.mktemp("security")
-    lean_model(work / "repo" / "chorus", work / "latency_table.json")
+    lean_model(work / "repo" / "chorus")
     shutil.copytree(TASKS_DIR / SECOND, work / "outside" / SECOND)
     key_file = work / "state" / "chorus" / "admin-key"
     with pytest.MonkeyPatch.context() as env:  # this module's server and clients share one key file, as a user's do
@@ -192,7 +192,8 @@ def test_chorus_task_add_and_remove_find_the_key_by_themselves(served):
         got = client.classify(["best day ever, love it :)"], SECOND)[0]
         assert (got.task, got.label) == (SECOND, "positive")
         assert sorted(client.remove_task(SECOND)) == [FIRST]
-    assert sorted(ChorusClient(served.http_url).tasks()) == [FIRST]
+    with ChorusClient(served.http_url) as client:
+        assert sorted(client.tasks()) == [FIRST]
 
 
 def test_task_paths_outside_the_roots_fail_the_load_and_the_old_model_serves_on(served):
@@ -203,7 +204,7 @@ def test_task_paths_outside_the_roots_fail_the_load_and_the_old_model_serves_on(
         cases = [("outsider", served.outside, str(served.outside)),
                  ("escape", escape, f"{escape} (it resolves to {served.outside})")]
         for name, path, shown in cases:
-            with pytest.raises(InvalidInput) as refused:
+            with pytest.raises(ChorusError) as refused:
                 client.add_task(name, path)
             message = str(refused.value)
             for part in (f"task {name!r}", shown, "outside the allowed task roots", str(served.model_dir),

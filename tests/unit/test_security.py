@@ -301,6 +301,14 @@ def test_roots_come_from_the_env_and_the_config_file_on_disk(model_dir, tmp_path
     roots = task_roots(model_dir, {TASK_ROOTS_ENV: f"/data/a{os.pathsep}{os.pathsep}rel"})
     assert roots == [model_dir.resolve(), Path("/data/a"), (model_dir / "rel").resolve(), Path("/srv/tasks"),
                      (model_dir / "shared").resolve()]
+    (model_dir / "config.pbtxt").write_text(  # a parameter shown in a comment is not set; a '#' in a string is text
+        TOY_CONFIG + '# e.g. { key: "task_roots", value: { string_value: "[\\"/\\"]" } }\n'
+        'parameters [ { key: "note", value: { string_value: "a # b" } },\n'
+        '  { key: "task_roots", value: { string_value: "[\\"/srv/#tasks\\"]" } } ] # "quoted" \'\n')
+    assert task_roots(model_dir, {}) == [model_dir.resolve(), Path("/srv/#tasks")]
+    (model_dir / "config.pbtxt").write_text(
+        TOY_CONFIG + '# { key: "task_roots", value: { string_value: "[\\"/\\"]" } }\n')
+    assert task_roots(model_dir, {}) == [model_dir.resolve()]
     (model_dir / "config.pbtxt").write_text(
         TOY_CONFIG + 'parameters { key: "task_roots" value { string_value: "/srv/tasks" } }\n')
     with pytest.raises(TaskPathError, match=r"task_roots in .*config.pbtxt must be a JSON list"):
