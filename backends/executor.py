@@ -190,8 +190,9 @@ class Executor:
                           if scheduler_config is not None else None)
         self._ids = itertools.count()
 
-    def run(self, calls: list[Call]) -> None:
-        """Give every call its `result` or its `error`."""
+    def run(self, calls: list[Call], waited_s: float = 0.0) -> None:
+        """Give every call its `result` or its `error`. `waited_s`: how long the call's requests may have waited
+        in Triton's queue before this call (their deadlines count from their arrival)."""
         good = [c for c in calls if c.ok]
         if not good:
             return
@@ -199,7 +200,7 @@ class Executor:
             self._run_as_one_batch(good)
             return
         start = self.clock()
-        pending = self._admit(good, start)
+        pending = self._admit(good, start, waited_s)
         batches = self.scheduler.schedule(start, flush=True)
         estimated = 0.0
         for i, batch in enumerate(batches):
@@ -215,14 +216,15 @@ class Executor:
                 rows.call.result = Classified(rows.logits, [lab for lab, _ in rows.labels],
                                               [names for _, names in rows.labels], rows.ran)
 
-    def _admit(self, calls: list[Call], now: float) -> dict[int, _Rows]:
+    def _admit(self, calls: list[Call], now: float, waited_s: float) -> dict[int, _Rows]:
         width = self.engine.bank.max_labels
+        default_s = self.scheduler.cfg.default_deadline_s
         pending: dict[int, _Rows] = {}
         for call in calls:
             rows = _Rows(call, np.full((len(call.ids), width), -np.inf, dtype=np.float32), [None] * len(call.ids),
                          [0] * len(call.ids), len(call.ids))
             pending[id(call)] = rows
-            deadline = None if call.deadline_s is None else now + call.deadline_s
+            deadline = now - waited_s + (default_s if call.deadline_s is None else call.deadline_s)
             for row, (ids, task) in enumerate(zip(call.ids, call.tasks)):
                 path = STUDENTS if students_for(self.students, task, call.students) else pet_type(self.engine, task)
                 refusal = self.scheduler.submit(Request(next(self._ids), task, path, len(ids), now, deadline,
@@ -286,3 +288,31 @@ class Executor:
             start += len(c.ids)
             c.batch_start, c.batch_s = begin, time.perf_counter() - begin
             c.result = Classified(out.logits[rows], out.labels[rows], out.label_names[rows], out.students[rows])
+
+
+class QueueWait:
+    """How long the requests of an execute() call may have waited in Triton's queue (the Python backend does not say).
+
+    Semantics:  a call that follows this instance's previous one within IDLE_GAP_S: its requests arrived after this
+    instance's latest call that took the whole queue (fewer rows than max_batch_size), so they waited at most since
+    that call began; a call after a longer gap: the instance was idle and took its requests as they arrived (0).
+    An upper bound while the queue drains at each call; admission (deadlines count from arrival) reads it.
+    """
+
+    IDLE_GAP_S = 0.002
+
+    def __init__(self) -> None:
+        self._start = self._end = self._drained = None
+
+    def waited(self, now: float) -> float:
+        self._start = now
+        if self._end is None or now - self._end > self.IDLE_GAP_S:
+            return 0.0
+        return now - self._drained
+
+    def called(self, full: bool, now: float) -> None:
+        """The call begun at the latest `waited()` returns at `now`; `full`: it took max_batch_size rows (more may
+        be left in the queue)."""
+        if not full or self._drained is None:
+            self._drained = self._start
+        self._end = now

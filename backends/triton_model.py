@@ -47,7 +47,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from chorus.backends.engine import DEFAULT_BACKBONE, DTYPES, Classified, Engine
-from chorus.backends.executor import Call, Executor, profile_engine
+from chorus.backends.executor import Call, Executor, QueueWait, profile_engine
 from chorus.backends.paths import task_dir
 from chorus.backends.requests import decode_many
 from chorus.backends.scheduler import LatencyTable, SchedulerConfig
@@ -391,6 +391,8 @@ class TritonPythonModel:
             scheduler = SchedulerConfig.from_dict(_json_param(params, "scheduler", "{}"))
             if self.students is not None:
                 scheduler = replace(scheduler, max_students=self.students.max_students)
+        self.max_batch_size = int(config.get("max_batch_size", 0)) or 1
+        self.queue = QueueWait()
         self.executor = Executor(self.engine, scheduler, loaded["table"], students=self.students,
                                  choose_k=loaded["policy"], on_batch=self.metrics.observe)
         pb_utils.Logger.log_info(f"chorus: {self.engine.cfg} on {loaded['device']} serves {len(loaded['tasks'])} "
@@ -480,6 +482,7 @@ class TritonPythonModel:
         admission, the length-bucket scheduler's batches, the engine) and return each one's response: one message
         back to the server for the whole call."""
         start = time.perf_counter()
+        waited_s = self.queue.waited(time.monotonic())
         calls = [Call() for _ in requests]
         inputs, readable = [], []
         for call, request in zip(calls, requests):
@@ -501,7 +504,7 @@ class TritonPythonModel:
                 call.ids, call.tasks, call.truncated = decoded.ids, decoded.tasks, decoded.truncated
         decoded_at = time.perf_counter()
         try:
-            self.executor.run(calls)
+            self.executor.run(calls, waited_s)
         except Exception as e:  # noqa: BLE001 - a failed call answers its requests with the error; serving goes on
             pb_utils.Logger.log_error(f"chorus: execute failed: {e!r}")
             for call in calls:
@@ -509,6 +512,7 @@ class TritonPythonModel:
                     call.error = RuntimeError(f"batch failed: {e!r}")
         ran_at = time.perf_counter()
         responses = [self._response(c) for c in calls]
+        self.queue.called(sum(len(c.ids) for c in calls) >= self.max_batch_size, time.monotonic())
         answered = [c for c in calls if c.result is not None]
         if answered:
             self.metrics.stages(len(answered), decoded_at - start,

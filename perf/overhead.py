@@ -97,7 +97,9 @@ def main() -> int:
         vs = (f"  {r['throughput_vs_floor']:.2f}x floor, p50 +{r['p50_above_floor_ms']:.2f} ms"
               if "throughput_vs_floor" in r else "")
         print(f"{key:26s} {r.get('infer_per_s') or 0:8.1f} infer/s  p50 {r.get('p50_ms') or 0:6.2f} ms  "
-              f"p99 {r.get('p99_ms') or 0:6.2f} ms{vs}{staged}", flush=True)
+              f"p99 {r.get('p99_ms') or 0:6.2f} ms{vs}{staged}"
+              + (f"  gc longest {r['gc_longest_pause_s'] * 1e3:.0f} ms" if r.get("gc_longest_pause_s") else ""),
+              flush=True)
     (args.out / "overhead.json").write_text(json.dumps({"date": time.strftime("%F"), "concurrency": args.concurrency,
                                                         "results": results}, indent=2))
     return 0
@@ -123,12 +125,16 @@ def measure(server: TritonServer, variant: str, concurrency: int, args) -> dict:
                ["--concurrency-range", str(concurrency)], pa.Measurement(int(args.seconds * 1000), 3),
                parameters=None if who == "" else {"students": 0 if who == "teacher" else 4})
     loadgen.flush_metrics(server.grpc_url, model)
-    stages = stage_means(before, loadgen.scrape_text(server.metrics_url))
+    after = loadgen.scrape_text(server.metrics_url)
+    stages = stage_means(before, after)
+    gc_longest = max((float(line.rsplit(" ", 1)[1]) for line in after.splitlines()
+                      if line.startswith("chorus_gc_longest_pause_seconds{") and f'model="{model}"' in line),
+                     default=None)
     if spy is not None:
         spy.wait(timeout=120)
     row = r["rows"][0] if r["rows"] else {}
     return {"infer_per_s": row.get("infer_per_s"), "p50_ms": row.get("p50_ms"), "p99_ms": row.get("p99_ms"),
-            "server_stages_ms": stages, "command": r["command"],
+            "server_stages_ms": stages, "gc_longest_pause_s": gc_longest, "command": r["command"],
             "error": None if r["rows"] else r["output_tail"]}
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "model_repository" / "chorus"
-DYNAMIC_BATCHING = re.compile(r"^dynamic_batching \{.*?^\}\n", flags=re.M | re.S)  # the shipped block
+# the shipped dynamic_batching block: one line, or a block closed by a `}` line
+DYNAMIC_BATCHING = re.compile(r"^dynamic_batching \{(?:[^\n]*\}\n|.*?^\}\n)", flags=re.M | re.S)
 _PARAM = re.compile(r'\{\s*key:\s*"([^"]+)"\s*,\s*value:\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")\s*\}\s*\}')
 
 

@@ -157,3 +157,16 @@ def test_chorus_profile_writes_the_tables_the_entry_model_reads(engine, tmp_path
     table = LatencyTable.load(out)
     assert table.batch_sizes == (1, 4) and table.seq_lens == (8, 16)
     assert set(table.pet) == {"lora", "bitfit"} and all(t > 0 for row in table.shared for t in row)
+
+
+def test_queue_wait_bounds_what_a_call_waited_in_tritons_queue():
+    from chorus.backends.executor import QueueWait
+
+    q = QueueWait()
+    assert q.waited(10.0) == 0.0  # the first call
+    q.called(full=False, now=10.005)  # returned 5 ms later
+    assert q.waited(10.006) == pytest.approx(0.006)  # straight on: its requests arrived after the 10.0 call began
+    q.called(full=True, now=10.010)  # a full call: requests may be left in the queue
+    assert q.waited(10.011) == pytest.approx(0.011)  # still bounded by the last call that drained the queue
+    q.called(full=False, now=10.015)
+    assert q.waited(11.0) == 0.0  # after an idle gap its requests were taken as they came
