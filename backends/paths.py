@@ -36,6 +36,13 @@ def _shown(roots: Sequence[Path]) -> str:
     return ", ".join(str(r) for r in roots) or "(none)"
 
 
+def _resolve(path: Path | str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise TaskPathError(f"cannot resolve {path}: {exc}") from None
+
+
 def _outside(message: str, where: Path) -> TaskPathError:
     error = TaskPathError(message)
     error.outside = where  # the resolved place outside the roots
@@ -46,8 +53,8 @@ def confine(path: Path | str, roots: Sequence[Path | str]) -> Path:
     """`path` resolved (symlinks followed, `..` collapsed) if it lies inside one of `roots` (resolved too) and, for a
     directory, no symlink beneath it leads outside them. Raises TaskPathError otherwise (its `outside` attribute:
     the resolved place that is out)."""
-    real_roots = [Path(r).resolve() for r in roots]
-    resolved = Path(path).resolve()
+    real_roots = [_resolve(r) for r in roots]
+    resolved = _resolve(path)
     if not _inside(resolved, real_roots):
         via = "" if resolved == Path(path).absolute() else f" (it resolves to {resolved})"
         raise _outside(f"{path}{via} is outside the allowed task roots: {_shown(real_roots)}", resolved)
@@ -62,7 +69,7 @@ def _check_links(top: Path, roots: Sequence[Path]) -> None:
     pending, count = [top], 0
     while pending:
         folder = pending.pop()
-        real = folder.resolve()
+        real = _resolve(folder)
         if real in seen:
             continue
         seen.add(real)
@@ -73,7 +80,7 @@ def _check_links(top: Path, roots: Sequence[Path]) -> None:
                     raise TaskPathError(f"{top} holds more than {MAX_ENTRIES} entries: not a task or student "
                                         "directory")
                 if entry.is_symlink():
-                    target = Path(entry.path).resolve()
+                    target = _resolve(entry.path)
                     if not _inside(target, roots):
                         raise _outside(f"{entry.path} is a symlink to {target}, outside the allowed task roots: "
                                        f"{_shown(roots)}", target)
@@ -140,11 +147,11 @@ def config_roots(config_file: Path) -> list[str]:
 def task_roots(model_dir: Path | str, env: Mapping[str, str] | None = None) -> list[Path]:
     """The folders task and student directories may come from: the model's directory, `CHORUS_TASK_ROOTS`, and the
     `task_roots` parameter of `model_dir/config.pbtxt` (relative ones under `model_dir`), resolved."""
-    model_dir = Path(model_dir).resolve()
+    model_dir = _resolve(model_dir)
     env = os.environ if env is None else env
     named = [r for r in env.get(TASK_ROOTS_ENV, "").split(os.pathsep) if r]
     named += config_roots(model_dir / "config.pbtxt")
-    return list(dict.fromkeys([model_dir] + [(model_dir / Path(r).expanduser()).resolve() for r in named]))
+    return list(dict.fromkeys([model_dir] + [_resolve(model_dir / Path(r).expanduser()) for r in named]))
 
 
 def task_dir(model_dir: Path | str, name: str, path: str, kind: str = "task",

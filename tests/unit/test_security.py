@@ -266,6 +266,15 @@ def test_a_symlink_inside_a_task_directory_leading_out_is_refused(model_dir, tmp
         task_dir(model_dir, "inner", "tasks/inside", kind="students of task")
 
 
+def test_a_symlink_loop_is_refused_by_name(model_dir):
+    (model_dir / "tasks" / "inside" / "a").symlink_to(model_dir / "tasks" / "inside" / "b")
+    (model_dir / "tasks" / "inside" / "b").symlink_to(model_dir / "tasks" / "inside" / "a")
+    with pytest.raises(TaskPathError, match=r"task 'looped': cannot resolve .*inside/[ab]"):
+        task_dir(model_dir, "looped", "tasks/inside")
+    with pytest.raises(TaskPathError, match=r"task 'looped': cannot resolve .*inside/a"):
+        task_dir(model_dir, "looped", "tasks/inside/a")
+
+
 def test_symlinks_that_stay_inside_are_allowed(model_dir):
     (model_dir / "tasks" / "alias").symlink_to(model_dir / "tasks" / "inside", target_is_directory=True)
     (model_dir / "tasks" / "inside" / "again").symlink_to(model_dir / "tasks" / "inside", target_is_directory=True)
