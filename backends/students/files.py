@@ -53,6 +53,10 @@ class StudentFiles:
                 raise TaskFileError(f"students were trained on the embeddings of backbone "
                                     f"{self.embeddings.get('backbone')!r} (fingerprint {want}), but the given "
                                     f"embeddings differ (fingerprint {got}); load the students with that backbone")
+        if embeddings.hidden_size != self.config.hidden_size:
+            raise TaskFileError(f"students are {self.config.hidden_size} wide, but the backbone's embeddings are "
+                                f"{embeddings.hidden_size} wide; load the students with the backbone they were "
+                                "distilled from")
         return StudentGroup(self.config, embeddings, self.tensors, self.boosting_weights).to(device=device, dtype=dtype)
 
 

@@ -514,3 +514,12 @@ def test_files_rewritten_in_place_after_reading_do_not_touch_what_was_read(prist
     assert all(torch.isfinite(t).all() for t in spec.tensors.values())
     assert sum(float(t.abs().sum()) for t in files.tensors.values()) > 0
     files.group(SharedEmbeddings.from_encoder(engine.model.encoder))
+
+
+def test_students_of_another_width_are_refused_for_this_backbone(engine, tmp_path):
+    cfg = StudentConfig(num_students=1, num_layers=1, hidden_size=16, num_heads=4, intermediate_size=24,
+                        num_labels=2, dropout=0.0)
+    save_students(StudentFiles(cfg, ["neg", "pos"], stack_students([Student(cfg)]), torch.ones(1)), tmp_path / "s")
+    with pytest.raises(TaskFileError, match=f"students are 16 wide, but the backbone's embeddings are "
+                                            f"{TINY.hidden_size} wide"):
+        read_students(tmp_path / "s").group(SharedEmbeddings.from_encoder(engine.model.encoder))
