@@ -14,7 +14,7 @@ API with the config it had, without restarting tritonserver:
 1. `GET v2/models/<model>/config` (still served by the broken model; else the config read while it was healthy);
 2. `POST v2/repository/models/<model>/unload`: from here on the model's ready endpoint says not ready, the server's
    ready endpoint says not ready (strict readiness: a model is unloading / loading), and requests are refused at once
-   with "model ... is not ready" / "unknown model" instead of waiting to time out;
+   (HTTP 404 "Request for unknown model: 'chorus' has no available versions") instead of failing a second later;
 3. `POST v2/repository/models/<model>/load` with `{"parameters": {"config": <that config>}}`: the same tasks and
    parameters; it returns once the new instances are ready.
 
