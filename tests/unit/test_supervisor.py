@@ -225,3 +225,20 @@ def test_a_reload_that_fails_is_retried_until_the_model_loads(toy_server, tmp_pa
     assert sup.restarts[0].error is None and sup.restarts[0].attempts >= 3
     failed = [r.getMessage() for r in caplog.records if "reloading model 'toy' failed" in r.getMessage()]
     assert len(failed) >= 2 and all("toy cannot start" in m for m in failed), failed
+
+
+@pytest.mark.functional
+def test_every_crash_is_recovered_and_reported_once(toy_server):
+    server = toy_server
+    with Supervisor(server, poll_s=0.05) as sup:
+        killed = []
+        for n, sig in enumerate((signal.SIGKILL, signal.SIGSEGV), 1):
+            stub = toy_stub(server)
+            wait(lambda: stub in sup._watch.stubs, 10, "the supervisor sees the stub")
+            os.kill(stub, sig)
+            killed.append(stub)
+            wait(lambda: len(sup.restarts) == n and sup.restarts[-1].seconds is not None, 120, f"recovery {n}")
+            assert add_one(server) == (200, [6.0, 7.0])
+        time.sleep(1)  # the dead stubs stay zombies: they are not reported again
+    assert [r.reason.split(" killed by ")[0] for r in sup.restarts] == [f"stub toy_0_0 (pid {p})" for p in killed]
+    assert "SIGKILL" in sup.restarts[0].reason and "SIGSEGV" in sup.restarts[1].reason
