@@ -52,7 +52,8 @@ def write_model(repo: Path, name: str, overrides: dict[str, str], dynamic_batchi
     """One model directory `repo/name` from the shipped config with `overrides` (and Triton's batcher if asked)."""
     head, params = split_config((shipped / "config.pbtxt").read_text())
     params.update(overrides)
-    params.setdefault("task_roots", json.dumps(_roots(params)))
+    linked = [str((shipped / sub).resolve()) for sub in ("tasks", "students") if (shipped / sub).exists()]
+    params.setdefault("task_roots", json.dumps(sorted(set(_roots(params) + linked))))
     config = render_config(head, name, params, dynamic_batching_us, instances)  # may refuse: before any file
     model = repo / name
     shutil.rmtree(model, ignore_errors=True)
@@ -67,7 +68,8 @@ def write_model(repo: Path, name: str, overrides: dict[str, str], dynamic_batchi
 
 def _roots(params: dict[str, str]) -> list[str]:
     """Task roots for a benchmark's model: the folders holding the absolute task and student paths it serves (the
-    harness writes them; a served model only reads directories inside its roots, `chorus.backends.paths`)."""
+    harness writes them; a served model only reads directories inside its roots, `chorus.backends.paths`), beside
+    the shipped tasks/ and students/ that each generated model links."""
     paths = [p for key in ("tasks", "students") for p in json.loads(params.get(key) or "{}").values()]
     return sorted({str(Path(p).parent) for p in paths if Path(p).is_absolute()})
 
