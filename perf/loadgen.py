@@ -80,24 +80,6 @@ def scrape_text(url: str, timeout: float = 2.0) -> str:
         return r.read().decode()
 
 
-def flush_metrics(grpc_url: str, model: str, wait_s: float = 0.3) -> None:
-    """Have `model` publish the counters it holds: chorus publishes them from execute(), at most every 0.25 s, so
-    after a run the last ones wait for a call. One request naming no task makes that call (it is answered
-    INVALID_ARG, and counts as neither answered nor refused)."""
-    time.sleep(wait_s)
-    client = grpcclient.InferenceServerClient(grpc_url)
-    try:
-        inputs = [grpcclient.InferInput("TEXT", [1, 1], "BYTES"), grpcclient.InferInput("TASK", [1, 1], "BYTES")]
-        inputs[0].set_data_from_numpy(np.array([[b"."]], dtype=np.object_))
-        inputs[1].set_data_from_numpy(np.array([[b""]], dtype=np.object_))
-        try:
-            client.infer(model, inputs)
-        except InferenceServerException:
-            pass  # the expected INVALID_ARG
-    finally:
-        client.close()
-
-
 def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
     return parse_prometheus(scrape_text(url, timeout))
 
