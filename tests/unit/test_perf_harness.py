@@ -52,7 +52,7 @@ def test_config_round_trip_keeps_shipped_parameters(tmp_path):
     (shipped / "tasks").mkdir()
     (shipped / "config.pbtxt").write_text(
         'name: "chorus"\nbackend: "python"\n# a comment\nmax_batch_size: 64\n'
-        'dynamic_batching { max_queue_delay_microseconds: 0, default_queue_policy { max_queue_size: 64 } }\n'
+        'dynamic_batching { max_queue_delay_microseconds: 0 }\n'
         'parameters [\n'
         '  { key: "scheduler", value: { string_value: "{\\"default_deadline_s\\": 5.0}" } },\n'
         '  { key: "batching", value: { string_value: "auto" } }\n]\n')
@@ -63,8 +63,10 @@ def test_config_round_trip_keeps_shipped_parameters(tmp_path):
     assert head.count("dynamic_batching") == 1  # the variant's delay replaces the shipped block
     kept = repos.split_config((repos.write_model(tmp_path / "repo", "chorus", {}, shipped=shipped) / "config.pbtxt")
                               .read_text())[0]
-    assert "dynamic_batching { max_queue_delay_microseconds: 0, default_queue_policy { max_queue_size: 64 } }" in kept
-    assert params == {"scheduler": '{"default_deadline_s": 5.0}', "batching": "triton"}
+    assert "dynamic_batching { max_queue_delay_microseconds: 0 }" in kept
+    # the linked tasks/ folder is the generated model's task root (chorus.backends.paths)
+    assert params == {"scheduler": '{"default_deadline_s": 5.0}', "batching": "triton",
+                      "task_roots": json.dumps([str((shipped / "tasks").resolve())])}
     assert (model / "tasks").is_symlink() and (model / "1" / "model.py").is_file()
     with pytest.raises(ValueError, match="instance_group"):  # this config has no instance_group line to change
         repos.write_model(tmp_path / "repo", "chorus_i2", {}, shipped=shipped, instances=2)
@@ -165,9 +167,9 @@ def test_stage_means_are_per_answered_request_over_the_run():
 
     before = "chorus_answered_total 10\nchorus_queue_duration_us 1000\nchorus_compute_duration_us 5000\n"
     after = ("chorus_answered_total 30\nchorus_queue_duration_us 5000\nchorus_compute_duration_us 15000\n"
-             "chorus_send_duration_us 6000\n")
-    assert stage_means(before, after) == {"queue": 0.2, "compute": 0.5, "send": 0.3, "answered": 20}
-    assert stage_means(after, after) is None  # nothing answered on the scheduler path
+             "chorus_decode_duration_us 6000\nchorus_encode_duration_us 2000\n")
+    assert stage_means(before, after) == {"decode": 0.3, "queue": 0.2, "compute": 0.5, "encode": 0.1, "answered": 20}
+    assert stage_means(after, after) is None  # nothing answered
 
 
 def bare_bench(tmp_path, hf_python):
