@@ -55,7 +55,7 @@ from chorus.backends.students.bank import StudentBank
 from chorus.backends.students.pruning import PruningPolicy
 from chorus.errors import InvalidInput, Overloaded
 
-# scheduler: chorus's length-bucket scheduler and worker;
+# scheduler: chorus's length-bucket scheduler batches each execute() call's rows;
 # triton: Triton's dynamic batcher groups requests, each execute() runs them as one batch (the baseline to compare)
 BATCHING = ("scheduler", "triton")
 RUNTIMES = ("torch", "onnxruntime")  # what runs the backbone + PET ops (students run in torch)
@@ -141,7 +141,7 @@ def _request_options(request) -> tuple[bool, float | None, int | None]:
 
 def _check_numpy() -> None:
     """tritonserver 24.10's Python backend stub is built against numpy 1.x: under numpy 2 it hands BYTES inputs over
-    corrupted and crashes (seen on the H100, perf/results/h100-2026-11-22). Refuse to load rather than crash later."""
+    corrupted and crashes (seen on an H100). Refuse to load rather than crash later."""
     if int(np.__version__.split(".")[0]) >= 2:
         raise RuntimeError(f"numpy {np.__version__} is loaded in the Python backend stub, which tritonserver 24.10 "
                            "built against numpy 1.x: BYTES inputs would arrive corrupted. Install numpy<2 in the "
@@ -167,7 +167,7 @@ def _on_own_thread(fn, *args):
 
 
 class _TritonLogHandler(logging.Handler):
-    """chorus's library logging (e.g. the serving worker's errors) into Triton's log."""
+    """chorus's library logging into Triton's log."""
 
     def emit(self, record: logging.LogRecord) -> None:
         message = self.format(record)
@@ -373,10 +373,10 @@ class TritonPythonModel:
         # The torch work of loading runs on a thread of its own that ends before serving starts, so that on a CPU the
         # thread that runs execute() is the only one with an OpenMP team: with a second team alive (the stub's main thread's,
         # had it run a GEMM), libgomp on a 2-core machine wakes its threads by futex on every region: a small GEMM on
-        # the serving thread ran 7x slower (perf/results/cpu2-2026-11-22/serving-overhead.md, perf/openmp_teams.py).
+        # the serving thread ran 7x slower.
         # Several instances share the machine's cores: each stub's torch pool gets its share (with a pool of every core
         # in each, 8 stubs loading at once on a 16-core H100 host spun to a load average of 123 and missed the 240 s
-        # a harness waits: perf/results/h100-2026-11-22). One instance keeps torch's default.
+        # a harness waits). One instance keeps torch's default.
         instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
         if instances > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // instances))
@@ -439,7 +439,7 @@ class TritonPythonModel:
         # A model's instances given a `latency_table` path share it, and load from here one at a time (a lock on the
         # table's folder): the first profiles the table with no other instance capturing CUDA graphs beside it (a
         # profile taken during the others' captures estimated a student batch at 7.4 ms on an H100, and admission
-        # refused 56% of a burst the instances could serve: perf/results/h100-2026-11-22), the others read it.
+        # refused 56% of a burst the instances could serve), the others read it.
         table_path = _param(params, "latency_table", "") if self.batching == "scheduler" else ""
         with _folder_lock(Path(table_path).parent) if table_path else contextlib.nullcontext():
             return self._load_serving(params, model_dir, device, tasks, table_path)
@@ -533,7 +533,7 @@ class TritonPythonModel:
                                                           for name, array in _outputs(call.result, call.wanted)])
 
     def finalize(self) -> None:
-        """Unload: answer everything already queued, then stop the worker."""
+        """Unload (Triton lets the execute() calls in flight finish first): stop capturing graphs and publishing."""
         if getattr(self.engine, "graphs", None) is not None:
             self.engine.graphs.close()  # its capture thread holds the model
         self.metrics.close()

@@ -259,13 +259,24 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _death_signal_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux prctl PR_SET_PDEATHSIG).
+def _death_signal(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """`cmd` (and a preexec_fn) such that the child gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG).
 
-    The signal fires when the *thread* that started the child exits, so start servers from a long-lived thread.
+    util-linux's `setpriv --pdeathsig` sets it and execs the command, so no Python runs between fork and exec: a
+    preexec_fn runs Python in the forked child, which can deadlock on a lock another thread (a gRPC client's, an
+    import) held at the fork. Without setpriv, a preexec_fn calls prctl. The signal fires when the *thread* that
+    started the child exits, so start servers from a long-lived thread.
     """
     if not sys.platform.startswith("linux"):
-        return None
+        return cmd, None
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *cmd], None
+    return cmd, _death_signal_preexec()
+
+
+def _death_signal_preexec() -> Callable[[], None]:
+    """A preexec_fn that calls prctl(PR_SET_PDEATHSIG, SIGTERM) in the child."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: the child only calls it
     parent = os.getpid()
 
@@ -398,10 +409,10 @@ class TritonServer:
             env[TASK_ROOTS_ENV] = _prepend_paths(env.get(TASK_ROOTS_ENV), *self.task_roots)
         self._log_file = open(self._log_path, "ab")
         try:
+            argv, preexec = _death_signal(cmd)
             self._process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
-                preexec_fn=_death_signal_preexec())
+                argv, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True, preexec_fn=preexec)
         except OSError as exc:
             self._close_log()
             raise ServerError(f"could not start {binary}: {exc}. {_FIX}") from exc

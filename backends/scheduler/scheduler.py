@@ -1,8 +1,10 @@
-"""`Scheduler`: the length-bucket scheduler that replaces Triton's dynamic batcher (issue 5), engine- and clock-free.
+"""`Scheduler`: the length-bucket scheduler that forms chorus's batches instead of Triton's dynamic batcher; engine-
+and clock-free.
 
-A Triton `execute` thread calls `submit` per request (a `Refusal` becomes UNAVAILABLE); one worker thread loops:
-`batches = schedule(now)`, runs each in order, calls `complete(batch, now)` after each, and when `schedule` returned
-nothing waits until `next_due(now)` or the next submit. Every method takes the lock, so both threads may call it.
+The serving path (`chorus.backends.executor`) calls, per `execute()` call: `submit` per row (a `Refusal` becomes
+UNAVAILABLE), `schedule(now, flush=True)` for the call's batches, and `complete(batch, now)` after running each. A
+caller that keeps rows across calls may instead `schedule(now)` only what is due and sleep until `next_due(now)`.
+Every method takes the lock, so several threads may call it.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class Scheduler:
             self._metrics.queue_depth = len(self._buffer)
         return None
 
-    # -- the worker thread -------------------------------------------------------------------------------------------
+    # -- the executor -----------------------------------------------------------------------------------------------
     def schedule(self, now: float, flush: bool = False) -> list[Batch]:
         """The batches to run now, in run order (empty: nothing is ready). `flush=True` takes everything waiting, up
         to max_requests_per_schedule a call (e.g. to drain when the model unloads)."""
@@ -156,7 +158,7 @@ class Scheduler:
     def next_due(self, now: float) -> float | None:
         """When `schedule` will next have something to do if nothing arrives (now: already); None: nothing waits.
 
-        A worker may sleep until then (or until a submit wakes it); a batch formed elsewhere can make an element due
+        An executor may sleep until then (or until a submit wakes it); a batch formed elsewhere can make an element due
         earlier through the fairness rule, which `schedule` checks on each call.
         """
         with self._lock:
