@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import gc
 import json
@@ -983,6 +984,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the Python that runs the Hugging Face transformers baseline in a subprocess (default: this "
                          "one; perf/gpu/perf.sh: python3, the GPU machine's main environment)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--budget-s", type=float, help="seconds for the whole run (default: the profile's); stages that "
+                    "no longer fit are skipped")
     ap.add_argument("--rederive", type=Path, metavar="FOLDER",
                     help="recompute the derived figures and summary keys of a results folder from its raw rows")
     args = ap.parse_args(argv)
@@ -991,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     profile = PROFILES[args.profile]
+    if args.budget_s is not None:
+        profile = dataclasses.replace(profile, budget_s=args.budget_s)
     date = datetime.datetime.now(datetime.timezone.utc)
     out = (args.out or ROOT / "perf" / "results" / f"{machine_name(args.profile)}-{date:%Y-%m-%d}").resolve()
     previous = json.loads((out / "results.json").read_text()) if args.only and (out / "results.json").is_file() else None
