@@ -178,7 +178,7 @@ def test_a_killed_stub_is_replaced_and_requests_succeed_again(tmp_path):
                               "the model's ready endpoint says not ready")
             t_up = wait_for(lambda: any(t > t_down and m for t, _, m in probe.samples), RECOVERY_S,
                             "the model's ready endpoint says ready again")
-            wait_for(lambda: load.answered_since(t_up) >= 6, 60, "answers after the reload")
+            wait_for(lambda: load.answered_since(t_up + 0.5) >= 6, 60, "answers after the reload")
         outcomes = list(load.outcomes)
         samples = list(probe.samples)
         new_stubs = stubs_of(serve.triton_pid)
