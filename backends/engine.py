@@ -106,7 +106,7 @@ class Engine:
         if self.device.type == "cuda":
             # Attention: torch's memory-efficient kernel, not cuDNN's (which torch 2.11 prefers on some H100 machines
             # and not others): with the additive padding mask, cuDNN's pinned made a graphed bert-base forward of 64
-            # Rotten Tomatoes rows 0.09-0.11 ms slower in the same run (perf/results/h100-2026-11-23, session 17).
+            # Rotten Tomatoes rows 0.09-0.11 ms slower in the same run on an H100.
             # For the whole process.
             torch.backends.cuda.enable_cudnn_sdp(False)
         # On a GPU, batches up to MAX_GRAPH_TOKENS run as CUDA graphs of the gathered forward (chorus.backends.graphs)

@@ -1,7 +1,7 @@
 """CUDA graphs of the mixed-task forward: one captured graph per (batch bucket, length bucket, PET methods present).
 
 A bert-base forward over a small mixed batch is launch-bound on a GPU: 12 layers x 6 linears x (shared op + every
-PET method's ops) are hundreds of small kernels (../shared/FIELD_NOTES.md: 6.0 ms eager vs 1.15 ms as a graph for
+PET method's ops) are hundreds of small kernels (on an H100: 6.0 ms eager vs 1.15 ms as a graph for
 the plain backbone at batch 1). The fast path (`RowTasks`) groups rows on the host and launches per-group kernels,
 which a graph cannot hold (its shapes change with every batch's mix). This path runs each method's *gathered* op
 instead (`GatheredRows`: every row gathers its own slot, rows of other tasks read the null slot whose zeros add
@@ -22,7 +22,7 @@ Rows never interact (attention and LayerNorm are within a row), so padding rows 
 
 Which graph runs a batch. Each key is a graph captured while a batch waits (~65 ms for bert-base on an H100), and the
 scheduler's batches vary in size, method set and dense-delta count: a concurrency sweep captured ~100 graphs, a large
-share of its time (perf/results/h100-2026-11-22). So every shape also has one *bank-wide* graph: every PET method any
+share of its time (measured on an H100). So every shape also has one *bank-wide* graph: every PET method any
 registered task uses, no subsets; a row leaves the methods it does not use on their null slots, so the bank-wide graph
 gives the same logits for any batch of that shape. `warm_up` captures the bank-wide graph of every shape at load; a
 batch runs its own key's graph when captured, else the bank-wide one, and its own key is captured once it has been
@@ -34,7 +34,7 @@ batches of that key keep running on the bank-wide graph; the graph is swapped in
 addresses did not move meanwhile). Capturing records kernels without running them, so a capture into the shared pool
 never touches memory a replay is using. Before this, each hot key stalled the batch that crossed `hot_after` for the
 whole capture (~65 ms for bert-base on an H100): the mixed-task Poisson sweep's p99 stayed above 20 ms at every rate
-(perf/results/h100-2026-11-22, run AG).
+(measured on an H100).
 
 The bank's tensors are captured by address: adding or removing a task writes slots in place (graphs stay valid);
 growing a bank re-allocates, so the graphs are dropped when the bank's version moved and any address changed.

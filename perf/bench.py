@@ -68,7 +68,7 @@ PEAK_FLOPS = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756
               "H200": 989.4e12, "A100": 312.0e12}
 # Requests/s one load-generator sender process is given in the phased runs (bursts, overloads); above it they are
 # sent from several (LoadGenerator.run(processes=...)). One Python sender fell behind at ~2,900/s on the H100 host
-# (the overload's client lag p99 333 ms, perf/results/h100-2026-11-22), and lateness counts as latency.
+# (the overload's client lag p99 333 ms on an H100 host), and lateness counts as latency.
 LOADGEN_RATE_PER_PROCESS = 1000.0
 HF_TIMEOUT_S = 150  # the Hugging Face subprocess (~15 s on the GPU: imports, 4 models, 5 repeats)
 
@@ -108,12 +108,12 @@ PROFILES = {
                    loadgen_point_s=6.0, delays_us=(5000, 25000), overload_s=15.0, recovery_s=10.0, burst_cycles=3,
                    per_task_models=4, per_task_delay_us=5000, inprocess_rows=32, metrics_period_s=0.25, budget_s=15 * 60),
     # The device tool allows 10 minutes a command; perf/gpu/run.sh's setup took 36 s, the report and tarball seconds.
-    # With a 460 s budget the session-5 run (416048b) took 429 s (10,000 tasks 79; in process 115 with the Hugging
+    # With a 460 s budget one run took 429 s (10,000 tasks 79; in process 115 with the Hugging
     # Face subprocess; chorus 170 with the students' saturation and 10x burst; per-task 57; dynamic batcher 87) and
     # skipped the batcher's loadgen (~60 s) and overload (~38 s): 530 s leaves room for both.
     "gpu": Profile("gpu", slo_ms=20.0, pa=pa.Measurement(1000, 3), concurrency=(1, 8, 32, 64),
                    # low rates: through the Python backend a mixed all-PET bert-base batch is p99 ~ 20 ms already
-                   # at ~0.2x saturation (perf/results/h100-2026-11-22), so the 20 ms SLO is met, if at all, down here
+                   # at ~0.2x saturation on an H100, so the 20 ms SLO is met, if at all, down here
                    rate_grid=(0.05, 0.5, 0.1), loadgen_point_s=3.0, delays_us=(500, 2000), overload_s=10.0,
                    recovery_s=10.0, burst_cycles=2, per_task_models=8, per_task_delay_us=2000, inprocess_rows=64,
                    metrics_period_s=0.1, budget_s=530, students_calm_s=(2.0, 4.0), instances=4),
@@ -528,7 +528,7 @@ class Bench:
         # One latency table for every model and instance of this server: the calibrated one where the in-process
         # stage made it, else one profile that they share. Models that profiled their own at load did so beside the
         # other models' CUDA-graph captures (they load in parallel), and a table inflated that way made admission
-        # refuse up to 94% of a burst on one model and 33% on its twin (perf/results/h100-2026-11-22, run AC).
+        # refuse up to 94% of a burst on one model and 33% on its twin on an H100).
         params = {"latency_table": str((repo / "latency_table_shared.json").resolve()), **self.w.params}
         instances = self.p.instances if self.p.instances > 1 else None
         name = repos.scheduler_model(repo, self.w.tasks, instances=instances, **params)
@@ -612,8 +612,7 @@ class Bench:
         # students_calm_s at the base rate (before; after, to show the recovery). The base is the low-load rate
         # above, raised where needed to a fifth of the students' own served saturation with all K, so that 10x the
         # base is at least twice what the K students serve: the burst outruns them and pruning has work to do.
-        # (Bursts of 2x the teacher path's saturation stayed within the students' capacity on the GPU, mean k 4.0:
-        # perf/results/h100-2026-11-22.)
+        # (Bursts of 2x the teacher path's saturation stayed within the students' capacity on an H100, mean k 4.0.)
         res["saturation"] = sat = self.students_saturation(server, no_prune or name, k)
         self.result["saturation_students_per_s"] = sat_k = sat["infer_per_s"]
         base = max(rate, sat_k / 5) if sat_k else rate

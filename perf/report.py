@@ -156,7 +156,7 @@ def markdown(folder: Path, r: dict, pngs: list[str]) -> str:
               if (s.get("pa_concurrency") or {}).get("graph_captures", {}).get("captures")]
     if caught:
         lines += ["", "CUDA graphs captured during the concurrency sweeps (the mixed forward's hot keys on a capture "
-                  "thread since ae6b205; a students' graph stalls the batch that needs it): "
+                  "thread; a students' graph stalls the batch that needs it): "
                   + "; ".join(f"{tag} {g['captures']:.0f} in {g['seconds']:.1f} s" for tag, g in caught)]
     ip = r.get("inprocess", {})
     if ip:

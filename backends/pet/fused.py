@@ -4,7 +4,7 @@ The gathered form of a PET op (`PetMethod.gathered_op`, what CUDA graphs replay 
 torch ops over every row of the batch: each row gathers its slot's tensors (`bank[slots]`, a (B, ...) copy of them),
 and rows of tasks without the method run the op on the null slot's zeros. A 64-row batch of 64 tasks of every PET
 type then ran ~1,650 kernels, most of them gathers and broadcast elementwise ops over rows that add nothing (issue 3,
-perf/results/h100-2026-11-22/profile_mixed.md). Here the kernels read the slot of their program's row straight from
+a profile of the mixed batch on an H100). Here the kernels read the slot of their program's row straight from
 the bank and return at once for the null slot, and a linear's post ops of every method run together (`PostOps`,
 from each method's `fused_op`):
 
@@ -23,7 +23,7 @@ The sparse product reads each slot's CSR (positions sorted, `SparseDelta` keeps 
 graph its programs run over the rows that use the method only (`GatheredRows.subsets`); at a layer's query and
 value it runs on a side stream beside the value's and key's shared ops (`Overlap`, PetS's operator scheduling).
 Every kernel also skips the padding past each row's length (`row_lengths`, from the forward's attention mask;
-perf/results/h100-2026-11-23).
+measured on an H100).
 The torch forms stay the reference (tests compare both) and what runs on the CPU, under autograd, while tracing for
 export, and wherever Triton does not import (`available`).
 """
@@ -142,7 +142,7 @@ def epilogue_(y: torch.Tensor, bias: tuple | None = None, low_rank: tuple | None
 # The adapter kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, 8 of 64
 # rows with an adapter 10.4 us at 256 outputs a program vs 10.4-10.8 at 128, 10.1 with 16 tokens rather than 32;
 # 64 of 64 rows 15.2 vs 20.0, 14.0 with 16 tokens; 9.8 us at 8 rows since the kernel loads its up-projection first
-# and keeps the bias out of its down-projection's loop, perf/results/h100-2026-11-23 "Session 13")
+# and keeps the bias out of its down-projection's loop, measured on an H100)
 ADAPTER = {"block_t": 16, "block_n": 256, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
@@ -177,7 +177,7 @@ def adapter_(y: torch.Tensor, slots: torch.Tensor, down: torch.Tensor, down_bias
 
 # The LayerNorm kernel's launch (`launch` overrides; perf/fused_kernels.py --variants tries them: on the H100, the
 # residual and LayerNorm of 64 rows of Rotten Tomatoes lengths padded to 64 tokens in 4.1 us with 2 tokens a program,
-# 4.3-4.8 with 1 or 4, 5.7-6.1 with 8 or 16; torch's add and LayerNorm 14.1; perf/results/h100-2026-11-23 "Session 16")
+# 4.3-4.8 with 1 or 4, 5.7-6.1 with 8 or 16; torch's add and LayerNorm 14.1; measured on an H100)
 LAYER_NORM = {"block_t": 2, "num_warps": 4}
 
 
@@ -384,7 +384,7 @@ def gathered_matmul(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
     return out
 
 
-# The sparse kernel's launch, tuned on the H100 (perf/results/h100-2026-11-22/fused_kernels.md): chunks of 128
+# The sparse kernel's launch, tuned on the H100 (perf/fused_kernels.py): chunks of 128
 # entries where the site's densest slot holds 2% of its weights or more, else 64; `transposed`: gather the inputs
 # from x transposed per row (an entry's tokens contiguous; one more kernel) rather than from x itself; `prefetch`:
 # load the next chunk's positions while this one's inputs are gathered.

@@ -1,7 +1,7 @@
 """CUDA graphs of a `StudentGroup`: one captured forward per (k, batch bucket, length bucket).
 
 Shallow students are launch-bound on a GPU (a 2-layer student at batch 1 is ~1.3 ms eager, ~0.2 ms as a graph on an
-H100: ../shared/FIELD_NOTES.md), so replaying a captured graph is most of Student Parallelism's latency gain there.
+an H100), so replaying a captured graph is most of Student Parallelism's latency gain there.
 
 Semantics (what `GraphedStudents(ids, mask, k)` returns, the same as `group(ids, mask, k=k)`):
     B, T = ids.shape;  b, t = the smallest buckets >= B, T    (larger than every bucket: run eagerly)
