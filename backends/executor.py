@@ -13,8 +13,8 @@ so Triton's queue is the buffer and each call's requests are one scheduling roun
             rows of a call whose own deadline has passed -> that call fails (Overloaded), its rows not run
             classify_rows(b) -> each row's logits, label and students written into its call's arrays
             Scheduler.complete(b, now)
-        Scheduler.observe_service(the call's wall time, the batches' estimates)   (the per-batch overhead admission
-                                                                                  and pruning add to the tables)
+        Scheduler.observe_service(the call's wall time from its start, decoding included, the batches' estimates)
+            (the per-batch overhead admission and pruning add to the tables: what the path costs beyond compute)
 
 Answers leave as `execute()`'s return value: one message back to the server for the whole call, the cheapest channel
 the Python backend has (a response sender's `send()` is one blocking round trip per response). With `scheduler=None`
@@ -190,9 +190,10 @@ class Executor:
                           if scheduler_config is not None else None)
         self._ids = itertools.count()
 
-    def run(self, calls: list[Call], waited_s: float = 0.0) -> None:
+    def run(self, calls: list[Call], waited_s: float = 0.0, started: float | None = None) -> None:
         """Give every call its `result` or its `error`. `waited_s`: how long the call's requests may have waited
-        in Triton's queue before this call (their deadlines count from their arrival)."""
+        in Triton's queue before this call (their deadlines count from their arrival); `started`: when the call began
+        on `clock` (default: now), so that the service time admission and pruning learn includes decoding."""
         good = [c for c in calls if c.ok]
         if not good:
             return
@@ -210,7 +211,7 @@ class Executor:
             if self.on_batch is not None:
                 self.on_batch(batch, sum(b.size for b in batches[i + 1:]))
         if batches:
-            self.scheduler.observe_service(self.clock() - start, estimated)
+            self.scheduler.observe_service(self.clock() - (start if started is None else started), estimated)
         for rows in pending.values():
             if rows.call.ok:
                 rows.call.result = Classified(rows.logits, [lab for lab, _ in rows.labels],

@@ -328,7 +328,8 @@ class TritonPythonModel:
         admission, the length-bucket scheduler's batches, the engine) and return each one's response: one message
         back to the server for the whole call."""
         start = time.perf_counter()
-        waited_s = self.queue.waited(time.monotonic())
+        began = time.monotonic()
+        waited_s = self.queue.waited(began)
         calls = [Call() for _ in requests]
         inputs, readable = [], []
         for call, request in zip(calls, requests):
@@ -350,7 +351,7 @@ class TritonPythonModel:
                 call.ids, call.tasks, call.truncated = decoded.ids, decoded.tasks, decoded.truncated
         decoded_at = time.perf_counter()
         try:
-            self.executor.run(calls, waited_s)
+            self.executor.run(calls, waited_s, began)
         except Exception as e:  # noqa: BLE001 - a failed call answers its requests with the error; serving goes on
             pb_utils.Logger.log_error(f"chorus: execute failed: {e!r}")
             for call in calls:

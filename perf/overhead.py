@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -99,8 +101,12 @@ def main() -> int:
               f"p99 {r.get('p99_ms') or 0:6.2f} ms{vs}{staged}"
               + (f"  gc longest {r['gc_longest_pause_s'] * 1e3:.0f} ms" if r.get("gc_longest_pause_s") else ""),
               flush=True)
-    (args.out / "overhead.json").write_text(json.dumps({"date": time.strftime("%F"), "concurrency": args.concurrency,
-                                                        "results": results}, indent=2))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
+    (args.out / "overhead.json").write_text(json.dumps({
+        "date": time.strftime("%FT%T%z"), "commit": commit, "machine": f"{platform.node()}, {os.cpu_count()} cores",
+        "command": "python -m perf.overhead " + " ".join(sys.argv[1:]), "concurrency": args.concurrency,
+        "results": results}, indent=2))
     return 0
 
 
