@@ -359,7 +359,8 @@ class TritonPythonModel:
                     call.error = RuntimeError(f"batch failed: {e!r}")
         ran_at = time.perf_counter()
         responses = [self._response(c) for c in calls]
-        self.queue.called(sum(len(c.ids) for c in calls) >= self.max_batch_size, time.monotonic())
+        rows = sum(max(1, len(c.ids)) for c in calls)  # a request refused at decoding took a row of Triton's batch
+        self.queue.called(rows >= self.max_batch_size, time.monotonic())
         answered = [c for c in calls if c.result is not None]
         if answered:
             self.metrics.stages(len(answered), decoded_at - start,
