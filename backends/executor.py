@@ -139,6 +139,11 @@ def profile_engine(engine: Engine, students: StudentBank | None = None, batch_si
                                  standalone_pet_types=prefixes, repeats=repeats)
 
 
+def _batch_error(e: Exception) -> Exception:
+    """What a failed batch's requests are answered with: chorus's own errors as they are, anything else wrapped."""
+    return e if isinstance(e, ChorusError) else RuntimeError(f"batch failed: {e!r}")
+
+
 @dataclass
 class Call:
     """One inference request as `execute()` learned it, and, after `Executor.run`, its result.
@@ -257,7 +262,7 @@ class Executor:
             out = classify_rows(self.engine, self.students, [r.payload[0].call.ids[r.payload[1]] for r in live],
                                 [r.task for r in live], ks)
         except Exception as e:  # noqa: BLE001 - this batch's calls fail; the others go on
-            error = e if isinstance(e, ChorusError) else RuntimeError(f"batch failed: {e!r}")
+            error = _batch_error(e)
             for r in live:
                 r.payload[0].call.error = error
             return
@@ -279,7 +284,7 @@ class Executor:
         try:
             out = classify_rows(self.engine, self.students, ids, tasks, ks)
         except Exception as e:  # noqa: BLE001 - the batch fails, the server does not
-            error = e if isinstance(e, ChorusError) else RuntimeError(f"batch failed: {e!r}")
+            error = _batch_error(e)
             for c in calls:
                 c.error = error
             return

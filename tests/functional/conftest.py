@@ -1,5 +1,6 @@
 """Functional tests: a real tritonserver serving the default model repository, reached through tritonclient."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,30 @@ ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "model_repository"
 ADMIN_KEY = "functional-test-key"
 DEFAULT_TASKS = ["amazon_review_sentiment", "movie_review_sentiment", "news_editorial_sentiment", "tweet_sentiment"]
+
+
+class Background:
+    """Threads running `self.run(i)` (i = 0..threads-1) from `with` entry until exit, which sets `self.stop` and
+    joins them (at most `join_s` each): load and probes beside a test's main line."""
+
+    join_s = 60.0
+
+    def __init__(self, threads: int = 1):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
+
+    def run(self, i: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.join_s)
 
 
 def pytest_collection_modifyitems(items):

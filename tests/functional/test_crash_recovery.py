@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from chorus.client.client import ChorusClient
-from tests.functional.conftest import DEFAULT_TASKS, REPOSITORY
+from tests.functional.conftest import DEFAULT_TASKS, REPOSITORY, Background
 
 pytestmark = pytest.mark.slow  # two model loads on a 2-core machine: over a minute
 
@@ -39,12 +38,14 @@ class Outcome:
     error: str | None  # None: answered
 
 
-class Load:
+class Load(Background):
     """Threads classifying through HTTP until stopped, each request's outcome kept."""
 
+    join_s = REQUEST_TIMEOUT_S + 10
+
     def __init__(self, url: str, threads: int = 3):
-        self.url, self.outcomes, self.stop = url, [], threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
+        super().__init__(threads)
+        self.url, self.outcomes = url, []
 
     def run(self, i: int) -> None:
         with ChorusClient(self.url, protocol="http", timeout=REQUEST_TIMEOUT_S) as client:
@@ -62,24 +63,16 @@ class Load:
     def answered_since(self, t: float) -> int:
         return sum(1 for o in list(self.outcomes) if o.sent >= t and o.error is None)
 
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
 
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=REQUEST_TIMEOUT_S + 10)
-
-
-class Probe:
+class Probe(Background):
     """Polls the server's and the model's ready endpoints: [(time, server ready, model ready)]."""
 
+    join_s = 10.0
+
     def __init__(self, url: str, every_s: float = 0.1):
-        self.url, self.every_s, self.samples, self.stop = url, every_s, [], threading.Event()
+        super().__init__()
+        self.url, self.every_s, self.samples = url, every_s, []
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
     def ready(self, path: str) -> bool:
         try:
@@ -88,19 +81,11 @@ class Probe:
         except (urllib.error.URLError, OSError):
             return False
 
-    def run(self) -> None:
+    def run(self, i: int) -> None:
         while not self.stop.is_set():
             t = time.monotonic()
             self.samples.append((t, self.ready("v2/health/ready"), self.ready("v2/models/chorus/ready")))
             self.stop.wait(self.every_s)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
 
 
 class Serve:

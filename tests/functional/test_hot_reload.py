@@ -1,7 +1,6 @@
 """Tasks are added, replaced and removed while other tasks are under load: nothing fails, the server is not restarted."""
 
 import shutil
-import threading
 import time
 
 import pytest
@@ -9,21 +8,21 @@ import pytest
 from chorus.backends.task_files import load_task, save_task
 from chorus.client.client import ChorusClient
 from chorus.errors import ChorusError, InvalidInput, UnknownTask
-from tests.functional.conftest import ADMIN_KEY, DEFAULT_TASKS, REPOSITORY
+from tests.functional.conftest import ADMIN_KEY, DEFAULT_TASKS, REPOSITORY, Background
 
 TASKS_DIR = REPOSITORY / "chorus" / "tasks"
 
 
-class Load:
+class Load(Background):
     """Background clients classifying with the default tasks until stopped; every failure is kept."""
 
     def __init__(self, server, threads=3):
-        self.stop, self.ok, self.failures = threading.Event(), 0, []
-        self.threads = [threading.Thread(target=self.run, args=(server, i), daemon=True) for i in range(threads)]
+        super().__init__(threads)
+        self.server, self.ok, self.failures = server, 0, []
 
-    def run(self, server, i):
+    def run(self, i):
         protocol = "grpc" if i % 2 else "http"
-        with ChorusClient(server.grpc_url if i % 2 else server.http_url, protocol=protocol) as c:
+        with ChorusClient(self.server.grpc_url if i % 2 else self.server.http_url, protocol=protocol) as c:
             while not self.stop.is_set():
                 try:
                     got = c.classify(["a wonderful, moving film", "a dreadful bore"], DEFAULT_TASKS[i % 2])
@@ -31,16 +30,6 @@ class Load:
                     self.ok += 1
                 except Exception as e:  # noqa: BLE001 - every failure is a test failure, kept for the report
                     self.failures.append(repr(e))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def test_add_replace_remove_under_load(server, http_client, tmp_path):

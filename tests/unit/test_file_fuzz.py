@@ -133,6 +133,15 @@ def load(kind: str, path: Path, engine) -> None:
     engine.bank.remove("t")
 
 
+def assert_broken_copy_refused(source: Path, target: Path, kind: str, breakage, what: str, match: str, engine) -> None:
+    """A copy of `source` broken by `breakage` is refused with a TaskFileError matching `match`, the bank unchanged."""
+    shutil.copytree(source, target)
+    breakage(target)
+    error = assert_refused_cleanly(kind, target, engine)
+    assert isinstance(error, TaskFileError), f"{what}: loaded, or refused with {error!r}"
+    assert re.search(match, str(error), re.S), f"{what}: {error}"
+
+
 def assert_refused_cleanly(kind: str, path: Path, engine) -> ChorusError | None:
     """Loading works, or raises a ChorusError; either way the bank holds what it held before."""
     before = bank_state(engine)
@@ -366,11 +375,7 @@ CHORUS_TASK_CASES = [
 
 @pytest.mark.parametrize("what,breakage,match", CHORUS_TASK_CASES, ids=[c[0] for c in CHORUS_TASK_CASES])
 def test_bad_chorus_task_files_are_refused_by_name(what, breakage, match, pristine, engine, tmp_path):
-    target = shutil.copytree(pristine["lora_bitfit"], tmp_path / "task")
-    breakage(target)
-    error = assert_refused_cleanly("lora_bitfit", target, engine)
-    assert isinstance(error, TaskFileError), f"{what}: loaded, or refused with {error!r}"
-    assert re.search(match, str(error), re.S), f"{what}: {error}"
+    assert_broken_copy_refused(pristine["lora_bitfit"], tmp_path / "task", "lora_bitfit", breakage, what, match, engine)
 
 
 def test_task_names_that_are_paths_are_refused(pristine):
@@ -415,11 +420,7 @@ STUDENT_CASES = [
 
 @pytest.mark.parametrize("what,breakage,match", STUDENT_CASES, ids=[c[0] for c in STUDENT_CASES])
 def test_bad_student_files_are_refused_by_name(what, breakage, match, pristine, engine, tmp_path):
-    target = shutil.copytree(pristine["students"], tmp_path / "students")
-    breakage(target)
-    error = assert_refused_cleanly("students", target, engine)
-    assert isinstance(error, TaskFileError), f"{what}: loaded, or refused with {error!r}"
-    assert re.search(match, str(error), re.S), f"{what}: {error}"
+    assert_broken_copy_refused(pristine["students"], tmp_path / "students", "students", breakage, what, match, engine)
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -474,11 +475,7 @@ CHECKPOINT_CASES = [
 
 @pytest.mark.parametrize("kind,what,breakage,match", CHECKPOINT_CASES, ids=[f"{c[0]}-{c[1]}" for c in CHECKPOINT_CASES])
 def test_bad_peft_and_adapterhub_files_are_refused_by_name(kind, what, breakage, match, pristine, engine, tmp_path):
-    target = shutil.copytree(pristine[kind], tmp_path / kind)
-    breakage(target)
-    error = assert_refused_cleanly(kind, target, engine)
-    assert isinstance(error, TaskFileError), f"{what}: loaded, or refused with {error!r}"
-    assert re.search(match, str(error), re.S), f"{what}: {error}"
+    assert_broken_copy_refused(pristine[kind], tmp_path / kind, kind, breakage, what, match, engine)
 
 
 def test_a_task_whose_write_fails_midway_leaves_the_bank_as_it_was(pristine, engine, monkeypatch):
